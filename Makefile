@@ -1,0 +1,34 @@
+# dedup2b — make targets. The virtual environment is built from nothing and reused.
+PY_BOOT ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install demo test bench-search bench-embed clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## build .venv and install dedup2b with its pinned dependencies
+
+demo: $(STAMP)  ## build the embedded demo corpus and run the whole pipeline offline on CPU
+	$(VENV)/bin/dedup2b demo --out reports/demo
+
+test: $(STAMP)  ## run the test suite (CPU, offline)
+	$(PY) -m pytest -q tests
+
+bench-search: $(STAMP)  ## search benchmark (ratios vs exhaustive FAISS), writes bench/results/
+	$(PY) -m bench.search
+
+clean:  ## remove demo outputs (keeps .venv)
+	rm -rf reports/demo indexes/demo

@@ -1,0 +1,238 @@
+"""Typed run configuration: dataclasses, YAML loading, validation and fingerprints.
+
+Every field is validated when the config is built; errors name the field. The fingerprint of
+the fields that change a stage's output is stored with that stage's outputs, so a rerun with a
+different config refuses to mix stale results and says which field changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# Default thresholds per model family, measured on the demo corpus (see README, "Threshold"):
+# the offline encoder's near-duplicates sit at cosine >= 0.72 and its distinct photos <= 0.74
+# (retina crops), with 0.80 separating all but the hardest; CLIP's is the paper's 0.95.
+DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_clip": 0.95}
+
+
+def default_threshold(model: str) -> float:
+    return DEFAULT_THRESHOLDS.get(model, DEFAULT_THRESHOLDS.get(model.split(":")[0], 0.90))
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass
+class InputConfig:
+    path: str = ""                       # folder of img2dataset shards (NNNNN.tar + NNNNN.parquet)
+    format: str = "img2dataset"          # img2dataset (more readers are added by later stages)
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("input.path: required (a folder of img2dataset shards)")
+        if self.format not in ("img2dataset",):
+            raise ConfigError(f"input.format: unknown format {self.format!r}; known: img2dataset")
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "timm:tf_efficientnet_lite0"   # registry spec, see pipeline/models.py
+    batch_size: int = 32
+    actors: int = 1                              # model actors in the pool
+    threads: int = 0                             # torch threads per actor (0 = cpus of the actor)
+    decode_cpus: float = 0.5                     # CPU request of each decode/preprocess task
+
+    def validate(self) -> None:
+        if ":" not in self.model:
+            raise ConfigError(f"embed.model: {self.model!r} is not a registry spec like "
+                              "'timm:tf_efficientnet_lite0' or 'open_clip:ViT-B-32'")
+        if self.batch_size < 1 or self.actors < 1:
+            raise ConfigError("embed.batch_size and embed.actors: must be >= 1")
+
+
+@dataclass
+class CodecConfig:
+    """FAISS codec: [OPQ] -> IVF -> PQ, trained once on a seeded sample."""
+    nlist: int = 0             # IVF cells; 0 = chosen from the corpus size
+    pq_m: int = 0              # PQ sub-quantizers; 0 = chosen from the dimension
+    pq_bits: int = 8
+    opq: bool = False
+    train_size: int = 100_000  # vectors sampled for training
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if self.nlist < 0 or self.pq_m < 0:
+            raise ConfigError("codec.nlist / codec.pq_m: must be >= 0 (0 = automatic)")
+        if not 1 <= self.pq_bits <= 16:
+            raise ConfigError("codec.pq_bits: must be in 1..16")
+
+
+@dataclass
+class SearchConfig:
+    threshold: float | None = None   # exact cosine at/above which rows are near duplicates;
+                                     # None = the model's default (DEFAULT_THRESHOLDS)
+    margin: float = 0.15        # PQ candidates are taken down to threshold - margin, then verified
+    nprobe: int = 8             # IVF cells visited per query
+    query_batch: int = 4096
+
+    def validate(self) -> None:
+        if self.threshold is None or not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError("search.threshold: a cosine in [-1, 1]")
+        if self.margin < 0:
+            raise ConfigError("search.margin: must be >= 0")
+
+
+@dataclass
+class GroupConfig:
+    # A member must be at least this similar to its group's representative; components that chain
+    # dissimilar rows through intermediates are split. 0 disables the guard.
+    min_rep_similarity: float | None = None   # None = search.threshold - 0.10
+    exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
+
+    def validate(self) -> None:
+        if self.min_rep_similarity is not None and not -1.0 <= self.min_rep_similarity <= 1.0:
+            raise ConfigError("group.min_rep_similarity: a cosine in [-1, 1]")
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["webdataset", "keep"])
+
+    def validate(self) -> None:
+        bad = set(self.formats) - {"webdataset", "keep"}
+        if bad:
+            raise ConfigError(f"export.formats: unknown {sorted(bad)}; known: webdataset, keep")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""             # "" = start an embedded local Ray; "auto" = attach to a cluster
+    num_cpus: int = 0             # embedded mode only; 0 = all cores
+    object_store_mb: int = 1024   # embedded mode only
+    max_retries: int = 2          # per shard task
+
+    def validate(self) -> None:
+        if self.num_cpus < 0 or self.object_store_mb < 100:
+            raise ConfigError("ray.num_cpus >= 0 and ray.object_store_mb >= 100")
+
+
+@dataclass
+class RunConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    run_dir: str = ""
+    index_dir: str = ""          # default: <run_dir>/index
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.search.threshold is None:
+            self.search.threshold = default_threshold(self.embed.model)
+        if self.group.min_rep_similarity is None:
+            self.group.min_rep_similarity = round(self.search.threshold - 0.10, 6)
+        if not self.run_dir:
+            raise ConfigError("run_dir: required (where this run's outputs go)")
+        for section in ("input", "embed", "codec", "search", "group", "export", "ray"):
+            getattr(self, section).validate()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def index_path(self) -> Path:
+        return Path(self.index_dir) if self.index_dir else self.run_path / "index"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Which config sections change each stage's outputs (a stage also inherits its inputs').
+    STAGE_FIELDS = {
+        "ingest": ("input",),
+        "embed": ("input", "embed.model"),
+        "index": ("input", "embed.model", "codec"),
+        "search": ("input", "embed.model", "codec", "search"),
+        "group": ("input", "embed.model", "codec", "search", "group"),
+        "report": ("input", "embed.model", "codec", "search", "group"),
+        "export": ("input", "embed.model", "codec", "search", "group", "export"),
+    }
+
+    def stage_view(self, stage: str) -> dict[str, Any]:
+        full = self.to_dict()
+        view: dict[str, Any] = {}
+        for name in self.STAGE_FIELDS[stage]:
+            node: Any = full
+            for part in name.split("."):
+                node = node[part]
+            view[name] = node
+        return view
+
+    def fingerprint(self, stage: str) -> str:
+        blob = json.dumps(self.stage_view(stage), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS = {"input": InputConfig, "embed": EmbedConfig, "codec": CodecConfig, "search": SearchConfig,
+             "group": GroupConfig, "export": ExportConfig, "ray": RayConfig}
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown keys are errors that name the key."""
+    kwargs: dict[str, Any] = {}
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, value in (data or {}).items():
+        if key not in top:
+            raise ConfigError(f"{key}: unknown config key; known: {sorted(top)}")
+        cls = _SECTIONS.get(key)
+        if cls is None:
+            kwargs[key] = value
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for sub in value:
+            if sub not in known:
+                raise ConfigError(f"{key}.{sub}: unknown config key; known: {sorted(known)}")
+        kwargs[key] = cls(**value)
+    return RunConfig(**kwargs)
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(data)
+
+
+def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_fields(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out

@@ -1,0 +1,147 @@
+"""Executors: the only module that knows Ray.
+
+Both executors offer the same two operations the stages need:
+  map(fn, items, ...)        one task per unit of work (a shard); results in input order
+  stream(items, ...)         the embedding stream: read -> preprocess (CPU tasks) -> model (actor
+                             pool) -> batches back to the driver as they finish
+`LocalExecutor` runs them in-process (unit tests, debugging); `RayExecutor` runs them on an
+embedded local Ray (bound to 127.0.0.1) or on the cluster at `address`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+from tqdm import tqdm
+
+from .config import RayConfig
+
+
+class ShardFailed(RuntimeError):
+    """A unit of work kept failing after its retries; rerunning the same command is safe."""
+
+
+class LocalExecutor:
+    kind = "local"
+
+    def map(self, fn: Callable, items: list, desc: str = "", num_cpus: float = 1, threads: int = 0) -> list:
+        return [fn(item) for item in tqdm(items, desc=desc, disable=not desc, leave=False)]
+
+    def stream(self, items: list, read: Callable, preprocess: Callable, model_cls: type,
+               model_args: tuple, batch_size: int, **_: Any) -> Iterator[dict]:
+        model = model_cls(*model_args)
+        buf: list[dict] = []
+        for item in items:
+            for row in read(item):
+                buf.append(row)
+                if len(buf) == batch_size:
+                    yield model(preprocess(_columns(buf)))
+                    buf = []
+        if buf:
+            yield model(preprocess(_columns(buf)))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _columns(rows: list[dict]) -> dict:
+    import numpy as np
+    return {k: np.array([r[k] for r in rows], dtype=object if k == "data" else None) for k in rows[0]}
+
+
+class RayExecutor:
+    kind = "ray"
+
+    def __init__(self, cfg: RayConfig | None = None):
+        self.cfg = cfg or RayConfig()
+        self._started = False
+        self._start()
+
+    def _start(self) -> None:
+        import ray
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.cfg.address:
+            ray.init(address=self.cfg.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+                     object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
+                     _node_ip_address="127.0.0.1", log_to_driver=False,
+                     configure_logging=True, logging_level="warning")
+        self._started = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+
+    @property
+    def num_gpus(self) -> int:
+        import ray
+        return int(ray.cluster_resources().get("GPU", 0))
+
+    def map(self, fn: Callable, items: list, desc: str = "", num_cpus: float = 1, threads: int = 0) -> list:
+        import ray
+        env = {"OMP_NUM_THREADS": str(threads or max(1, int(num_cpus)))}
+        remote = ray.remote(_call_with_env).options(num_cpus=num_cpus, max_retries=self.cfg.max_retries,
+                                                     retry_exceptions=True)
+        refs = [remote.remote(fn, item, env) for item in items]
+        pending = list(refs)
+        with tqdm(total=len(refs), desc=desc, disable=not desc, leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        out = []
+        for item, ref in zip(items, refs):
+            try:
+                out.append(ray.get(ref))
+            except Exception as exc:  # the task's own error, after its retries
+                raise ShardFailed(f"{desc or fn.__name__}: {item} failed after {self.cfg.max_retries} "
+                                  f"retries: {exc}. Rerunning the same command is safe.") from exc
+        return out
+
+    def stream(self, items: list, read: Callable, preprocess: Callable, model_cls: type,
+               model_args: tuple, batch_size: int, actors: int = 1, decode_cpus: float = 0.5,
+               model_cpus: float = 1.0) -> Iterator[dict]:
+        import ray
+        gpus = 1 if self.num_gpus > 0 else 0   # ask for GPUs only where the cluster has them
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.flat_map(read, num_cpus=decode_cpus)
+        ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
+        ds = ds.map_batches(model_cls, fn_constructor_args=model_args, batch_size=batch_size,
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                            num_cpus=0 if gpus else model_cpus, num_gpus=gpus)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+    def shutdown(self) -> None:
+        import ray
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+
+
+def _call_with_env(fn: Callable, item: Any, env: dict) -> Any:
+    os.environ.update(env)
+    try:
+        import faiss
+        faiss.omp_set_num_threads(int(env["OMP_NUM_THREADS"]))
+    except ImportError:
+        pass
+    return fn(item)
+
+
+def make_executor(kind: str, cfg: RayConfig | None = None):
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(cfg)
+    raise ValueError(f"executor {kind!r}: expected 'ray' or 'local'")
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

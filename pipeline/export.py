@@ -1,0 +1,87 @@
+"""export: the kept rows, losslessly, selected by key (never by position).
+
+export/webdataset/NNNNN.tar     kept samples, every member (image, .txt, .json) byte-identical
+export/webdataset/NNNNN.parquet the input parquet's rows for the kept keys
+export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
+export/keep.parquet, remove.parquet   keys with group id, representative and similarity
+export/subset.npy               DataComp-style sorted uid array (two uint64 halves of a 128-bit uid)
+"""
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .io import write_json, write_npy, write_parquet
+from .run import Run
+
+UID_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8")])
+
+
+def uid128(keys: list[str]) -> np.ndarray:
+    """Deterministic 128-bit uid of each key (blake2b), as (hi, lo) uint64 halves."""
+    out = np.empty(len(keys), UID_DTYPE)
+    for i, k in enumerate(keys):
+        d = hashlib.blake2b(k.encode(), digest_size=16).digest()
+        out[i] = (int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big"))
+    return out
+
+
+def export_shard(job: dict) -> dict:
+    """Copy the kept samples of one input shard; returns counts (runs in a worker)."""
+    src_tar, src_parquet, dst = Path(job["tar"]), Path(job["parquet"]), Path(job["out"])
+    kept = np.array(sorted(job["keys"]), dtype=object)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    n = 0
+    with tarfile.open(src_tar, "r:*") as src, tarfile.open(tmp, "w") as out:
+        seen = set()
+        for m in src:
+            if not m.isfile():
+                continue
+            key = Path(m.name).name.rpartition(".")[0]
+            i = np.searchsorted(kept, key)
+            if i < len(kept) and kept[i] == key:
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime, info.mode = m.size, m.mtime, m.mode
+                out.addfile(info, src.extractfile(m))
+                seen.add(key)
+        n = len(seen)
+    tmp.replace(dst)
+    meta = pq.read_table(src_parquet)
+    meta = meta.filter(pc.is_in(meta["key"].cast(pa.string()), pa.array(list(kept), pa.string())))
+    write_parquet(dst.with_suffix(".parquet"), meta)
+    return {"tar": dst.name, "samples": n}
+
+
+def run_stage(run: Run, ex) -> dict:
+    out = run.root / "export"
+    samples = pq.read_table(run.root / "reports" / "samples.parquet").to_pandas()
+    ok = samples[samples["status"] == "ok"]
+    keep = ok[~ok["is_duplicate"].astype(bool)]
+    remove = ok[ok["is_duplicate"].astype(bool)]
+    cols = ["key", "gid", "shard", "group_id", "representative_key", "rep_similarity"]
+    files = {}
+    if "keep" in run.cfg.export.formats or "webdataset" in run.cfg.export.formats:
+        write_parquet(out / "keep.parquet", pa.Table.from_pandas(keep[cols], preserve_index=False))
+        write_parquet(out / "remove.parquet", pa.Table.from_pandas(remove[cols], preserve_index=False))
+        uids = uid128(keep["key"].tolist())
+        write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
+    exported = 0
+    if "webdataset" in run.cfg.export.formats:
+        jobs = [{"tar": str(s.tar), "parquet": str(s.parquet), "out": str(out / "webdataset" / f"{s.name}.tar"),
+                 "keys": keep.loc[keep["shard"] == s.name, "key"].tolist()} for s in run.shards]
+        results = ex.map(export_shard, jobs, desc="export", num_cpus=1)
+        files = {r["tar"]: r["samples"] for r in results}
+        write_json(out / "webdataset" / "sizes.json", files)
+        exported = sum(files.values())
+        if exported != len(keep):
+            raise AssertionError(f"export wrote {exported} samples but {len(keep)} rows are kept")
+    n_failed = int((samples["status"] != "ok").sum())
+    return {"kept": len(keep), "removed": len(remove), "failed": n_failed, "exported": exported,
+            "invariant_holds": len(samples) == len(keep) + len(remove) + n_failed}

@@ -1,0 +1,142 @@
+"""group: exact connected components over verified edges, with a guard against chaining.
+
+Nodes are the rows that have a vector. Edges are verified near pairs (exact cosine >= threshold)
+and exact-byte pairs (equal sha256). Components come from scipy's connected_components. Each
+group gets one representative by a deterministic rule: most pixels, then most bytes, then the
+smallest key. Chaining guard: a member less similar than `min_rep_similarity` to its
+representative is split off; the split-off members are regrouped among themselves (by the edges
+between them) and the rule repeats until every member is close to its representative.
+Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
+nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind).
+The group id is the representative's gid: stable and deterministic.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from .io import write_parquet
+from .run import Run
+from .vectors import VectorStore
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, np.int64)
+    g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)).tocsr()
+    return connected_components(g, directed=False)[1].astype(np.int64)
+
+
+def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """For each node, the node index of its component's best-ranked member (lowest rank)."""
+    order = np.lexsort((rank, labels))
+    first = np.ones(len(order), bool)
+    first[1:] = labels[order][1:] != labels[order][:-1]
+    best = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)
+    best[labels[order][first]] = order[first]
+    return best[labels]
+
+
+def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges from each row to the first row with the same sha256 (node indices)."""
+    order = np.argsort(sha, kind="stable")
+    s = sha[order]
+    start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
+    head = np.repeat(order[start], np.diff(np.r_[start, len(s)]))
+    keep = head != order
+    return head[keep], order[keep]
+
+
+def group(gids, rank, edges_a, edges_b, store: VectorStore, guard: float, max_rounds: int = 50):
+    """Labels (representative node index per node) and each node's similarity to its representative."""
+    n = len(gids)
+    labels = components(n, edges_a, edges_b)
+    sim = np.ones(n, np.float32)
+    for _ in range(max_rounds):
+        rep = representatives(labels, rank)
+        multi = np.nonzero(rep != np.arange(n))[0]
+        sim = np.ones(n, np.float32)
+        if len(multi):
+            sim[multi] = np.einsum("ij,ij->i", store.get(gids[multi]), store.get(gids[rep[multi]]))
+        bad = sim < guard
+        if not bad.any():
+            return rep, sim
+        # regroup the split-off members among themselves, by edges inside their old component
+        keep = bad[edges_a] & bad[edges_b] & (labels[edges_a] == labels[edges_b])
+        idx = np.nonzero(bad)[0]
+        local = np.full(n, -1, np.int64)
+        local[idx] = np.arange(len(idx))
+        sub = components(len(idx), local[edges_a[keep]], local[edges_b[keep]])
+        labels = labels.copy()
+        labels[idx] = labels.max() + 1 + sub
+    rep = representatives(labels, rank)
+    return rep, sim
+
+
+def run_stage(run: Run) -> dict:
+    if not run.pending("group", ["group"]):
+        return {"skipped": True}
+    t0 = time.time()
+    cfg = run.cfg
+    ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{n}.parquet") for n in run.shard_names()])
+    embedded = pa.concat_tables([pq.read_table(run.dir("embed") / "metadata" / f"metadata_{n}.parquet",
+                                               columns=["gid"]) for n in run.shard_names()])
+    nodes = ingest.filter(pc.is_in(ingest["gid"], embedded["gid"])).sort_by("gid")
+    gids = nodes["gid"].to_numpy()
+    pixels = (nodes["width"].fill_null(0).to_numpy() * nodes["height"].fill_null(0).to_numpy()).astype(np.int64)
+    nbytes = nodes["nbytes"].fill_null(0).to_numpy()
+    keys = np.array(nodes["key"].to_pylist(), dtype=object)
+    rank = np.empty(len(gids), np.int64)   # lower is better: most pixels, most bytes, smallest key
+    rank[np.lexsort((keys, -nbytes, -pixels))] = np.arange(len(gids))
+
+    near = pa.concat_tables([pq.read_table(run.dir("search") / f"{n}.parquet") for n in run.shard_names()])
+    near = near.filter(pc.greater_equal(near["similarity"], cfg.search.threshold))
+    na = np.searchsorted(gids, near["gid_a"].to_numpy())
+    nb = np.searchsorted(gids, near["gid_b"].to_numpy())
+    nsim = near["similarity"].to_numpy()
+    if cfg.group.exact_bytes:
+        ea, eb = exact_edges(np.array(nodes["sha256"].to_pylist(), dtype=object))
+    else:
+        ea = eb = np.zeros(0, np.int64)
+    a = np.concatenate([ea, na]).astype(np.int64)
+    b = np.concatenate([eb, nb]).astype(np.int64)
+    sim = np.concatenate([np.ones(len(ea), np.float32), nsim]).astype(np.float32)
+    kind = np.array(["exact"] * len(ea) + ["near"] * len(na), dtype=object)
+    # one edge per pair; exact wins over near
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    order = np.lexsort((kind != "exact", hi, lo))
+    first = np.ones(len(order), bool)
+    first[1:] = (lo[order][1:] != lo[order][:-1]) | (hi[order][1:] != hi[order][:-1])
+    sel = order[first]
+    lo, hi, sim, kind = lo[sel], hi[sel], sim[sel], kind[sel]
+
+    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+    rep, rep_sim = group(gids, rank, lo, hi, store, cfg.group.min_rep_similarity)
+    size = np.bincount(rep, minlength=len(gids))[rep]
+    # nearest verified neighbour of each node
+    both_n = np.concatenate([lo, hi]); both_o = np.concatenate([hi, lo]); both_s = np.concatenate([sim, sim])
+    o = np.lexsort((both_o, -both_s, both_n))
+    firsts = np.ones(len(o), bool)
+    firsts[1:] = both_n[o][1:] != both_n[o][:-1]
+    nearest = np.full(len(gids), -1, np.int64)
+    nearest_sim = np.full(len(gids), np.nan, np.float32)
+    nearest[both_n[o][firsts]] = gids[both_o[o][firsts]]
+    nearest_sim[both_n[o][firsts]] = both_s[o][firsts]
+
+    out = run.dir("group")
+    rows = pa.table({"gid": gids, "group_id": gids[rep], "group_size": size.astype(np.int64),
+                     "is_representative": rep == np.arange(len(gids)), "rep_similarity": rep_sim,
+                     "nearest_gid": pa.array(nearest, mask=nearest < 0),
+                     "nearest_similarity": pa.array(nearest_sim, mask=np.isnan(nearest_sim))})
+    edges = pa.table({"gid_a": gids[lo], "gid_b": gids[hi], "similarity": sim,
+                      "kind": pa.array(kind.tolist(), pa.string())})
+    files = [write_parquet(out / "rows.parquet", rows), write_parquet(out / "edges.parquet", edges)]
+    n_groups = int((rep == np.arange(len(gids))).sum())
+    run.marker("group", "group").write(cfg.fingerprint("group"), files, rows=len(gids), groups=n_groups)
+    return {"rows": len(gids), "groups": n_groups, "edges": len(lo), "seconds": round(time.time() - t0, 3)}

@@ -1,0 +1,100 @@
+"""train + index: a FAISS codec ([OPQ] -> IVF -> PQ, inner product) trained once on a seeded
+sample, then every vector added with its global id. Writes to the index folder:
+  index.faiss      the populated index (read memory-mapped by search workers)
+  codec.json       factory string, dimension, model spec, fingerprint, bytes per vector
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .io import Marker, read_json, write_bytes, write_json
+from .run import Run
+from .vectors import VectorStore
+
+
+class IndexError_(RuntimeError):
+    """The index on disk does not belong to this run (foreign or stale)."""
+
+
+def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq: bool = False) -> dict:
+    """Codec parameters that train on n vectors of dimension d (automatic where 0)."""
+    if not nlist:
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 65536))
+    if not m:
+        m = max(x for x in range(1, 33) if d % x == 0)
+    if d % m:
+        raise ValueError(f"codec.pq_m={m} must divide the vector dimension {d}")
+    bits = max(1, min(bits, int(math.log2(max(n, 2)))))   # PQ needs >= 2**bits training points
+    factory = f"{'OPQ%d,' % m if opq else ''}IVF{nlist},PQ{m}x{bits}"
+    return {"factory": factory, "d": d, "nlist": nlist, "m": m, "bits": bits, "opq": opq}
+
+
+def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int) -> np.ndarray:
+    """A seeded uniform sample of about `size` vectors, read shard by shard."""
+    total = sum(counts.values())
+    frac = min(1.0, size / max(total, 1))
+    rng = np.random.default_rng(seed)
+    parts = []
+    for index in sorted(counts):
+        gids, vecs = store.shard(index)
+        pick = np.nonzero(rng.random(len(gids)) < frac)[0] if frac < 1 else np.arange(len(gids))
+        parts.append(np.asarray(vecs[pick], dtype=np.float32))
+    return np.concatenate(parts) if parts else np.zeros((0, store.dim), np.float32)
+
+
+def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, chunk: int = 65536):
+    import faiss
+    index = faiss.index_factory(codec["d"], codec["factory"], faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    xt = sample(store, counts, codec["train_size"], seed)
+    t0 = time.time()
+    index.train(xt)
+    train_s = time.time() - t0
+    for index_no in sorted(counts):
+        gids, vecs = store.shard(index_no)
+        for i in range(0, len(gids), chunk):   # bounded memory: add in chunks
+            index.add_with_ids(np.asarray(vecs[i:i + chunk], dtype=np.float32), gids[i:i + chunk])
+    return index, {"train_s": round(train_s, 3), "train_rows": len(xt), "add_s": round(time.time() - t0 - train_s, 3)}
+
+
+def run_stage(run: Run) -> dict:
+    import faiss
+    fp = run.cfg.fingerprint("index")
+    out = run.dir("index")
+    if not run.pending("index", ["index"]):
+        return {"skipped": True}
+    t0 = time.time()
+    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+    counts = {s.index: Marker(run.dir("embed"), s.name).read()["rows"] for s in run.shards}
+    counts = {k: v for k, v in counts.items() if v}
+    if not counts:
+        raise RuntimeError("index: no embedded rows (every row failed?)")
+    c = run.cfg.codec
+    codec = choose_codec(sum(counts.values()), store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq)
+    codec["train_size"] = c.train_size
+    index, timing = build(store, counts, codec, c.seed)
+    files = [write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())]
+    codec.update(ntotal=int(index.ntotal), model=run.cfg.embed.model, fingerprint=fp,
+                 bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8, **timing)
+    files.append(write_json(out / "codec.json", codec))
+    run.marker("index", "index").write(fp, files, rows=int(index.ntotal))
+    codec["seconds"] = round(time.time() - t0, 3)
+    return codec
+
+
+def load(folder, fingerprint: str | None = None, mmap: bool = True):
+    """Open this product's index; refuses a foreign or stale one before reading it."""
+    import faiss
+    meta_path = folder / "codec.json"
+    if not meta_path.exists():
+        raise IndexError_(f"{folder}: no codec.json; not an index built by dedup2b")
+    meta = read_json(meta_path)
+    if fingerprint and meta.get("fingerprint") != fingerprint:
+        raise IndexError_(f"{folder}: index fingerprint {meta.get('fingerprint')} != this run's "
+                          f"{fingerprint} (built with another model/codec/input); rebuild it")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(folder / "index.faiss"), flags), meta

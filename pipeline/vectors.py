@@ -1,0 +1,56 @@
+"""Read access to the embed stage's vectors by global id (memory-mapped fp16 shards)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def emb_path(embed_dir: Path, shard: str) -> Path:
+    return Path(embed_dir) / "img_emb" / f"img_emb_{shard}.npy"
+
+
+def meta_path(embed_dir: Path, shard: str) -> Path:
+    return Path(embed_dir) / "metadata" / f"metadata_{shard}.parquet"
+
+
+class VectorStore:
+    """gid -> vector. Shard files are opened lazily and memory-mapped; nothing is copied whole."""
+
+    def __init__(self, embed_dir: Path, shards: dict[int, str]):
+        self.embed_dir = Path(embed_dir)
+        self.shards = shards            # shard index -> shard name
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gids sorted ascending, vectors fp16 memmap) of one shard."""
+        if index not in self._cache:
+            name = self.shards[index]
+            gids = pq.read_table(meta_path(self.embed_dir, name), columns=["gid"])["gid"].to_numpy()
+            vecs = np.load(emb_path(self.embed_dir, name), mmap_mode="r", allow_pickle=False)
+            if len(gids) != len(vecs):
+                raise ValueError(f"{emb_path(self.embed_dir, name)}: {len(vecs)} vectors but "
+                                 f"{len(gids)} metadata rows")
+            self._cache[index] = (gids, vecs)
+        return self._cache[index]
+
+    @property
+    def dim(self) -> int:
+        return int(self.shard(next(iter(self.shards)))[1].shape[1])
+
+    def get(self, gids: np.ndarray) -> np.ndarray:
+        """float32 vectors of the given gids, in the given order."""
+        gids = np.asarray(gids, dtype=np.int64)
+        out = np.empty((len(gids), self.dim), dtype=np.float32)
+        which = gids >> 32
+        for index in np.unique(which):
+            sel = np.nonzero(which == index)[0]
+            sg, sv = self.shard(int(index))
+            pos = np.searchsorted(sg, gids[sel])
+            if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids[sel]):
+                raise KeyError(f"shard {self.shards[int(index)]}: some gids have no vector")
+            # read in ascending row order (sequential pages of the memmap)
+            order = np.argsort(pos, kind="stable")
+            out[sel[order]] = sv[pos[order]]
+        return out
