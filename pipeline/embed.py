@@ -49,7 +49,10 @@ class EmbedActor:
     """Model actor: loads the spec once per worker and embeds the decodable rows of each batch."""
 
     def __init__(self, spec: str, threads: int = 0):
-        self.embedder = Embedder(spec, threads=threads)
+        # Ray pins OMP_NUM_THREADS to the actor's CPU request; on a CPU-only node the model
+        # should use the cores the light decode tasks leave, so default to all of them.
+        import os
+        self.embedder = Embedder(spec, threads=threads or os.cpu_count() or 1)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([not e for e in batch["error"]], dtype=bool)

@@ -62,10 +62,12 @@ class RayExecutor:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "NO_ALBUMENTATIONS_UPDATE": "1",
+                            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
         if self.cfg.address:
-            ray.init(address=self.cfg.address, log_to_driver=False)
+            ray.init(address=self.cfg.address, log_to_driver=False, runtime_env=env)
         else:
-            ray.init(num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+            ray.init(num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
                      object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
                      _node_ip_address="127.0.0.1", log_to_driver=False,
                      configure_logging=True, logging_level="warning")

@@ -51,6 +51,11 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
     xt = sample(store, counts, codec["train_size"], seed)
+    pq = getattr(faiss.downcast_index(ivf), "pq", None)
+    if pq is not None:
+        pq.cp.seed = seed
+        if len(xt) < 39 * (1 << codec["bits"]):   # small corpus: train anyway, without the warning
+            pq.cp.min_points_per_centroid = 1
     t0 = time.time()
     index.train(xt)
     train_s = time.time() - t0

@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The embedded demo corpus, built once per session."""
+    from pipeline import demo
+    root = tmp_path_factory.mktemp("demo")
+    shards = demo.build(root)
+    return root, shards
+
+
+@pytest.fixture(scope="session")
+def ray_executor():
+    """One real local Ray for the session (2 CPUs, small object store, bound to 127.0.0.1)."""
+    from pipeline.config import RayConfig
+    from pipeline.executor import RayExecutor
+    ex = RayExecutor(RayConfig(num_cpus=2, object_store_mb=400))
+    yield ex
+    ex.shutdown()
+
+
+def make_config(tmp_path, input_path, **sections):
+    from pipeline.config import from_dict
+    data = {"input": {"path": str(input_path)}, "run_dir": str(tmp_path / "run")}
+    data.update(sections)
+    return from_dict(data)
