@@ -1,0 +1,102 @@
+"""The whole pipeline on the demo corpus, on a real local Ray."""
+import io
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import demo
+from pipeline.executor import LocalExecutor
+from pipeline.pipeline import STAGES, run_pipeline, status
+from pipeline.run import StaleRunError
+
+from conftest import make_config
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory, demo_corpus, ray_executor):
+    root, shards = demo_corpus
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = make_config(tmp, shards)
+    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    return cfg, stats, root
+
+
+def test_groups_match_ground_truth(ray_run):
+    cfg, stats, root = ray_run
+    scores = demo.score(root / "ground_truth.parquet", cfg.run_path / "reports" / "samples.parquet")
+    assert scores["precision"] >= 0.95 and scores["recall"] >= 0.95, scores
+
+
+def test_report_files_and_invariant(ray_run):
+    cfg, stats, _ = ray_run
+    rep = cfg.run_path / "reports"
+    for name in ("samples.parquet", "pairs.parquet", "groups.parquet", "histogram.parquet",
+                 "histogram.png", "summary.json", "similarity.parquet"):
+        assert (rep / name).stat().st_size > 0, name
+    import json
+    s = json.loads((rep / "summary.json").read_text())
+    assert s["input_rows"] == s["kept"] + s["removed"] + s["failed"]
+    assert s["duplicates"] == s["ok"] - s["groups"] and s["failed"] == 5
+    samples = pq.read_table(rep / "samples.parquet").to_pandas()
+    assert len(samples) == s["input_rows"]
+    ok = samples[samples.status == "ok"]
+    # every group has exactly one representative and the representative key is in the group
+    reps = ok[ok.is_representative.astype(bool)]
+    assert reps.group_id.is_unique and set(reps.group_id) == set(ok.group_id)
+    assert (ok.representative_key == ok.group_id.map(reps.set_index("group_id").key)).all()
+    pairs = pq.read_table(rep / "pairs.parquet").to_pandas()
+    assert set(pairs.kind) == {"exact", "near"}
+    assert (pairs.loc[pairs.kind == "near", "similarity"] >= cfg.search.threshold).all()
+    groups = pq.read_table(rep / "groups.parquet").to_pandas()
+    assert (groups["min_similarity"] >= cfg.group.min_rep_similarity - 1e-6).all()
+
+
+def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
+    cfg, _, _ = ray_run
+    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    kept = set(samples.loc[(samples.status == "ok") & ~samples.is_duplicate.fillna(True).astype(bool), "key"])
+    exported = {}
+    for tar_path in sorted((cfg.run_path / "export" / "webdataset").glob("*.tar")):
+        src = _members(cfg.input.path + f"/{tar_path.name}")
+        for name, data in _members(tar_path).items():
+            assert src[name] == data, name          # original bytes, captions and json
+            exported.setdefault(name.rpartition(".")[0], set()).add(name.rpartition(".")[2])
+    assert set(exported) == kept
+    assert all({"txt", "json"} <= exts for exts in exported.values())
+    keep = pq.read_table(cfg.run_path / "export" / "keep.parquet").to_pandas()
+    assert set(keep.key) == kept
+    subset = np.load(cfg.run_path / "export" / "subset.npy", allow_pickle=False)
+    assert len(subset) == len(kept) and np.all(np.sort(subset, order=["hi", "lo"]) == subset)
+
+
+def test_rerun_resumes_and_refuses_a_changed_config(ray_run, ray_executor):
+    cfg, _, _ = ray_run
+    before = (cfg.run_path / "reports" / "samples.parquet").read_bytes()
+    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    assert stats["ingest"]["shards"] == 0 and stats["embed"]["shards"] == 0 and stats["search"]["shards"] == 0
+    assert pq.read_table(io.BytesIO(before)).equals(pq.read_table(cfg.run_path / "reports" / "samples.parquet"))
+    st = status(cfg.run_path)
+    assert st["embed"] == {"done": 2, "pending": 0}
+    changed = make_config(cfg.run_path.parent, cfg.input.path, search={"threshold": 0.9})
+    with pytest.raises(StaleRunError, match="search.threshold"):
+        run_pipeline(changed, ray_executor, log=lambda *_: None)
+
+
+def test_local_executor_gives_the_same_groups_and_vectors(ray_run, tmp_path):
+    cfg, _, _ = ray_run
+    local = make_config(tmp_path, cfg.input.path)
+    run_pipeline(local, LocalExecutor(), stages=STAGES[:-1], log=lambda *_: None)
+    a = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    b = pq.read_table(local.run_path / "reports" / "samples.parquet").to_pandas()
+    assert (a.group_id.fillna(-1) == b.group_id.fillna(-1)).all()
+    for name in ("00000", "00001"):
+        va = np.load(cfg.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy")
+        vb = np.load(local.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy")
+        np.testing.assert_allclose(va.astype(np.float32), vb.astype(np.float32), atol=2e-3)
