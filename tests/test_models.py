@@ -1,0 +1,75 @@
+"""The embedder registry: the offline encoder's real weights, open_clip's real loader, preprocessing."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import images
+from pipeline.models import Embedder, build_model, parse_spec, preprocess_for
+
+
+def _photo(name):
+    import skimage.data
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+def test_offline_encoder_loads_imagenet_weights():
+    model = build_model("timm:tf_efficientnet_lite0", classifier=True)
+    pp = preprocess_for("timm:tf_efficientnet_lite0")
+    with torch.inference_mode():
+        cat = model(torch.from_numpy(images.to_pixels(_photo("chelsea"), pp))[None]).argmax().item()
+        coffee = model(torch.from_numpy(images.to_pixels(_photo("coffee"), pp))[None]).argmax().item()
+    assert cat in (281, 282, 285)          # tabby, tiger cat, Egyptian cat
+    assert coffee in (967, 968)            # espresso, cup
+
+
+def test_offline_encoder_separates_copies_from_other_photos():
+    e = Embedder("timm:tf_efficientnet_lite0", threads=2)
+
+    def vec(img, q=90):
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=q)
+        return e(images.preprocess_bytes(buf.getvalue(), e.preprocess)[None])[0]
+    a, a2, b = vec(_photo("astronaut")), vec(_photo("astronaut"), 50), vec(_photo("rocket"))
+    assert abs(np.linalg.norm(a) - 1) < 1e-4 and e.dim == 1280
+    assert a @ a2 > 0.9 > 0.6 > a @ b
+
+
+def test_open_clip_random_weights_without_network():
+    e = Embedder("open_clip:ViT-S-32", threads=2)
+    assert e.preprocess.size == 224 and e.preprocess.mean[0] == pytest.approx(0.4815, abs=1e-3)
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    v = e(x)
+    assert v.shape == (2, e.dim) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+
+
+def test_open_clip_hub_tag_offline_fails_with_a_fix():
+    with pytest.raises(RuntimeError, match="local weights file"):
+        build_model("open_clip:ViT-S-32:laion2b_s34b_b79k")
+
+
+def test_bad_specs_are_named():
+    with pytest.raises(ValueError, match="unknown family"):
+        parse_spec("keras:foo")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        build_model("timm:tf_efficientnet_lite0:/nope.pth")
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
+def test_decode_converts_modes_to_rgb(mode):
+    img = Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        img = Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16))
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    out = images.decode(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_decode_failures_have_reasons():
+    with pytest.raises(ValueError, match="0 bytes"):
+        images.decode(b"")
+    with pytest.raises(Exception):
+        images.decode(b"\xff\xd8\xff\xe0 not really a jpeg")
