@@ -83,5 +83,7 @@ def run_stage(run: Run, ex) -> dict:
         if exported != len(keep):
             raise AssertionError(f"export wrote {exported} samples but {len(keep)} rows are kept")
     n_failed = int((samples["status"] != "ok").sum())
+    marker_files = [out / "keep.parquet"] if (out / "keep.parquet").exists() else []
+    run.marker("export", "export").write(run.cfg.fingerprint("export"), marker_files, kept=len(keep))
     return {"kept": len(keep), "removed": len(remove), "failed": n_failed, "exported": exported,
             "invariant_holds": len(samples) == len(keep) + len(remove) + n_failed}

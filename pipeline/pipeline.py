@@ -37,10 +37,10 @@ def run_ingest(run: Run, ex) -> dict:
 
 
 def _clear_downstream(run: Run, stage: str) -> None:
-    """A stage that redid work invalidates whole-corpus stages after it."""
+    """A stage that redid work invalidates every done marker of the stages after it."""
+    import shutil
     for later in STAGES[STAGES.index(stage) + 1:]:
-        if later in ("index", "group"):
-            run.marker(later, later).clear()
+        shutil.rmtree(run.dir(later) / "_done", ignore_errors=True)
 
 
 def run_pipeline(cfg: RunConfig, ex, stages: tuple[str, ...] = STAGES, fresh: bool = False,

@@ -118,8 +118,8 @@ def run_stage(run: Run, stage_seconds: dict) -> dict:
         "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
         "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
         "kept": kept, "removed": removed, "invariant_holds": n_in == kept + removed + n_failed,
-        "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(":").str[0]
-                              .value_counts().to_dict(),
+        "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(": ").str[:2]
+                              .str.join(": ").value_counts().to_dict(),
         "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec["factory"],
         "bytes_per_vector": codec["bytes_per_vector"], "candidate_pairs": int(len(cand)),
         "verified_pairs": int(len(pairs)), "largest_groups": groups.head(10)[["representative_key", "size"]]
@@ -130,5 +130,6 @@ def run_stage(run: Run, stage_seconds: dict) -> dict:
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
-    write_json(out / "summary.json", summary)
+    path = write_json(out / "summary.json", summary)
+    run.marker("report", "report").write(cfg.fingerprint("report"), [path], rows=n_in)
     return summary

@@ -100,3 +100,15 @@ def test_local_executor_gives_the_same_groups_and_vectors(ray_run, tmp_path):
         va = np.load(cfg.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy")
         vb = np.load(local.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy")
         np.testing.assert_allclose(va.astype(np.float32), vb.astype(np.float32), atol=2e-3)
+
+
+def test_lost_shard_output_is_redone_and_downstream_recomputed(ray_run, ray_executor):
+    cfg, _, _ = ray_run
+    before = pq.read_table(cfg.run_path / "reports" / "samples.parquet")
+    (cfg.run_path / "embed" / "img_emb" / "img_emb_00001.npy").unlink()   # a lost output file
+    (cfg.run_path / "search" / ".00000.parquet.dead.tmp").write_bytes(b"partial")  # a killed write
+    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    assert stats["embed"]["shards"] == 1                   # only the damaged shard is re-embedded
+    assert stats["search"]["shards"] == 2                  # the rebuilt index invalidates all searches
+    assert not (cfg.run_path / "search" / ".00000.parquet.dead.tmp").exists()
+    assert before.equals(pq.read_table(cfg.run_path / "reports" / "samples.parquet"))
