@@ -64,7 +64,8 @@ class CodecConfig:
     nlist: int = 0             # IVF cells; 0 = chosen from the corpus size
     pq_m: int = 0              # PQ sub-quantizers; 0 = chosen from the dimension
     pq_bits: int = 8
-    opq: bool = False
+    opq: bool | None = None    # None = when each sub-quantizer covers > 16 dimensions
+    bytes_per_vector: int = 16  # memory budget per vector in the index, ids included
     train_size: int = 100_000  # vectors sampled for training
     seed: int = 1234
 
@@ -73,21 +74,34 @@ class CodecConfig:
             raise ConfigError("codec.nlist / codec.pq_m: must be >= 0 (0 = automatic)")
         if not 1 <= self.pq_bits <= 16:
             raise ConfigError("codec.pq_bits: must be in 1..16")
+        if self.bytes_per_vector < 9:
+            raise ConfigError("codec.bytes_per_vector: must be >= 9 (8-byte id + at least 1 code byte)")
 
 
 @dataclass
 class SearchConfig:
     threshold: float | None = None   # exact cosine at/above which rows are near duplicates;
                                      # None = the model's default (DEFAULT_THRESHOLDS)
-    margin: float = 0.15        # PQ candidates are taken down to threshold - margin, then verified
-    nprobe: int = 8             # IVF cells visited per query
+    method: str = "cells"       # cells: cell join + exact bound (default); pq: IVF-PQ range search
+    band: float = 0.03          # pairs in [threshold - band, threshold) are kept as near misses
+    cells: int = 0              # cell-join cells; 0 = about sqrt(rows)
+    proj_dim: int = 128         # cell-join projection; 0 = full dimension
+    border: float = 0.03        # also put a vector in cells scoring within this of its best
+    max_cells: int = 3          # cells per vector at most
+    cells_per_task: int = 64    # cells joined by one task
+    margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
+    nprobe: int = 8             # pq: IVF cells visited per query
     query_batch: int = 4096
 
     def validate(self) -> None:
         if self.threshold is None or not -1.0 <= self.threshold <= 1.0:
             raise ConfigError("search.threshold: a cosine in [-1, 1]")
-        if self.margin < 0:
-            raise ConfigError("search.margin: must be >= 0")
+        if self.margin < 0 or self.band < 0 or self.border < 0:
+            raise ConfigError("search.margin / search.band / search.border: must be >= 0")
+        if self.method not in ("cells", "pq"):
+            raise ConfigError(f"search.method: {self.method!r}; known: cells, pq")
+        if self.max_cells < 1 or self.cells_per_task < 1:
+            raise ConfigError("search.max_cells / search.cells_per_task: must be >= 1")
 
 
 @dataclass
@@ -164,7 +178,7 @@ class RunConfig:
     STAGE_FIELDS = {
         "ingest": ("input",),
         "embed": ("input", "embed.model"),
-        "index": ("input", "embed.model", "codec"),
+        "index": ("input", "embed.model", "codec", "search.cells", "search.proj_dim"),
         "search": ("input", "embed.model", "codec", "search"),
         "group": ("input", "embed.model", "codec", "search", "group"),
         "report": ("input", "embed.model", "codec", "search", "group"),

@@ -1,7 +1,8 @@
 """group: exact connected components over verified edges, with a guard against chaining.
 
 Nodes are the rows that have a vector. Edges are verified near pairs (exact cosine >= threshold)
-and exact-byte pairs (equal sha256). Components come from scipy's connected_components. Each
+and exact-byte pairs (equal sha256). Components come from the vectorised union-find
+(unionfind.py), fed in bounded chunks. Each
 group gets one representative by a deterministic rule: most pixels, then most bytes, then the
 smallest key. Chaining guard: a member less similar than `min_rep_similarity` to its
 representative is split off; the split-off members are regrouped among themselves (by the edges
@@ -18,19 +19,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from .io import write_parquet
 from .run import Run
+from .search import pair_files
+from .unionfind import UnionFind
 from .vectors import VectorStore
 
 
-def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if n == 0:
-        return np.zeros(0, np.int64)
-    g = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)).tocsr()
-    return connected_components(g, directed=False)[1].astype(np.int64)
+def components(n: int, a: np.ndarray, b: np.ndarray, chunk: int = 5_000_000) -> np.ndarray:
+    """Component label per node (its smallest member), edges fed in bounded chunks."""
+    return UnionFind(n).union_stream((a[i:i + chunk], b[i:i + chunk])
+                                     for i in range(0, len(a), chunk)).labels()
 
 
 def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -95,8 +94,9 @@ def run_stage(run: Run) -> dict:
     rank = np.empty(len(gids), np.int64)   # lower is better: most pixels, most bytes, smallest key
     rank[np.lexsort((keys, -nbytes, -pixels))] = np.arange(len(gids))
 
-    near = pa.concat_tables([pq.read_table(run.dir("search") / f"{n}.parquet") for n in run.shard_names()])
-    near = near.filter(pc.greater_equal(near["similarity"], cfg.search.threshold))
+    near = pa.concat_tables([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"],
+                                           filters=[("similarity", ">=", cfg.search.threshold)])
+                             for p in pair_files(run.dir("search"))])
     na = np.searchsorted(gids, near["gid_a"].to_numpy())
     nb = np.searchsorted(gids, near["gid_b"].to_numpy())
     nsim = near["similarity"].to_numpy()

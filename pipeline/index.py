@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .io import Marker, read_json, write_bytes, write_json
+from .io import Marker, read_json, write_bytes, write_json, write_npy
 from .run import Run
 from .vectors import VectorStore
 
@@ -19,17 +19,29 @@ class IndexError_(RuntimeError):
     """The index on disk does not belong to this run (foreign or stale)."""
 
 
-def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq: bool = False) -> dict:
-    """Codec parameters that train on n vectors of dimension d (automatic where 0)."""
+def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq: bool | None = None,
+                 bytes_per_vector: int = 16) -> dict:
+    """Codec parameters by rule, from the row count, the dimension and a memory budget.
+
+    IVF cells: about 4 sqrt(n), at least 39 training points each. PQ: the largest number of
+    sub-quantizers whose codes plus the 8-byte id fit `bytes_per_vector` and that divides d.
+    OPQ (a learned rotation) when each sub-quantizer covers many dimensions (d / m > 16).
+    """
     if not nlist:
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39, 65536))
+    bits = max(1, min(bits, int(math.log2(max(n, 2)))))   # PQ needs >= 2**bits training points
     if not m:
-        m = max(x for x in range(1, 33) if d % x == 0)
+        code_budget = max(1, (bytes_per_vector - 8) * 8 // bits)
+        m = max(x for x in range(1, min(code_budget, d) + 1) if d % x == 0)
     if d % m:
         raise ValueError(f"codec.pq_m={m} must divide the vector dimension {d}")
-    bits = max(1, min(bits, int(math.log2(max(n, 2)))))   # PQ needs >= 2**bits training points
+    if opq is None:   # OPQ trains an 8-bit PQ of its own: only with enough rows
+        opq = d // m > 16 and n >= 10_000
     factory = f"{'OPQ%d,' % m if opq else ''}IVF{nlist},PQ{m}x{bits}"
-    return {"factory": factory, "d": d, "nlist": nlist, "m": m, "bits": bits, "opq": opq}
+    code_bytes = (m * bits + 7) // 8
+    return {"factory": factory, "d": d, "nlist": nlist, "m": m, "bits": bits, "opq": opq,
+            "bytes_per_vector": code_bytes + 8,
+            "estimated_index_bytes": n * (code_bytes + 8) + nlist * d * 4 + d * d * 4 * opq}
 
 
 def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int) -> np.ndarray:
@@ -71,10 +83,31 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
     return index, {"train_s": round(train_s, 3), "train_rows": len(xt), "add_s": round(time.time() - t0 - train_s, 3)}
 
 
-def run_stage(run: Run) -> dict:
+def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
+              cells: int = 0, proj_dim: int = 128) -> dict:
+    """Train and write everything search needs: the IVF-PQ index and the cell-join codec."""
     import faiss
-    fp = run.cfg.fingerprint("index")
-    out = run.dir("index")
+    from . import celljoin
+    n = sum(counts.values())
+    codec = choose_codec(n, store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq, c.bytes_per_vector)
+    codec["train_size"] = c.train_size
+    index, timing = build(store, counts, codec, c.seed)
+    files = [write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())]
+    t0 = time.time()
+    xt = sample(store, counts, c.train_size, c.seed + 1)
+    proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
+    n_cells = cells or max(1, min(int(math.sqrt(n)), len(xt)))
+    centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)
+    files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
+    codec.update(ntotal=int(index.ntotal), model=model, fingerprint=fp, cells=n_cells,
+                 proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3),
+                 bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8, **timing)
+    files.append(write_json(out / "codec.json", codec))
+    Marker(out, "index").write(fp, files, rows=int(index.ntotal))
+    return codec
+
+
+def run_stage(run: Run) -> dict:
     if not run.pending("index", ["index"]):
         return {"skipped": True}
     t0 = time.time()
@@ -83,22 +116,14 @@ def run_stage(run: Run) -> dict:
     counts = {k: v for k, v in counts.items() if v}
     if not counts:
         raise RuntimeError("index: no embedded rows (every row failed?)")
-    c = run.cfg.codec
-    codec = choose_codec(sum(counts.values()), store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq)
-    codec["train_size"] = c.train_size
-    index, timing = build(store, counts, codec, c.seed)
-    files = [write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())]
-    codec.update(ntotal=int(index.ntotal), model=run.cfg.embed.model, fingerprint=fp,
-                 bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8, **timing)
-    files.append(write_json(out / "codec.json", codec))
-    run.marker("index", "index").write(fp, files, rows=int(index.ntotal))
+    codec = build_all(store, counts, run.cfg.codec, run.dir("index"), run.cfg.fingerprint("index"),
+                      run.cfg.embed.model, run.cfg.search.cells, run.cfg.search.proj_dim)
     codec["seconds"] = round(time.time() - t0, 3)
     return codec
 
 
-def load(folder, fingerprint: str | None = None, mmap: bool = True):
-    """Open this product's index; refuses a foreign or stale one before reading it."""
-    import faiss
+def check(folder, fingerprint: str | None = None) -> dict:
+    """The codec.json of this product's index; refuses a foreign or stale index before it is read."""
     meta_path = folder / "codec.json"
     if not meta_path.exists():
         raise IndexError_(f"{folder}: no codec.json; not an index built by dedup2b")
@@ -106,5 +131,12 @@ def load(folder, fingerprint: str | None = None, mmap: bool = True):
     if fingerprint and meta.get("fingerprint") != fingerprint:
         raise IndexError_(f"{folder}: index fingerprint {meta.get('fingerprint')} != this run's "
                           f"{fingerprint} (built with another model/codec/input); rebuild it")
+    return meta
+
+
+def load(folder, fingerprint: str | None = None, mmap: bool = True):
+    """Open this product's index (checked first, see `check`)."""
+    import faiss
+    meta = check(folder, fingerprint)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     return faiss.read_index(str(folder / "index.faiss"), flags), meta

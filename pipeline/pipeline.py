@@ -78,7 +78,8 @@ def run_pipeline(cfg: RunConfig, ex, stages: tuple[str, ...] = STAGES, fresh: bo
 
 def _brief(stats: dict) -> str:
     keep = ("shards", "rows", "ok", "failed", "candidates", "verified", "groups", "edges", "factory",
-            "bytes_per_vector", "images_per_s", "kept", "removed", "exported", "duplicates", "wall_s")
+            "bytes_per_vector", "blocks", "pairs", "images_per_s", "kept", "removed", "exported", "duplicates",
+            "wall_s")
     return ", ".join(f"{k}={stats[k]}" for k in keep if k in stats)
 
 
@@ -92,7 +93,9 @@ def status(run_dir) -> dict:
     out = {}
     for stage in STAGES:
         folder = Path(cfg_dict["index_dir"] or root / "index") if stage == "index" else root / stage
-        units = shards if stage in ("ingest", "embed", "search") else [stage]
+        units = shards if stage in ("ingest", "embed") else [stage]
+        if stage == "search":
+            units = [f"assign-{s}" for s in shards] if cfg_dict["search"]["method"] == "cells" else [f"pq-{s}" for s in shards]
         fp = manifest["fingerprints"].get(stage)
         done = [u for u in units if (folder / "_done" / f"{u}.json").exists()
                 and read_json(folder / "_done" / f"{u}.json").get("fingerprint") == fp]

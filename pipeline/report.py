@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from .io import read_json, write_json, write_parquet
 from .run import Run
+from .search import pair_files
 
 
 def samples_table(run: Run) -> pd.DataFrame:
@@ -60,7 +61,7 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     ax2.bar(centers, sim_hist["count"], width=sim_hist["bin_hi"] - sim_hist["bin_lo"], color="#4477aa")
     ax2.axvline(threshold, color="#cc3311", ls="--", label=f"threshold {threshold:.3f}")
     ax2.set_yscale("log")
-    ax2.set_xlabel("exact cosine of candidate pairs")
+    ax2.set_xlabel("exact cosine of pairs near the threshold")
     ax2.set_ylabel("pairs")
     ax2.set_title("candidate-pair similarity")
     ax2.legend()
@@ -100,9 +101,9 @@ def run_stage(run: Run, stage_seconds: dict) -> dict:
     size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values})
     size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
     write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
-    cand = np.concatenate([pq.read_table(run.dir("search") / f"{n}.parquet", columns=["similarity"])
-                           ["similarity"].to_numpy() for n in run.shard_names()])
-    lo = max(-1.0, cfg.search.threshold - cfg.search.margin - 0.05)
+    cand = np.concatenate([np.zeros(0, np.float32)] + [
+        pq.read_table(p, columns=["similarity"])["similarity"].to_numpy() for p in pair_files(run.dir("search"))])
+    lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     counts, bins = np.histogram(cand, bins=50, range=(lo, 1.0))
     sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
     write_parquet(out / "similarity.parquet", pa.Table.from_pandas(sim_hist, preserve_index=False))

@@ -6,8 +6,9 @@ Layout under run_dir:
   embed/img_emb/img_emb_NNNNN.npy     fp16 vectors (clip-retrieval layout), rows aligned with
   embed/metadata/metadata_NNNNN.parquet
   embed/failed/NNNNN.parquet          rows that could not be embedded, with the reason
-  index/ (or index_dir)               codec + index (see index.py)
-  search/NNNNN.parquet                verified candidate pairs per query shard
+  index/ (or index_dir)               IVF-PQ index + cell-join codec (see index.py)
+  search/assign/NNNNN.parquet         cell assignments per shard (method cells)
+  search/pairs/UNIT.parquet           verified pairs per cell block or query shard
   group/rows.parquet, group/edges.parquet
   reports/                            samples, pairs, groups, histogram, summary.json
   export/                             deduplicated webdataset + keep-lists

@@ -1,31 +1,134 @@
-"""search: per query shard, PQ range-search candidates, then exact re-scoring.
+"""search: all near-duplicate pairs, verified exactly against the stored fp16 vectors.
 
-Candidates are the index entries whose ADC score is above (threshold - margin): PQ scores are
-biased, so the net is wider than the threshold. Every candidate pair is then re-scored with the
-stored fp16 vectors; pairs keep their exact cosine. Range search never truncates big groups the
-way a fixed k does. Writes search/NNNNN.parquet: gid_a < gid_b, pq_score, similarity.
+Two methods (search.method):
+  cells (default)  cell join (see celljoin.py): assign every vector to its cell(s) per shard, then
+                   join cell blocks with a lossless projected bound + exact re-score. No fixed k,
+                   so groups of thousands of copies are never truncated.
+  pq               IVF-PQ range search (ADC scores > threshold - margin) per query shard, every
+                   candidate re-scored exactly. Lean on memory, slower; kept for comparison and for
+                   searching new rows against a built index.
+Both write search/pairs/*.parquet (gid_a < gid_b, similarity, and pq_score for pq) holding every
+pair with exact cosine >= threshold - band, resumable per unit of work (a shard or a cell block).
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from . import celljoin
 from . import index as index_mod
-from .io import write_parquet
-from .run import Run
+from .config import SearchConfig
+from .io import Marker, write_parquet
 from .vectors import VectorStore
 
-_INDEX_CACHE: dict = {}
+_CACHE: dict = {}
 
 
-def _index(folder, fp: str):
-    """One index per worker process, memory-mapped from disk."""
-    key = (str(folder), fp)
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()
-        _INDEX_CACHE[key] = index_mod.load(folder, fp)[0]
-    return _INDEX_CACHE[key]
+@dataclass
+class SearchJob:
+    """Everything a search worker needs, with no reference to the run (benchmarks use it too)."""
+    embed_dir: Path
+    shards: dict            # shard index -> shard name
+    index_dir: Path
+    out_dir: Path
+    cfg: SearchConfig
+    index_fp: str           # fingerprint the index must carry
+    fp: str                 # fingerprint written into this stage's markers
 
+    @property
+    def floor(self) -> float:
+        return self.cfg.threshold - self.cfg.band
+
+    def store(self) -> VectorStore:
+        return VectorStore(self.embed_dir, self.shards)
+
+    def done(self, unit: str) -> bool:
+        return Marker(self.out_dir, unit).valid(self.fp)
+
+
+def _cached(key, load):
+    """One loaded index / codec per worker process (memory-mapped from disk)."""
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load()
+    return _CACHE[key]
+
+
+def pair_files(out_dir: Path) -> list[Path]:
+    return sorted((Path(out_dir) / "pairs").glob("*.parquet"))
+
+
+def _write_pairs(job: SearchJob, unit: str, a, b, sim, **extra) -> dict:
+    cols = {"gid_a": a, "gid_b": b, "similarity": sim, **extra}
+    path = write_parquet(job.out_dir / "pairs" / f"{unit}.parquet", pa.table(cols))
+    verified = int((sim >= job.cfg.threshold).sum())
+    Marker(job.out_dir, unit).write(job.fp, [path], pairs=len(a), verified=verified)
+    return {"pairs": len(a), "verified": verified}
+
+
+# ---- method: cells ---------------------------------------------------------------------------
+
+def _codec(job: SearchJob):
+    index_mod.check(job.index_dir, job.index_fp)
+    return (np.load(job.index_dir / "projection.npy", allow_pickle=False),
+            np.load(job.index_dir / "centroids.npy", allow_pickle=False))
+
+
+def assign_shard(args: tuple) -> dict:
+    """Cells of every vector of one shard -> search/assign/NNNNN.parquet (gid, cell)."""
+    job, index = args
+    proj, centroids = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
+    gids, vecs = job.store().shard(index)
+    rows, cells = [], []
+    for s in range(0, len(gids), 65536):
+        z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj)
+        r, c = celljoin.assign(z, centroids, job.cfg.border, job.cfg.max_cells)
+        rows.append(r + s); cells.append(c)
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    cells = np.concatenate(cells) if cells else np.zeros(0, np.int64)
+    unit = f"assign-{job.shards[index]}"
+    path = write_parquet(job.out_dir / "assign" / f"{job.shards[index]}.parquet",
+                         pa.table({"gid": gids[rows], "cell": cells.astype(np.int32)}))
+    Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=len(rows))
+    return {"rows": len(gids), "assignments": len(rows)}
+
+
+def join_block(args: tuple) -> dict:
+    """Join cells [lo, hi): gather their members' vectors, bound, re-score, write verified pairs."""
+    job, lo, hi = args
+    proj, _ = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
+    filt = [("cell", ">=", lo), ("cell", "<", hi)]
+    parts = [pq.read_table(p, filters=filt) for p in sorted((job.out_dir / "assign").glob("*.parquet"))]
+    t = pa.concat_tables(parts) if parts else pa.table({"gid": pa.array([], pa.int64()), "cell": pa.array([], pa.int32())})
+    gids, cells = t["gid"].to_numpy(), t["cell"].to_numpy()
+    uniq, inverse = np.unique(gids, return_inverse=True)
+    x = job.store().get(uniq)[inverse] if len(uniq) else np.zeros((0, 1), np.float32)
+    a, b, sim, cand = celljoin.join_members(gids, cells, x, proj, job.floor)
+    out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
+    out["candidates"] = cand
+    return out
+
+
+def run_cells(job: SearchJob, ex) -> dict:
+    todo = [(job, i) for i in sorted(job.shards) if not job.done(f"assign-{job.shards[i]}")]
+    ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
+    n_cells = len(np.load(job.index_dir / "centroids.npy", mmap_mode="r", allow_pickle=False))
+    step = job.cfg.cells_per_task
+    blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)
+              if not job.done(f"cells-{lo:06d}")]
+    if todo:   # new assignments invalidate every joined block
+        blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
+    results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
+    return {"shards": len(todo), "blocks": len(blocks), "candidates": sum(r["candidates"] for r in results),
+            "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results)}
+
+
+# ---- method: pq ------------------------------------------------------------------------------
 
 def candidates(index, queries: np.ndarray, qgids: np.ndarray, radius: float, nprobe: int,
                batch: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,28 +158,41 @@ def rescore(store: VectorStore, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 
     return out
 
 
-def search_shard(job: dict) -> dict:
-    """One query shard (runs in a worker). Pure function of its inputs; writes its own outputs."""
-    run: Run = job["run"]
-    cfg = run.cfg.search
-    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
-    shard = run.shard_by_index[job["index"]]
-    gids, vecs = store.shard(shard.index)
-    if not len(gids):
-        vecs = np.zeros((0, 1), np.float32)
-    index = _index(run.dir("index"), run.cfg.fingerprint("index"))
-    a, b, pq_score = candidates(index, vecs, gids, cfg.threshold - cfg.margin, cfg.nprobe, cfg.query_batch)
+def pq_shard(args: tuple) -> dict:
+    job, index_no = args
+    store = job.store()
+    gids, vecs = store.shard(index_no)
+    index = _cached(("pq", str(job.index_dir), job.index_fp), lambda: index_mod.load(job.index_dir, job.index_fp)[0])
+    radius = job.cfg.threshold - job.cfg.margin
+    a, b, pq_score = candidates(index, np.asarray(vecs, dtype=np.float32).reshape(len(gids), -1), gids,
+                                radius, job.cfg.nprobe, job.cfg.query_batch)
     sim = rescore(store, a, b)
-    table = pa.table({"gid_a": a, "gid_b": b, "pq_score": pq_score, "similarity": sim})
-    path = write_parquet(run.dir("search") / f"{shard.name}.parquet", table)
-    run.marker("search", shard.name).write(run.cfg.fingerprint("search"), [path], candidates=len(a),
-                                           verified=int((sim >= cfg.threshold).sum()))
-    return {"candidates": len(a), "verified": int((sim >= cfg.threshold).sum())}
+    keep = sim >= job.floor
+    out = _write_pairs(job, f"pq-{job.shards[index_no]}", a[keep], b[keep], sim[keep], pq_score=pq_score[keep])
+    out["candidates"] = len(a)
+    return out
 
 
-def run_stage(run: Run, ex) -> dict:
-    pending = set(run.pending("search", run.shard_names()))
-    jobs = [{"run": run, "index": s.index} for s in run.shards if s.name in pending]
-    results = ex.map(search_shard, jobs, desc="search", num_cpus=1)
-    return {"shards": len(jobs), "candidates": sum(r["candidates"] for r in results),
-            "verified": sum(r["verified"] for r in results)}
+def run_pq(job: SearchJob, ex) -> dict:
+    todo = [(job, i) for i in sorted(job.shards) if not job.done(f"pq-{job.shards[i]}")]
+    results = ex.map(pq_shard, todo, desc="search: pq", num_cpus=1)
+    return {"shards": len(todo), "candidates": sum(r["candidates"] for r in results),
+            "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results)}
+
+
+def search(job: SearchJob, ex) -> dict:
+    t0 = time.time()
+    for stale in (job.out_dir / "pairs").glob("*.parquet") if (job.out_dir / "pairs").exists() else []:
+        prefix = "cells-" if job.cfg.method == "cells" else "pq-"
+        if not stale.name.startswith(prefix):
+            stale.unlink()                  # pairs of the other method never mix in
+    stats = run_cells(job, ex) if job.cfg.method == "cells" else run_pq(job, ex)
+    stats["seconds"] = round(time.time() - t0, 3)
+    return stats
+
+
+def run_stage(run, ex) -> dict:
+    job = SearchJob(run.dir("embed"), {s.index: s.name for s in run.shards}, run.dir("index"),
+                    run.dir("search"), run.cfg.search, run.cfg.fingerprint("index"),
+                    run.cfg.fingerprint("search"))
+    return search(job, ex)

@@ -32,7 +32,7 @@ def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed:
     owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
     if len(owners) < n_dup:
         owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
-    noise = rng.uniform(0.03, 0.3, (n_dup, 1)) * _unit(rng.standard_normal((n_dup, d)))
+    noise = rng.uniform(0.03, 0.25, (n_dup, 1)) * _unit(rng.standard_normal((n_dup, d)))
     dups = _unit(src[owners] + noise)
     x = np.concatenate([src, dups]).astype(np.float32)
     ids = np.concatenate([np.arange(n_src), owners])
@@ -50,3 +50,28 @@ def exhaustive_pairs(x: np.ndarray, threshold: float, chunk: int = 4096) -> set[
         keep = r < c
         out.update(zip(r[keep].tolist(), c[keep].tolist()))
     return out
+
+
+def write_corpus(out, x: np.ndarray, source: np.ndarray, rows_per_shard: int = 100_000) -> list[str]:
+    """Write vectors in clip-retrieval layout (img_emb/img_emb_NNNNN.npy fp16 rows aligned with
+    metadata/metadata_NNNNN.parquet: key, gid) plus ground_truth.parquet (gid, source)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .io import write_npy, write_parquet
+    out = Path(out)
+    names, gids_all = [], []
+    for s, start in enumerate(range(0, len(x), rows_per_shard)):
+        part = x[start:start + rows_per_shard]
+        name = f"{s:05d}"
+        gids = (np.int64(s) << 32) | np.arange(len(part), dtype=np.int64)
+        write_npy(out / "img_emb" / f"img_emb_{name}.npy", part.astype(np.float16))
+        write_parquet(out / "metadata" / f"metadata_{name}.parquet",
+                      pa.table({"key": [f"{name}{i:07d}" for i in range(len(part))], "gid": gids}))
+        names.append(name)
+        gids_all.append(gids)
+    pq.write_table(pa.table({"gid": np.concatenate(gids_all), "source": source.astype(np.int64)}),
+                   out / "ground_truth.parquet")
+    return names
