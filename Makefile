@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test clean
+.PHONY: help install demo test bench-search clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ demo: $(STAMP)  ## build the embedded demo corpus and run the whole pipeline off
 
 test: $(STAMP)  ## run the test suite (CPU, offline)
 	$(PY) -m pytest -q tests
+
+bench-search: $(STAMP)  ## search benchmark: ratios vs exhaustive FAISS and SemDeDup-style (~20 min), writes bench/results/
+	$(PY) -m bench.search --sizes 250000,1000000 --queries 4000 --unionfind 10000000,100000000
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo

@@ -64,7 +64,7 @@ class CodecConfig:
     nlist: int = 0             # IVF cells; 0 = chosen from the corpus size
     pq_m: int = 0              # PQ sub-quantizers; 0 = chosen from the dimension
     pq_bits: int = 8
-    opq: bool | None = None    # None = when each sub-quantizer covers > 16 dimensions
+    opq: bool = False          # a learned rotation before PQ (better codes, slow training)
     bytes_per_vector: int = 16  # memory budget per vector in the index, ids included
     train_size: int = 100_000  # vectors sampled for training
     seed: int = 1234

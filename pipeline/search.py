@@ -110,8 +110,13 @@ def join_block(args: tuple) -> dict:
     x = job.store().get(uniq)[inverse] if len(uniq) else np.zeros((0, 1), np.float32)
     a, b, sim, cand = celljoin.join_members(gids, cells, x, proj, job.floor)
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
-    out["candidates"] = cand
+    out.update(candidates=cand, peak_rss_mb=_peak_rss_mb())
     return out
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_cells(job: SearchJob, ex) -> dict:
@@ -125,7 +130,8 @@ def run_cells(job: SearchJob, ex) -> dict:
         blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
     return {"shards": len(todo), "blocks": len(blocks), "candidates": sum(r["candidates"] for r in results),
-            "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results)}
+            "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
+            "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
 
 
 # ---- method: pq ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed: int = 0,
-              max_group: int = 50) -> tuple[np.ndarray, np.ndarray]:
+              max_group: int = 50, tail: float = 2.3) -> tuple[np.ndarray, np.ndarray]:
     """(vectors float32 n x d unit-norm, source id per row: rows with equal ids are duplicates)."""
     rng = np.random.default_rng(seed)
     rank = min(rank, d)
@@ -26,9 +26,10 @@ def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed:
     topic_of = rng.integers(0, n_topics, n_src)
     low = topics[topic_of] + 0.55 * rng.standard_normal((n_src, rank))
     src = _unit(0.9 * mean + _unit(low @ basis) * 1.0 + 0.08 * _unit(rng.standard_normal((n_src, d))))
-    # duplicates: heavy-tailed group sizes, copies at cosine ~0.95-0.999 from their source
+    # duplicates: Zipf group sizes (most 1-3 copies, a few of thousands), copies at cosine
+    # ~0.97-0.999 from their source
     n_dup = n - n_src
-    sizes = np.minimum(rng.zipf(1.8, n_dup), max_group)
+    sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
     owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
     if len(owners) < n_dup:
         owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
