@@ -32,8 +32,12 @@ def build_config(args) -> config_mod.RunConfig:
         overrides[k] = _parse_value(v)
     if args.input:
         overrides["input.path"] = str(Path(args.input).resolve())
+    if getattr(args, "format", None):
+        overrides["input.format"] = args.format
     if args.model:
         overrides["embed.model"] = args.model
+    elif getattr(args, "format", None) == "embeddings":
+        overrides["embed.model"] = "precomputed:clip"
     if args.threshold is not None:
         overrides["search.threshold"] = args.threshold
     base = config_mod.yaml.safe_load(Path(args.config).read_text()) if args.config else {}
@@ -59,10 +63,13 @@ def build_config(args) -> config_mod.RunConfig:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
-    p.add_argument("--input", help="folder of img2dataset shards (NNNNN.tar + NNNNN.parquet)")
+    p.add_argument("--input", help="folder of img2dataset shards (NNNNN.tar + NNNNN.parquet) or, with "
+                   "--format embeddings, of clip-retrieval embeddings (img_emb/ + metadata/)")
+    p.add_argument("--format", choices=("img2dataset", "embeddings"), help="input layout (default img2dataset)")
     p.add_argument("--run-dir", help="where this run's outputs go (default: reports/<input name>)")
     p.add_argument("--index-dir", help="where the index goes (default: indexes/<run name>)")
-    p.add_argument("--model", help="embedder spec, e.g. timm:tf_efficientnet_lite0, open_clip:ViT-B-32:FILE")
+    p.add_argument("--model", help="embedder spec, e.g. timm:tf_efficientnet_lite0, open_clip:ViT-B-32:FILE; "
+                   "precomputed:NAME for embeddings input")
     p.add_argument("--threshold", type=float, help="exact cosine for near duplicates (default: per model)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, e.g. codec.nlist=256")
     p.add_argument("--executor", choices=("ray", "local"), default="ray")

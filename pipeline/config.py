@@ -19,7 +19,7 @@ import yaml
 # Default thresholds per model family, measured on the demo corpus (see README, "Threshold"):
 # the offline encoder's near-duplicates sit at cosine >= 0.72 and its distinct photos <= 0.74
 # (retina crops), with 0.80 separating all but the hardest; CLIP's is the paper's 0.95.
-DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_clip": 0.95}
+DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_clip": 0.95, "precomputed": 0.95}
 
 
 def default_threshold(model: str) -> float:
@@ -32,14 +32,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class InputConfig:
-    path: str = ""                       # folder of img2dataset shards (NNNNN.tar + NNNNN.parquet)
-    format: str = "img2dataset"          # img2dataset (more readers are added by later stages)
+    path: str = ""                # a folder of img2dataset shards, or of clip-retrieval embeddings
+    format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/)
+    renormalize: bool = False     # embeddings: normalise vectors whose norm is off 1
+    norm_tolerance: float = 0.01  # embeddings: allowed |norm - 1| without renormalize
 
     def validate(self) -> None:
         if not self.path:
-            raise ConfigError("input.path: required (a folder of img2dataset shards)")
-        if self.format not in ("img2dataset",):
-            raise ConfigError(f"input.format: unknown format {self.format!r}; known: img2dataset")
+            raise ConfigError("input.path: required (a folder of img2dataset shards or embeddings)")
+        if self.format not in ("img2dataset", "embeddings"):
+            raise ConfigError(f"input.format: unknown format {self.format!r}; known: img2dataset, embeddings")
 
 
 @dataclass
@@ -53,7 +55,8 @@ class EmbedConfig:
     def validate(self) -> None:
         if ":" not in self.model:
             raise ConfigError(f"embed.model: {self.model!r} is not a registry spec like "
-                              "'timm:tf_efficientnet_lite0' or 'open_clip:ViT-B-32'")
+                              "'timm:tf_efficientnet_lite0', 'open_clip:ViT-B-32' or, for embeddings "
+                              "input, 'precomputed:ViT-L-14'")
         if self.batch_size < 1 or self.actors < 1:
             raise ConfigError("embed.batch_size and embed.actors: must be >= 1")
 
@@ -89,6 +92,7 @@ class SearchConfig:
     border: float = 0.03        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most
     cells_per_task: int = 64    # cells joined by one task
+    device: str = "auto"        # cell-join products: auto (CUDA when visible, else numpy), numpy, cpu, cuda
     margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
     nprobe: int = 8             # pq: IVF cells visited per query
     query_batch: int = 4096
@@ -100,6 +104,8 @@ class SearchConfig:
             raise ConfigError("search.margin / search.band / search.border: must be >= 0")
         if self.method not in ("cells", "pq"):
             raise ConfigError(f"search.method: {self.method!r}; known: cells, pq")
+        if self.device not in ("auto", "numpy", "cpu", "cuda"):
+            raise ConfigError(f"search.device: {self.device!r}; known: auto, numpy, cpu, cuda")
         if self.max_cells < 1 or self.cells_per_task < 1:
             raise ConfigError("search.max_cells / search.cells_per_task: must be >= 1")
 
@@ -160,6 +166,9 @@ class RunConfig:
             self.group.min_rep_similarity = round(self.search.threshold - 0.10, 6)
         if not self.run_dir:
             raise ConfigError("run_dir: required (where this run's outputs go)")
+        if (self.input.format == "embeddings") != self.embed.model.startswith("precomputed:"):
+            raise ConfigError("embed.model: use 'precomputed:NAME' exactly when input.format is embeddings "
+                              f"(got format {self.input.format!r}, model {self.embed.model!r})")
         for section in ("input", "embed", "codec", "search", "group", "export", "ray"):
             getattr(self, section).validate()
 

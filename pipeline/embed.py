@@ -81,7 +81,32 @@ def _write_shard(run: Run, name: str, ingest: pa.Table, got: dict, fp: str, spec
     return {"rows": int(ok.sum()), "failed": int((~ok).sum())}
 
 
+def _copy_precomputed(job: dict) -> dict:
+    """Embeddings input: validated unit fp16 vectors of the ok rows, in the embed layout."""
+    from .embeddings import unit_vectors
+    run, name = job["run"], job["name"]
+    shard = next(s for s in run.shards if s.name == name)
+    ingest = pq.read_table(run.dir("ingest") / f"{name}.parquet")
+    ok = ingest.filter(pa.compute.equal(ingest["status"], "ok")).sort_by("gid")
+    vecs = unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input.renormalize, run.cfg.input.norm_tolerance)
+    out = run.dir("embed")
+    files = [write_npy(emb_path(out, name), vecs), write_parquet(meta_path(out, name), ok.select(META_COLUMNS)),
+             write_parquet(out / "failed" / f"{name}.parquet",
+                           pa.table({"gid": pa.array([], pa.int64()), "error": pa.array([], pa.string())}))]
+    run.marker("embed", name).write(run.cfg.fingerprint("embed"), files, rows=ok.num_rows, failed=0,
+                                    model=run.cfg.embed.model)
+    return {"rows": ok.num_rows, "dim": int(vecs.shape[1])}
+
+
 def run_stage(run: Run, ex) -> dict:
+    if run.cfg.input.format == "embeddings":
+        t0 = time.time()
+        pending = run.pending("embed", run.shard_names())
+        res = ex.map(_copy_precomputed, [{"run": run, "name": n} for n in pending], desc="embed", num_cpus=1)
+        if res:
+            write_json(run.dir("embed") / "model.json", {"model": run.cfg.embed.model, "dim": res[0]["dim"]})
+        return {"shards": len(pending), "rows": sum(r["rows"] for r in res), "failed": 0,
+                "seconds": round(time.time() - t0, 3)}
     cfg = run.cfg.embed
     fp = run.cfg.fingerprint("embed")
     pending = run.pending("embed", run.shard_names())
@@ -93,7 +118,7 @@ def run_stage(run: Run, ex) -> dict:
     for name in pending:
         ok = ingests[name].filter(pa.compute.equal(ingests[name]["status"], "ok"))
         expected[name] = ok.num_rows
-        items.append({"tar": str(by_name[name].tar), "shard": name,
+        items.append({"tar": str(by_name[name].data), "shard": name,
                       "members": ok["member"].to_pylist(), "gids": ok["gid"].to_pylist()})
     received = {name: {"gid": [], "vector": [], "error": []} for name in pending}
     dim = 0

@@ -4,11 +4,11 @@ export/webdataset/NNNNN.tar     kept samples, every member (image, .txt, .json) 
 export/webdataset/NNNNN.parquet the input parquet's rows for the kept keys
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative and similarity
-export/subset.npy               DataComp-style sorted uid array (two uint64 halves of a 128-bit uid)
+export/subset.npy               DataComp-style sorted uid array (two uint64 halves of the 128-bit uid:
+                                the input's uid field, else blake2b of url + caption)
 """
 from __future__ import annotations
 
-import hashlib
 import tarfile
 from pathlib import Path
 
@@ -23,12 +23,11 @@ from .run import Run
 UID_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
 
-def uid128(keys: list[str]) -> np.ndarray:
-    """Deterministic 128-bit uid of each key (blake2b), as (hi, lo) uint64 halves."""
-    out = np.empty(len(keys), UID_DTYPE)
-    for i, k in enumerate(keys):
-        d = hashlib.blake2b(k.encode(), digest_size=16).digest()
-        out[i] = (int.from_bytes(d[:8], "big"), int.from_bytes(d[8:], "big"))
+def uid128(uids: list[str]) -> np.ndarray:
+    """(hi, lo) uint64 halves of 128-bit hex uids (the ingest stage's `uid` column)."""
+    out = np.empty(len(uids), UID_DTYPE)
+    for i, u in enumerate(uids):
+        out[i] = (int(u[:16], 16), int(u[16:32], 16))
     return out
 
 
@@ -70,11 +69,11 @@ def run_stage(run: Run, ex) -> dict:
     if "keep" in run.cfg.export.formats or "webdataset" in run.cfg.export.formats:
         write_parquet(out / "keep.parquet", pa.Table.from_pandas(keep[cols], preserve_index=False))
         write_parquet(out / "remove.parquet", pa.Table.from_pandas(remove[cols], preserve_index=False))
-        uids = uid128(keep["key"].tolist())
+        uids = uid128(keep["uid"].tolist())
         write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
     exported = 0
-    if "webdataset" in run.cfg.export.formats:
-        jobs = [{"tar": str(s.tar), "parquet": str(s.parquet), "out": str(out / "webdataset" / f"{s.name}.tar"),
+    if "webdataset" in run.cfg.export.formats and run.cfg.input.format == "img2dataset":
+        jobs = [{"tar": str(s.data), "parquet": str(s.parquet), "out": str(out / "webdataset" / f"{s.name}.tar"),
                  "keys": keep.loc[keep["shard"] == s.name, "key"].tolist()} for s in run.shards]
         results = ex.map(export_shard, jobs, desc="export", num_cpus=1)
         files = {r["tar"]: r["samples"] for r in results}

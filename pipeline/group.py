@@ -100,7 +100,7 @@ def run_stage(run: Run) -> dict:
     na = np.searchsorted(gids, near["gid_a"].to_numpy())
     nb = np.searchsorted(gids, near["gid_b"].to_numpy())
     nsim = near["similarity"].to_numpy()
-    if cfg.group.exact_bytes:
+    if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
         ea, eb = exact_edges(np.array(nodes["sha256"].to_pylist(), dtype=object))
     else:
         ea = eb = np.zeros(0, np.int64)

@@ -23,8 +23,13 @@ SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("row", pa.int64()), ("gid", pa.int64()),
     ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("member", pa.string()), ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-    ("nbytes", pa.int64()),
+    ("nbytes", pa.int64()), ("uid", pa.string()),
 ])
+
+
+def content_uid(url, caption) -> str:
+    """A 128-bit content uid (hex) from url + caption: survives reordering and re-sharding."""
+    return hashlib.blake2b(f"{url}\t{caption}".encode(), digest_size=16).hexdigest()
 
 
 class InputError(ValueError):
@@ -34,9 +39,9 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class Shard:
     index: int
-    name: str          # zero-padded, as img2dataset names it
-    parquet: Path
-    tar: Path
+    name: str          # zero-padded, as the input names it
+    parquet: Path      # img2dataset's NNNNN.parquet, or clip-retrieval's metadata_NNNNN.parquet
+    data: Path         # img2dataset's NNNNN.tar, or clip-retrieval's img_emb_NNNNN.npy
 
 
 def make_gid(shard_index: int, row: int) -> int:
@@ -77,26 +82,27 @@ def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
 
 def ingest_shard(shard: Shard) -> pa.Table:
     """The ingest table of one shard (pure: reads inputs, returns a table)."""
-    if not shard.tar.exists():
-        raise InputError(f"{shard.tar}: tar missing beside {shard.parquet.name}")
+    if not shard.data.exists():
+        raise InputError(f"{shard.data}: tar missing beside {shard.parquet.name}")
     try:
         meta = pq.read_table(shard.parquet).to_pylist()
     except Exception as exc:
         raise InputError(f"{shard.parquet}: unreadable parquet ({exc})") from exc
-    members = _tar_members(shard.tar)
+    members = _tar_members(shard.data)
     rows = []
-    with tarfile.open(shard.tar, "r:*") as tar:
+    with tarfile.open(shard.data, "r:*") as tar:
         for i, rec in enumerate(meta):
             key = str(rec.get("key") or f"{shard.name}{i:04d}")
             row = {"key": key, "shard": shard.name, "row": i, "gid": make_gid(shard.index, i),
                    "url": rec.get("url"), "caption": rec.get("caption"), "status": "ok", "error": None,
                    "member": None, "sha256": None, "width": rec.get("original_width") or rec.get("width"),
-                   "height": rec.get("original_height") or rec.get("height"), "nbytes": None}
+                   "height": rec.get("original_height") or rec.get("height"), "nbytes": None,
+                   "uid": rec.get("uid") or content_uid(rec.get("url"), rec.get("caption"))}
             img = next((m for ext, m in members.get(key, {}).items() if ext in IMAGE_EXTS), None)
             if rec.get("status", "success") != "success":
                 row.update(status="failed", error=f"img2dataset: {rec.get('status')}: {rec.get('error_message')}")
             elif img is None:
-                row.update(status="failed", error=f"image for key {key} missing from {shard.tar.name}")
+                row.update(status="failed", error=f"image for key {key} missing from {shard.data.name}")
             else:
                 f = tar.extractfile(img)
                 data = f.read() if f else b""

@@ -11,7 +11,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from . import embed, export, group, index, ingest, report, search
+from . import embed, embeddings, export, group, index, ingest, report, search
 from .config import RunConfig
 from .io import read_json, write_json, write_parquet
 from .run import Run
@@ -22,7 +22,11 @@ STAGES = ("ingest", "embed", "index", "search", "group", "report", "export")
 def _ingest_one(job: dict) -> dict:
     run: Run = job["run"]
     shard = run.shard_by_index[job["index"]]
-    table = ingest.ingest_shard(shard)
+    inp = run.cfg.input
+    if inp.format == "embeddings":
+        table = embeddings.ingest_shard(shard, inp.renormalize, inp.norm_tolerance)
+    else:
+        table = ingest.ingest_shard(shard)
     path = write_parquet(run.dir("ingest") / f"{shard.name}.parquet", table)
     ok = sum(1 for s in table["status"].to_pylist() if s == "ok")
     run.marker("ingest", shard.name).write(run.cfg.fingerprint("ingest"), [path], rows=table.num_rows, ok=ok)
@@ -30,6 +34,8 @@ def _ingest_one(job: dict) -> dict:
 
 
 def run_ingest(run: Run, ex) -> dict:
+    if run.cfg.input.format == "embeddings":
+        embeddings.validate(run.shards)          # every file pair, before any work
     pending = set(run.pending("ingest", run.shard_names()))
     jobs = [{"run": run, "index": s.index} for s in run.shards if s.name in pending]
     results = ex.map(_ingest_one, jobs, desc="ingest", num_cpus=1)

@@ -41,7 +41,7 @@ def samples_table(run: Run) -> pd.DataFrame:
     df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
     df["representative_key"] = df["group_id"].map(key_of)
     df["nearest_key"] = df["nearest_gid"].map(key_of)
-    cols = ["key", "shard", "row", "gid", "url", "caption", "sha256", "status", "error", "group_id",
+    cols = ["key", "shard", "row", "gid", "uid", "url", "caption", "sha256", "status", "error", "group_id",
             "group_size", "is_representative", "is_duplicate", "representative_key", "rep_similarity",
             "nearest_key", "nearest_similarity"]
     return df[cols].sort_values("gid").reset_index(drop=True)

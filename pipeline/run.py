@@ -33,7 +33,11 @@ class Run:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.root = cfg.run_path
-        self.shards: list[Shard] = list_shards(cfg.input.path)
+        if cfg.input.format == "embeddings":
+            from . import embeddings
+            self.shards: list[Shard] = embeddings.list_shards(cfg.input.path)
+        else:
+            self.shards = list_shards(cfg.input.path)
         self.shard_by_index = {s.index: s for s in self.shards}
 
     def dir(self, stage: str) -> Path:
@@ -67,8 +71,8 @@ class Run:
         write_json(path, {
             "config": config,
             "fingerprints": {s: self.cfg.fingerprint(s) for s in RunConfig.STAGE_FIELDS},
-            "inputs": [{"shard": s.name, "parquet": str(s.parquet), "tar": str(s.tar),
-                        "bytes": s.tar.stat().st_size if s.tar.exists() else None} for s in self.shards],
+            "inputs": [{"shard": s.name, "parquet": str(s.parquet), "data": str(s.data),
+                        "bytes": s.data.stat().st_size if s.data.exists() else None} for s in self.shards],
             "versions": _versions(),
         })
 

@@ -108,10 +108,23 @@ def join_block(args: tuple) -> dict:
     gids, cells = t["gid"].to_numpy(), t["cell"].to_numpy()
     uniq, inverse = np.unique(gids, return_inverse=True)
     x = job.store().get(uniq)[inverse] if len(uniq) else np.zeros((0, 1), np.float32)
-    a, b, sim, cand = celljoin.join_members(gids, cells, x, proj, job.floor)
+    a, b, sim, cand = celljoin.join_members(gids, cells, x, proj, job.floor, device=_device(job.cfg.device))
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
     out.update(candidates=cand, peak_rss_mb=_peak_rss_mb())
     return out
+
+
+def _device(setting: str) -> str | None:
+    """numpy on CPU by default; torch on CUDA where a GPU is visible (auto) or when asked."""
+    if setting == "numpy":
+        return None
+    if setting == "auto":
+        try:
+            import torch
+            return "cuda" if torch.cuda.is_available() else None
+        except ImportError:
+            return None
+    return setting
 
 
 def _peak_rss_mb() -> float:

@@ -90,3 +90,18 @@ def test_stale_index_is_refused(corpus, tmp_path):
                     "another-fingerprint", "fp")
     with pytest.raises(index.IndexError_, match="fingerprint"):
         search(job, LocalExecutor())
+
+
+def test_torch_path_gives_the_numpy_pairs():
+    """The GPU code path (torch), run on the CPU here, finds exactly the numpy path's pairs."""
+    x, _ = clip_like(4000, 128, seed=9, max_group=200)
+    x = x.astype(np.float16).astype(np.float32)
+    proj = celljoin.train_projection(x, 32)
+    cells = np.random.default_rng(0).integers(0, 5, len(x))
+    gids = np.arange(len(x), dtype=np.int64)
+    a1, b1, s1, _ = celljoin.join_members(gids, cells, x, proj, 0.93)
+    a2, b2, s2, _ = celljoin.join_members(gids, cells, x, proj, 0.93, device="cpu")
+    assert len(a1) > 100
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_allclose(s1, s2, atol=1e-5)

@@ -1,0 +1,120 @@
+"""Precomputed embeddings as input (LAION's released CLIP vectors, clip-retrieval layout).
+
+    FOLDER/img_emb/img_emb_NNNN.npy        float16/float32, one row per sample
+    FOLDER/metadata/metadata_NNNN.parquet  rows aligned with the npy (url, caption, key, ...)
+
+Validated before any work: paired files, row counts, 2-D shape, one dimension for all shards,
+dtype. Per row: non-finite or zero vectors are failed rows with a reason; norms off 1 by more
+than `norm_tolerance` are an error naming the file unless `input.renormalize` is set. Files are
+memory-mapped and processed in chunks: a 2-billion-row corpus is never held in RAM.
+Keys come from the metadata's `key` column, else NNNN_ROW; the uid from its `uid`, else
+blake2b(url + caption), so keep-lists survive reordering.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .ingest import SCHEMA, InputError, Shard, content_uid, make_gid
+
+_NPY_RE = re.compile(r"^img_emb_(\d+)\.npy$")
+CHUNK = 65536
+
+
+def list_shards(folder: str | Path) -> list[Shard]:
+    folder = Path(folder)
+    emb_dir, meta_dir = folder / "img_emb", folder / "metadata"
+    if not emb_dir.is_dir() or not meta_dir.is_dir():
+        raise InputError(f"{folder}: not a clip-retrieval folder (needs img_emb/ and metadata/)")
+    shards = []
+    for p in sorted(emb_dir.iterdir()):
+        m = _NPY_RE.match(p.name)
+        if m:
+            name = m.group(1)
+            meta = meta_dir / f"metadata_{name}.parquet"
+            if not meta.exists():
+                raise InputError(f"{p}: no matching {meta}")
+            shards.append(Shard(int(name), name, meta, p))
+    if not shards:
+        raise InputError(f"{folder}/img_emb: no img_emb_NNNN.npy files")
+    return shards
+
+
+def open_vectors(shard: Shard) -> np.ndarray:
+    try:
+        x = np.load(shard.data, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"{shard.data}: unreadable npy ({exc})") from exc
+    if x.ndim != 2:
+        raise InputError(f"{shard.data}: expected a 2-D array, got shape {x.shape}")
+    if x.dtype not in (np.float16, np.float32):
+        raise InputError(f"{shard.data}: dtype {x.dtype}; expected float16 or float32")
+    return x
+
+
+def validate(shards: list[Shard]) -> int:
+    """Check every pair of files before any work; returns the common dimension."""
+    dims = {}
+    for s in shards:
+        x = open_vectors(s)
+        rows = pq.ParquetFile(s.parquet).metadata.num_rows
+        if rows != len(x):
+            raise InputError(f"{s.data}: {len(x)} vectors but {s.parquet} has {rows} rows")
+        dims.setdefault(x.shape[1], s.data)
+    if len(dims) > 1:
+        raise InputError("vector dimensions differ: " + ", ".join(f"{d} in {p}" for d, p in dims.items()))
+    return next(iter(dims))
+
+
+def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tuple[np.ndarray, np.ndarray, list]:
+    """(unit float32 vectors, ok mask, error per row) for one chunk."""
+    x = np.asarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    norms = np.linalg.norm(np.where(finite[:, None], x, 0), axis=1)
+    ok = finite & (norms > 1e-6)
+    errors = [None if o else ("vector: non-finite values" if not f else "vector: zero norm")
+              for o, f in zip(ok, finite)]
+    off = ok & (np.abs(norms - 1) > tolerance)
+    if off.any() and not renormalize:
+        raise InputError(f"{path}: {int(off.sum())} vectors have norms off 1 by more than {tolerance} "
+                         f"(e.g. {norms[off][0]:.4f}); set input.renormalize: true to normalise them")
+    unit = np.zeros_like(x)
+    unit[ok] = x[ok] / norms[ok, None]
+    return unit, ok, errors
+
+
+def ingest_shard(shard: Shard, renormalize: bool, tolerance: float) -> pa.Table:
+    meta = pq.read_table(shard.parquet)
+    x = open_vectors(shard)
+    if meta.num_rows != len(x):
+        raise InputError(f"{shard.data}: {len(x)} vectors but {shard.parquet} has {meta.num_rows} rows")
+    cols = set(meta.column_names)
+    get = lambda c: meta[c].to_pylist() if c in cols else [None] * meta.num_rows  # noqa: E731
+    url, caption = get("url"), get("caption")
+    keys, uids = get("key"), get("uid")
+    rows = []
+    for s in range(0, len(x), CHUNK):
+        _, ok, errors = row_status(x[s:s + CHUNK], renormalize, tolerance, shard.data)
+        for i in range(len(ok)):
+            r = s + i
+            rows.append({"key": str(keys[r]) if keys[r] is not None else f"{shard.name}_{r:07d}",
+                         "shard": shard.name, "row": r, "gid": make_gid(shard.index, r), "url": url[r],
+                         "caption": caption[r], "status": "ok" if ok[i] else "failed", "error": errors[i],
+                         "member": None, "sha256": None, "width": None, "height": None, "nbytes": None,
+                         "uid": uids[r] or content_uid(url[r], caption[r])})
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def unit_vectors(shard: Shard, ok_rows: np.ndarray, renormalize: bool, tolerance: float) -> np.ndarray:
+    """fp16 unit vectors of the ok rows, read chunk by chunk from the memory-mapped npy."""
+    x = open_vectors(shard)
+    parts = []
+    for s in range(0, len(x), CHUNK):
+        unit, _, _ = row_status(x[s:s + CHUNK], renormalize, tolerance, shard.data)
+        sel = ok_rows[(ok_rows >= s) & (ok_rows < s + CHUNK)] - s
+        parts.append(unit[sel].astype(np.float16))
+    return np.concatenate(parts) if parts else np.zeros((0, x.shape[1]), np.float16)

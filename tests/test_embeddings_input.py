@@ -1,0 +1,90 @@
+"""LAION-style precomputed embeddings (clip-retrieval layout) as input: validation and a full run."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import from_dict
+from pipeline.embeddings import InputError
+from pipeline.executor import LocalExecutor
+from pipeline.pipeline import run_pipeline
+from pipeline.synthetic import clip_like, exhaustive_pairs
+
+
+def _write(folder, x, names=("0000", "0001"), meta_rows=None):
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir(parents=True)
+    per = (len(x) + len(names) - 1) // len(names)
+    for k, name in enumerate(names):
+        part = x[k * per:(k + 1) * per]
+        np.save(folder / "img_emb" / f"img_emb_{name}.npy", part)
+        n = meta_rows if meta_rows is not None else len(part)
+        pq.write_table(pa.table({"url": [f"http://x/{name}/{i}.jpg" for i in range(n)],
+                                 "caption": [f"c{i}" for i in range(n)]}),
+                       folder / "metadata" / f"metadata_{name}.parquet")
+
+
+def _cfg(tmp_path, folder, **inp):
+    return from_dict({"input": {"path": str(folder), "format": "embeddings", **inp},
+                      "run_dir": str(tmp_path / "run"), "embed": {"model": "precomputed:synthetic"}})
+
+
+def test_run_on_released_style_embeddings(tmp_path):
+    x, src = clip_like(3000, 128, seed=11, max_group=40)
+    x = x.astype(np.float16)
+    x[5] = np.nan                       # a corrupt vector
+    x[17] = 0                           # an empty one
+    _write(tmp_path / "emb", x)
+    cfg = _cfg(tmp_path, tmp_path / "emb")
+    assert cfg.search.threshold == 0.95
+    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
+    s = json.loads((cfg.run_path / "reports" / "summary.json").read_text())
+    assert s["input_rows"] == 3000 and s["failed"] == 2 and s["invariant_holds"]
+    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    assert set(samples.loc[samples.status == "failed", "error"]) == {"vector: non-finite values", "vector: zero norm"}
+    assert samples.key.iloc[0] == "0000_0000000" and samples.uid.str.len().eq(32).all()
+    # groups equal the components of exhaustive search at the threshold
+    ok = samples[samples.status == "ok"].reset_index(drop=True)
+    xv = x.astype(np.float32)[ok.row + 1500 * (ok.shard == "0001")]
+    xv /= np.linalg.norm(xv, axis=1, keepdims=True)
+    from pipeline.group import components
+    pairs = np.array(sorted(exhaustive_pairs(xv, 0.95)))
+    labels = components(len(ok), pairs[:, 0], pairs[:, 1])
+    assert len(set(zip(labels.tolist(), ok.group_id.tolist()))) == len(set(labels.tolist())) == ok.group_id.nunique()
+    keep = pq.read_table(cfg.run_path / "export" / "keep.parquet").to_pandas()
+    assert len(keep) == s["kept"] and not (cfg.run_path / "export" / "webdataset").exists()
+
+
+def test_row_count_mismatch_names_both_files(tmp_path):
+    x, _ = clip_like(100, 32, seed=1)
+    _write(tmp_path / "emb", x, names=("0000",), meta_rows=99)
+    with pytest.raises(InputError, match="img_emb_0000.npy: 100 vectors but .*metadata_0000.parquet has 99"):
+        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+
+
+def test_norms_off_one_need_renormalize(tmp_path):
+    x, _ = clip_like(200, 32, seed=2)
+    _write(tmp_path / "emb", 3 * x, names=("0000",))
+    with pytest.raises(InputError, match="renormalize"):
+        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+    cfg = _cfg(tmp_path / "b", tmp_path / "emb", renormalize=True)
+    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
+    v = np.load(cfg.run_path / "embed" / "img_emb" / "img_emb_0000.npy").astype(np.float32)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=2e-3)
+
+
+def test_dimensions_must_agree(tmp_path):
+    x, _ = clip_like(100, 32, seed=3)
+    _write(tmp_path / "emb", x, names=("0000",))
+    np.save(tmp_path / "emb" / "img_emb" / "img_emb_0001.npy", np.ones((3, 16), np.float16))
+    pq.write_table(pa.table({"url": ["a", "b", "c"]}), tmp_path / "emb" / "metadata" / "metadata_0001.parquet")
+    with pytest.raises(InputError, match="dimensions differ"):
+        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+
+
+def test_model_spec_must_match_the_format(tmp_path):
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="precomputed"):
+        from_dict({"input": {"path": "x", "format": "embeddings"}, "run_dir": "r"})
