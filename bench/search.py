@@ -195,7 +195,8 @@ def main(argv=None) -> int:
     md = table(results, uf)
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python -m bench.search " + " ".join(argv or []), "machine": f"{os.cpu_count()} cores, "
+    import sys
+    meta = {"command": "python -m bench.search " + " ".join(sys.argv[1:] if argv is None else argv), "machine": f"{os.cpu_count()} cores, "
             f"{platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d")}
     (RESULTS / "search.json").write_text(json.dumps({**meta, "sizes": results, "unionfind": uf}, indent=2))
     (RESULTS / "search.md").write_text(f"Command: `{meta['command']}` ({meta['machine']}, {meta['date']})\n\n{md}\n")
