@@ -44,31 +44,51 @@ def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 20) -> np.nda
     return km.centroids.astype(np.float32)
 
 
-def assign(z: np.ndarray, centroids: np.ndarray, border: float, max_cells: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row index, cell) pairs: the best cell, plus cells within `border` of it."""
+def assign(z: np.ndarray, centroids: np.ndarray, border: float, max_cells: int) -> np.ndarray:
+    """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
+    scoring within `border` of it."""
     import faiss
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     k = min(max_cells, len(centroids))
     score, cell = index.search(np.ascontiguousarray(zn, dtype=np.float32), k)
-    keep = score >= score[:, :1] - border
-    rows = np.repeat(np.arange(len(z)), k).reshape(len(z), k)
-    return rows[keep], cell[keep]
+    cell = np.where(score >= score[:, :1] - border, cell, -1)
+    out = np.full((len(z), max_cells), -1, np.int64)
+    out[:, :k] = cell
+    return out
 
 
-def join_cell(x: np.ndarray, z: np.ndarray, rn: np.ndarray, threshold: float,
-              chunk: int = 2048, dense: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def first_shared_cell(ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """Smallest cell present in both rows of two (n, k) cell sets (-1 = none)."""
+    big = np.iinfo(np.int64).max
+    same = (ca[:, :, None] == cb[:, None, :]) & (ca[:, :, None] >= 0)
+    return np.where(same, ca[:, :, None], big).min(axis=(1, 2))
+
+
+_UPPER: dict[int, np.ndarray] = {}
+
+
+def _upper(k: int) -> np.ndarray:
+    """Strictly upper-triangular k x k mask (cached)."""
+    if k not in _UPPER:
+        _UPPER[k] = np.triu(np.ones((k, k), dtype=bool), 1)
+    return _UPPER[k]
+
+
+def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
+              dense: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
-    and how many candidates passed the bound. Where the bound leaves more than `dense` of a
-    block (a big duplicate group), the exact block product is cheaper than gathering pairs."""
+    and how many candidates passed the bound. `zr` is [z, |r|]: one product gives the bound
+    z_i.z_j + |r_i||r_j|. Where the bound leaves more than `dense` of a block (a big duplicate
+    group), the exact block product is cheaper than gathering pairs."""
     out_i, out_j, out_s = [], [], []
     n_cand = 0
-    for s in range(0, len(z), chunk):
-        bound = z[s:s + chunk] @ z[s:].T
-        bound += np.outer(rn[s:s + chunk], rn[s:])
-        hit = bound >= threshold
-        hit[np.tril_indices(hit.shape[0], 0, hit.shape[1])] = False      # keep i < j only
+    n = len(zr)
+    for s in range(0, n, chunk):
+        k = min(chunk, n - s)
+        hit = zr[s:s + chunk] @ zr[s:].T >= threshold
+        hit[:, :k] &= _upper(chunk)[:k, :k]                              # keep i < j only
         count = int(np.count_nonzero(hit))
         n_cand += count
         if not count:
@@ -89,17 +109,17 @@ def join_cell(x: np.ndarray, z: np.ndarray, rn: np.ndarray, threshold: float,
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32), n_cand
 
 
-def join_cell_torch(x, z, rn, threshold: float, chunk: int = 8192):
+def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
     """join_cell on torch tensors (a CUDA device when there is one): the same pairs, exact fp32
     products (TF32 off), dense blocks only — a GPU multiplies faster than it gathers."""
     import torch
     out_i, out_j, out_s = [], [], []
     n_cand = 0
-    n = z.shape[0]
+    n = zr.shape[0]
     for s in range(0, n, chunk):
-        rows = torch.arange(s, min(s + chunk, n), device=z.device)[:, None]
-        cols = torch.arange(s, n, device=z.device)[None, :]
-        hit = (z[s:s + chunk] @ z[s:].T + rn[s:s + chunk, None] * rn[None, s:] >= threshold) & (cols > rows)
+        rows = torch.arange(s, min(s + chunk, n), device=zr.device)[:, None]
+        cols = torch.arange(s, n, device=zr.device)[None, :]
+        hit = (zr[s:s + chunk] @ zr[s:].T >= threshold) & (cols > rows)
         count = int(hit.sum())
         n_cand += count
         if not count:
@@ -114,36 +134,46 @@ def join_cell_torch(x, z, rn, threshold: float, chunk: int = 8192):
     return cat(out_i).astype(np.int64), cat(out_j).astype(np.int64), cat(out_s).astype(np.float32), n_cand
 
 
-def join_members(gids: np.ndarray, cells: np.ndarray, x: np.ndarray, proj: np.ndarray,
-                 threshold: float, device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """All verified pairs (gid_a < gid_b, cosine) among members listed as (gid, cell), with x the
-    member vectors aligned with `gids`. Pairs found in several cells appear once. `device`
-    ("cpu", "cuda") runs the products with torch there; None uses numpy."""
+def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np.ndarray,
+                 threshold: float, cells: tuple[int, int] | None = None,
+                 device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid) whose cell
+    sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
+    several cells is emitted only by the smallest one, so every pair appears exactly once across
+    all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy."""
+    cellsets = np.asarray(cellsets, dtype=np.int64).reshape(len(gids), -1)
+    lo, hi = cells if cells is not None else (0, int(cellsets.max()) + 1)
+    multi = (cellsets >= 0).sum(axis=1) > 1
+    member, col = np.nonzero((cellsets >= lo) & (cellsets < hi))
+    cell_of = cellsets[member, col]
+    order = np.lexsort((member, cell_of))
+    member, cell_of = member[order], cell_of[order]
     z, rn = project(x, proj)
+    zr = np.ascontiguousarray(np.hstack([z, rn[:, None]]))
     join = join_cell
+    xs = x
     if device:
         import torch
         torch.backends.cuda.matmul.allow_tf32 = False
-        x, z, rn = (torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in (x, z, rn))
+        xs, zr = (torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in (x, zr))
         join = join_cell_torch
-    order = np.argsort(cells, kind="stable")
-    cs = cells[order]
-    starts = np.r_[0, np.nonzero(cs[1:] != cs[:-1])[0] + 1, len(cs)]
+    starts = np.r_[0, np.nonzero(cell_of[1:] != cell_of[:-1])[0] + 1, len(cell_of)]
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     n_cand = 0
-    for lo, hi in zip(starts[:-1], starts[1:]):
-        if hi - lo < 2:
+    for c0, c1 in zip(starts[:-1], starts[1:]):
+        if c1 - c0 < 2:
             continue
-        m = order[lo:hi]
+        m = member[c0:c1]
         mi = m if device is None else torch.from_numpy(m).to(device)
-        i, j, sim, c = join(x[mi], z[mi], rn[mi], threshold)
-        n_cand += c
-        ga, gb = gids[m[i]], gids[m[j]]
+        i, j, sim, n = join(xs[mi], zr[mi], threshold)
+        n_cand += n
+        i, j = m[i], m[j]
+        # a pair shares only this cell unless both rows have several; check those alone
+        both = np.nonzero(multi[i] & multi[j])[0]
+        if len(both):
+            mine = np.ones(len(i), bool)
+            mine[both] = first_shared_cell(cellsets[i[both]], cellsets[j[both]]) == cell_of[c0]
+            i, j, sim = i[mine], j[mine], sim[mine]
+        ga, gb = gids[i], gids[j]
         a.append(np.minimum(ga, gb)); b.append(np.maximum(ga, gb)); s.append(sim)
-    a, b, s = np.concatenate(a), np.concatenate(b), np.concatenate(s)
-    if len(a):
-        o = np.lexsort((b, a))
-        a, b, s = a[o], b[o], s[o]
-        first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
-        a, b, s = a[first], b[first], s[first]
-    return a, b, s, n_cand
+    return np.concatenate(a), np.concatenate(b), np.concatenate(s), n_cand

@@ -80,35 +80,37 @@ def _codec(job: SearchJob):
 
 
 def assign_shard(args: tuple) -> dict:
-    """Cells of every vector of one shard -> search/assign/NNNNN.parquet (gid, cell)."""
+    """Cells of every vector of one shard -> search/assign/NNNNN.parquet (gid, c0..c{k-1})."""
     job, index = args
     proj, centroids = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
     gids, vecs = job.store().shard(index)
-    rows, cells = [], []
+    k = job.cfg.max_cells
+    sets = [np.zeros((0, k), np.int64)]
     for s in range(0, len(gids), 65536):
         z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj)
-        r, c = celljoin.assign(z, centroids, job.cfg.border, job.cfg.max_cells)
-        rows.append(r + s); cells.append(c)
-    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    cells = np.concatenate(cells) if cells else np.zeros(0, np.int64)
+        sets.append(celljoin.assign(z, centroids, job.cfg.border, k))
+    sets = np.concatenate(sets)
     unit = f"assign-{job.shards[index]}"
-    path = write_parquet(job.out_dir / "assign" / f"{job.shards[index]}.parquet",
-                         pa.table({"gid": gids[rows], "cell": cells.astype(np.int32)}))
-    Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=len(rows))
-    return {"rows": len(gids), "assignments": len(rows)}
+    cols = {"gid": gids, **{f"c{i}": sets[:, i].astype(np.int32) for i in range(k)}}
+    path = write_parquet(job.out_dir / "assign" / f"{job.shards[index]}.parquet", pa.table(cols))
+    n_assigned = int((sets >= 0).sum())
+    Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=n_assigned)
+    return {"rows": len(gids), "assignments": n_assigned}
 
 
 def join_block(args: tuple) -> dict:
     """Join cells [lo, hi): gather their members' vectors, bound, re-score, write verified pairs."""
     job, lo, hi = args
     proj, _ = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
-    filt = [("cell", ">=", lo), ("cell", "<", hi)]
+    k = job.cfg.max_cells
+    filt = [[(f"c{i}", ">=", lo), (f"c{i}", "<", hi)] for i in range(k)]
     parts = [pq.read_table(p, filters=filt) for p in sorted((job.out_dir / "assign").glob("*.parquet"))]
-    t = pa.concat_tables(parts) if parts else pa.table({"gid": pa.array([], pa.int64()), "cell": pa.array([], pa.int32())})
-    gids, cells = t["gid"].to_numpy(), t["cell"].to_numpy()
-    uniq, inverse = np.unique(gids, return_inverse=True)
-    x = job.store().get(uniq)[inverse] if len(uniq) else np.zeros((0, 1), np.float32)
-    a, b, sim, cand = celljoin.join_members(gids, cells, x, proj, job.floor, device=_device(job.cfg.device))
+    t = pa.concat_tables(parts)
+    gids = t["gid"].to_numpy()
+    sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64) for i in range(k)], axis=1)
+    x = job.store().get(gids) if len(gids) else np.zeros((0, 1), np.float32)
+    a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
+                                            device=_device(job.cfg.device))
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
     out.update(candidates=cand, peak_rss_mb=_peak_rss_mb())
     return out

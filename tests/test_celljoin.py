@@ -16,7 +16,7 @@ def test_bound_is_lossless_inside_a_cell():
     x = x.astype(np.float16).astype(np.float32)
     proj = celljoin.train_projection(x, 16)            # a crude projection: the bound must still hold
     gids = np.arange(len(x), dtype=np.int64)
-    a, b, sim, cand = celljoin.join_members(gids, np.zeros(len(x), np.int64), x, proj, 0.9)
+    a, b, sim, cand = celljoin.join_members(gids, np.zeros((len(x), 1), np.int64), x, proj, 0.9)
     assert set(zip(a.tolist(), b.tolist())) == exhaustive_pairs(x, 0.9)
     assert cand < len(x) * (len(x) - 1) // 2           # and it did prune
     np.testing.assert_allclose(sim, np.einsum("ij,ij->i", x[a], x[b]), atol=1e-6)
@@ -97,11 +97,15 @@ def test_torch_path_gives_the_numpy_pairs():
     x, _ = clip_like(4000, 128, seed=9, max_group=200)
     x = x.astype(np.float16).astype(np.float32)
     proj = celljoin.train_projection(x, 32)
-    cells = np.random.default_rng(0).integers(0, 5, len(x))
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 5, len(x))                       # distinct cells per row, as assign gives
+    second = np.where(rng.random(len(x)) < 0.3, (first + rng.integers(1, 5, len(x))) % 5, -1)
+    cells = np.stack([first, second], axis=1)
     gids = np.arange(len(x), dtype=np.int64)
     a1, b1, s1, _ = celljoin.join_members(gids, cells, x, proj, 0.93)
     a2, b2, s2, _ = celljoin.join_members(gids, cells, x, proj, 0.93, device="cpu")
     assert len(a1) > 100
+    assert len(set(zip(a1.tolist(), b1.tolist()))) == len(a1)      # each pair once, across cells
     np.testing.assert_array_equal(a1, a2)
     np.testing.assert_array_equal(b1, b2)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
