@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import celljoin, index
+from pipeline import index
 from pipeline.config import CodecConfig, RayConfig, SearchConfig
 from pipeline.executor import RayExecutor
 from pipeline.search import SearchJob, pair_files, search

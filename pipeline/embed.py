@@ -27,12 +27,15 @@ META_COLUMNS = ["key", "gid", "url", "caption", "sha256"]
 def read_rows(item: dict) -> list[dict]:
     """Ray flat_map: one shard item -> rows of (gid, shard, image bytes)."""
     wanted = dict(zip(item["members"], item["gids"]))
-    return [{"gid": gid, "shard": item["shard"], "data": data}
-            for gid, data in read_images(item["tar"], wanted)]
+    t0 = time.perf_counter()
+    rows = read_images(item["tar"], wanted)
+    per_row = (time.perf_counter() - t0) / max(len(rows), 1)
+    return [{"gid": gid, "shard": item["shard"], "data": data, "t_read": per_row} for gid, data in rows]
 
 
 def preprocess_batch(batch: dict, pp: Preprocess) -> dict:
     """Decode + preprocess a batch; a row that fails keeps its place with zero pixels and a reason."""
+    t0 = time.perf_counter()
     n = len(batch["gid"])
     pixels = np.zeros((n, 3, pp.size, pp.size), dtype=np.float32)
     errors = np.full(n, "", dtype=object)
@@ -42,7 +45,8 @@ def preprocess_batch(batch: dict, pp: Preprocess) -> dict:
         except Exception as exc:  # any decoder error becomes the row's failure reason
             errors[i] = f"decode: {type(exc).__name__}: {exc}"
     return {"gid": np.asarray(batch["gid"], dtype=np.int64), "shard": np.asarray(batch["shard"]),
-            "pixels": pixels, "error": errors}
+            "pixels": pixels, "error": errors, "t_read": np.asarray(batch["t_read"], dtype=np.float64),
+            "t_decode": np.full(n, (time.perf_counter() - t0) / max(n, 1))}
 
 
 class EmbedActor:
@@ -55,12 +59,14 @@ class EmbedActor:
         self.embedder = Embedder(spec, threads=threads or os.cpu_count() or 1)
 
     def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         vectors = np.zeros((len(ok), self.embedder.dim), dtype=np.float16)
         if ok.any():
             vectors[ok] = self.embedder(batch["pixels"][ok]).astype(np.float16)
         return {"gid": batch["gid"], "shard": batch["shard"], "vector": vectors,
-                "error": batch["error"].astype(str)}
+                "error": batch["error"].astype(str), "t_read": batch["t_read"], "t_decode": batch["t_decode"],
+                "t_infer": np.full(len(ok), (time.perf_counter() - t0) / max(len(ok), 1))}
 
 
 def _write_shard(run: Run, name: str, ingest: pa.Table, got: dict, fp: str, spec: str, dim: int) -> dict:
@@ -107,48 +113,115 @@ def run_stage(run: Run, ex) -> dict:
             write_json(run.dir("embed") / "model.json", {"model": run.cfg.embed.model, "dim": res[0]["dim"]})
         return {"shards": len(pending), "rows": sum(r["rows"] for r in res), "failed": 0,
                 "seconds": round(time.time() - t0, 3)}
+    return _embed_images(run, ex)
+
+
+def plan_copies(ingests: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict[int, int]]:
+    """Exact-copy skipping: of rows with equal image bytes (sha256) only the first (lowest gid)
+    is embedded. Returns the rows to embed per shard and {copy gid: source gid}."""
+    tables = [t.filter(pa.compute.equal(t["status"], "ok")).select(["gid", "sha256"]) for t in ingests.values()]
+    allok = pa.concat_tables(tables).sort_by("gid") if tables else None
+    copy_of: dict[int, int] = {}
+    if allok is not None and allok.num_rows:
+        gids = allok["gid"].to_numpy()
+        sha = np.array(allok["sha256"].to_pylist(), dtype=object)
+        order = np.argsort(sha, kind="stable")
+        s = sha[order]
+        head = np.r_[True, s[1:] != s[:-1]]
+        first = order[np.maximum.accumulate(np.where(head, np.arange(len(s)), 0))]
+        dup = ~head
+        copy_of = dict(zip(gids[order[dup]].tolist(), gids[first[dup]].tolist()))
+    todo = {}
+    for name, t in ingests.items():
+        ok = t.filter(pa.compute.equal(t["status"], "ok"))
+        is_copy = np.isin(ok["gid"].to_numpy(), np.fromiter(copy_of, np.int64, len(copy_of)))
+        todo[name] = ok.filter(pa.array(~is_copy))
+    return todo, copy_of
+
+
+class _Collector:
+    """Gathers streamed rows per shard; writes a shard once its rows and its copies' sources are in."""
+
+    PHASES = ("t_read", "t_decode", "t_infer")
+
+    def __init__(self, run: Run, ingests, todo, copy_of):
+        self.run, self.ingests, self.copy_of = run, ingests, copy_of
+        self.expected = {n: t.num_rows for n, t in todo.items()}
+        self.got = {n: {"gid": [], "vector": [], "error": []} for n in todo}
+        self.copies: dict[str, list[int]] = {n: [] for n in todo}
+        for c in copy_of:
+            self.copies[run.shard_by_index[c >> 32].name].append(c)
+        self.waiting = {n for n, c in self.copies.items() if c}   # shards that need others' vectors
+        self.sources = {}                         # source gid -> (vector, error), kept for copies
+        self.needed = set(copy_of.values())
+        self.dim = 0
+        self.stats = {"rows": 0, "failed": 0, "shards": len(todo), "copies_skipped": len(copy_of),
+                      "read_s": 0.0, "decode_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
+
+    def add(self, batch: dict) -> None:
+        self.dim = batch["vector"].shape[1]
+        for phase, key in zip(self.PHASES, ("read_s", "decode_s", "infer_s")):
+            self.stats[key] += float(np.sum(batch[phase]))
+        touched = set()
+        for i, name in enumerate(batch["shard"]):
+            gid, vec, err = int(batch["gid"][i]), batch["vector"][i], str(batch["error"][i])
+            got = self.got[str(name)]
+            got["gid"].append(gid); got["vector"].append(vec); got["error"].append(err)
+            if gid in self.needed:
+                self.sources[gid] = (vec, err)
+            touched.add(str(name))
+        for name in touched | self.waiting:      # a shard may have waited on sources from others
+            if name in self.got:
+                self.try_flush(name)
+
+    def try_flush(self, name: str) -> None:
+        got = self.got[name]
+        if len(got["gid"]) < self.expected[name] or not self.dim:
+            return
+        if any(self.copy_of[c] not in self.sources for c in self.copies[name]):
+            return
+        for c in self.copies[name]:
+            vec, err = self.sources[self.copy_of[c]]
+            got["gid"].append(c); got["vector"].append(vec); got["error"].append(err)
+        t0 = time.perf_counter()
+        fp = self.run.cfg.fingerprint("embed")
+        s = _write_shard(self.run, name, self.ingests[name], self.got.pop(name), fp, self.run.cfg.embed.model,
+                         self.dim)
+        self.waiting.discard(name)
+        self.stats["write_s"] += time.perf_counter() - t0
+        self.stats["rows"] += s["rows"]
+        self.stats["failed"] += s["failed"]
+
+    def finish(self) -> None:
+        for name in list(self.got):
+            self.try_flush(name)
+        if self.got:
+            raise RuntimeError(f"embed: shards {sorted(self.got)} did not receive all their rows")
+
+
+def _embed_images(run: Run, ex) -> dict:
     cfg = run.cfg.embed
-    fp = run.cfg.fingerprint("embed")
     pending = run.pending("embed", run.shard_names())
     pp = preprocess_for(cfg.model)
     t0 = time.time()
     ingests = {name: pq.read_table(run.dir("ingest") / f"{name}.parquet") for name in pending}
+    todo, copy_of = plan_copies(ingests)
     by_name = {s.name: s for s in run.shards}
-    items, expected = [], {}
-    for name in pending:
-        ok = ingests[name].filter(pa.compute.equal(ingests[name]["status"], "ok"))
-        expected[name] = ok.num_rows
-        items.append({"tar": str(by_name[name].data), "shard": name,
-                      "members": ok["member"].to_pylist(), "gids": ok["gid"].to_pylist()})
-    received = {name: {"gid": [], "vector": [], "error": []} for name in pending}
-    dim = 0
-    stats = {"rows": 0, "failed": 0, "shards": len(pending)}
-
-    def flush(name: str) -> None:
-        s = _write_shard(run, name, ingests[name], received.pop(name), fp, cfg.model, dim)
-        stats["rows"] += s["rows"]
-        stats["failed"] += s["failed"]
-
-    for name in [n for n in pending if expected[n] == 0]:
-        flush(name)
-    live = [it for it in items if expected[it["shard"]] > 0]
-    if live:
-        stream = ex.stream(live, read_rows, partial(preprocess_batch, pp=pp), EmbedActor,
+    items = [{"tar": str(by_name[n].data), "shard": n, "members": t["member"].to_pylist(),
+              "gids": t["gid"].to_pylist()} for n, t in todo.items() if t.num_rows]
+    col = _Collector(run, ingests, todo, copy_of)
+    if items:
+        stream = ex.stream(items, read_rows, partial(preprocess_batch, pp=pp), EmbedActor,
                            (cfg.model, cfg.threads), cfg.batch_size, actors=cfg.actors,
                            decode_cpus=cfg.decode_cpus)
         for batch in stream:
-            dim = batch["vector"].shape[1]
-            for i, name in enumerate(batch["shard"]):
-                got = received[str(name)]
-                got["gid"].append(int(batch["gid"][i]))
-                got["vector"].append(batch["vector"][i])
-                got["error"].append(str(batch["error"][i]))
-                if len(got["gid"]) == expected[str(name)]:
-                    flush(str(name))
-    if received:
-        raise RuntimeError(f"embed: shards {sorted(received)} did not receive all their rows")
-    if dim:
-        write_json(run.dir("embed") / "model.json", {"model": cfg.model, "dim": dim, "preprocess": pp.to_dict()})
+            col.add(batch)
+    if not col.dim and col.got:      # nothing decodable anywhere: the dimension still has to be known
+        col.dim = Embedder(cfg.model).dim
+    col.finish()
+    if col.dim:
+        write_json(run.dir("embed") / "model.json", {"model": cfg.model, "dim": col.dim, "preprocess": pp.to_dict()})
+    stats = {k: round(v, 3) if isinstance(v, float) else v for k, v in col.stats.items()}
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["rows"] / max(stats["seconds"], 1e-9), 2)
     return stats

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 
-import pyarrow.parquet as pq
-
 from . import embed, embeddings, export, group, index, ingest, report, search
 from .config import RunConfig
 from .io import read_json, write_json, write_parquet
@@ -73,7 +71,7 @@ def run_pipeline(cfg: RunConfig, ex, stages: tuple[str, ...] = STAGES, fresh: bo
             stats = export.run_stage(run, ex)
         else:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        if stats.get("shards") or (stage in ("index", "group") and not stats.get("skipped")):
+        if stats.get("shards") or stats.get("blocks") or (stage in ("index", "group") and not stats.get("skipped")):
             _clear_downstream(run, stage)
         stats["wall_s"] = round(time.time() - t0, 3)
         all_stats[stage] = stats
@@ -108,8 +106,3 @@ def status(run_dir) -> dict:
         out[stage] = {"done": len(done), "pending": len(units) - len(done)}
     out["reports"] = (root / "reports" / "summary.json").exists()
     return out
-
-
-def read_samples(run_dir):
-    from pathlib import Path
-    return pq.read_table(Path(run_dir) / "reports" / "samples.parquet")

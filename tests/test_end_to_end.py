@@ -3,6 +3,7 @@ import io
 import tarfile
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -112,3 +113,20 @@ def test_lost_shard_output_is_redone_and_downstream_recomputed(ray_run, ray_exec
     assert stats["search"]["shards"] == 2                  # the rebuilt index invalidates all searches
     assert not (cfg.run_path / "search" / ".00000.parquet.dead.tmp").exists()
     assert before.equals(pq.read_table(cfg.run_path / "reports" / "samples.parquet"))
+
+
+def test_exact_copies_are_embedded_once_and_share_the_vector(ray_run):
+    cfg, stats, _ = ray_run
+    ingest = pq.read_table(cfg.run_path / "ingest" / "00000.parquet").to_pandas()
+    ingest = pd.concat([ingest, pq.read_table(cfg.run_path / "ingest" / "00001.parquet").to_pandas()])
+    ok = ingest[ingest.status == "ok"]
+    assert stats["embed"]["copies_skipped"] == len(ok) - ok.sha256.nunique() > 0
+    vec = {}
+    for name in ("00000", "00001"):
+        v = np.load(cfg.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy")
+        g = pq.read_table(cfg.run_path / "embed" / "metadata" / f"metadata_{name}.parquet")["gid"].to_numpy()
+        vec.update(zip(g.tolist(), v))
+    for _, rows in ok.groupby("sha256"):
+        first = vec[rows.gid.iloc[0]]
+        assert all(np.array_equal(vec[g], first) for g in rows.gid)
+    assert {"read_s", "decode_s", "infer_s", "write_s"} <= set(stats["embed"])
