@@ -66,7 +66,7 @@ def run_pipeline(cfg: RunConfig, ex, stages: tuple[str, ...] = STAGES, fresh: bo
         elif stage == "group":
             stats = group.run_stage(run)
         elif stage == "report":
-            stats = report.run_stage(run, {k: v.get("wall_s") for k, v in all_stats.items()})
+            stats = report.run_stage(run, all_stats)
         elif stage == "export":
             stats = export.run_stage(run, ex)
         else:
