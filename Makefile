@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test bench-search clean
+.PHONY: help install demo test bench-search bench-embed clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: $(STAMP)  ## run the test suite (CPU, offline)
 
 bench-search: $(STAMP)  ## search benchmark: ratios vs exhaustive FAISS and SemDeDup-style (~20 min), writes bench/results/
 	$(PY) -m bench.search --sizes 250000,1000000 --queries 4000 --unionfind 10000000,100000000
+
+bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact-copy skipping (~5 min)
+	$(PY) -m bench.embed --rows 1500
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo
