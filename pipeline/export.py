@@ -64,7 +64,7 @@ def run_stage(run: Run, ex) -> dict:
     ok = samples[samples["status"] == "ok"]
     keep = ok[~ok["is_duplicate"].astype(bool)]
     remove = ok[ok["is_duplicate"].astype(bool)]
-    cols = ["key", "gid", "shard", "group_id", "representative_key", "rep_similarity"]
+    cols = ["key", "uid", "gid", "shard", "group_id", "representative_key", "rep_similarity"]
     files = {}
     if "keep" in run.cfg.export.formats or "webdataset" in run.cfg.export.formats:
         write_parquet(out / "keep.parquet", pa.Table.from_pandas(keep[cols], preserve_index=False))

@@ -143,6 +143,10 @@ def run_cells(job: SearchJob, ex) -> dict:
               if not job.done(f"cells-{lo:06d}")]
     if todo:   # new assignments invalidate every joined block
         blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
+    planned = {f"cells-{lo:06d}.parquet" for lo in range(0, n_cells, step)}
+    for old in pair_files(job.out_dir):  # blocks of an earlier, larger cell count
+        if old.name.startswith("cells-") and old.name not in planned:
+            old.unlink()
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
     return {"shards": len(todo), "blocks": len(blocks), "candidates": sum(r["candidates"] for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),

@@ -75,6 +75,12 @@ def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
     assert set(keep.key) == kept
     subset = np.load(cfg.run_path / "export" / "subset.npy", allow_pickle=False)
     assert len(subset) == len(kept) and np.all(np.sort(subset, order=["hi", "lo"]) == subset)
+    # a DataComp-style lookup: searchsorted of every row's uid in subset.npy selects the kept rows
+    from pipeline.export import uid128
+    ok = samples[samples.status == "ok"]
+    uids = uid128(ok.uid.tolist())
+    pos = np.minimum(np.searchsorted(subset, uids), len(subset) - 1)
+    assert set(ok.key[subset[pos] == uids]) == kept
 
 
 def test_rerun_resumes_and_refuses_a_changed_config(ray_run, ray_executor):
