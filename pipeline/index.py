@@ -62,6 +62,9 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = seed
     xt = sample(store, counts, codec["train_size"], seed)
+    need = max(1 << codec["bits"], codec["nlist"])
+    if len(xt) < need:   # a corpus of a handful of rows: repeat it so every codebook can be trained
+        xt = np.tile(xt, (-(-need // len(xt)), 1))
     ivf = faiss.downcast_index(ivf)
     # index_factory turns on polysemous training for IVF-PQ; search here uses ADC only, and that
     # training (simulated annealing on the codes) was 99.9% of train time (9.5 s vs 0.01 s, demo).

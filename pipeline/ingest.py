@@ -59,7 +59,22 @@ def list_shards(folder: str | Path) -> list[Shard]:
             shards.append(Shard(int(m.group(1)), p.stem, p, p.with_suffix(".tar")))
     if not shards:
         raise InputError(f"{folder}: no img2dataset shards (NNNNN.parquet + NNNNN.tar) found")
+    orphans = sorted(p.name for p in folder.glob("*.tar") if not p.with_suffix(".parquet").exists())
+    if orphans:
+        raise InputError(f"{folder}: {', '.join(orphans)} without the .parquet sidecar img2dataset "
+                         "writes; restore it or move the tar out of the input folder")
     return shards
+
+
+def check_unique_keys(tables: dict[str, pa.Table]) -> None:
+    """Keys identify rows in reports and keep-lists: the same key in two shards is an input error."""
+    seen: dict[str, str] = {}
+    for name, t in tables.items():
+        for key in t["key"].to_pylist():
+            if key in seen and seen[key] != name:
+                raise InputError(f"key {key!r} appears in shard {seen[key]} and shard {name}; "
+                                 "keys must be unique across the input")
+            seen[key] = name
 
 
 def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
@@ -108,6 +123,14 @@ def ingest_shard(shard: Shard) -> pa.Table:
                 data = f.read() if f else b""
                 row.update(member=img.name, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
             rows.append(row)
+    # images in the tar that no parquet row names: input rows too, never silently dropped
+    named = {r["key"] for r in rows}
+    for key in sorted(k for k, exts in members.items() if k not in named and set(exts) & set(IMAGE_EXTS)):
+        i = len(rows)
+        rows.append({"key": key, "shard": shard.name, "row": i, "gid": make_gid(shard.index, i), "url": None,
+                     "caption": None, "status": "failed", "member": None, "sha256": None, "width": None,
+                     "height": None, "nbytes": None, "uid": content_uid(shard.name, key),
+                     "error": f"image {key} is in {shard.data.name} but not in {shard.parquet.name}"})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import pyarrow.parquet as pq
+
 from . import embed, embeddings, export, group, index, ingest, report, search
 from .config import RunConfig
 from .io import read_json, write_json, write_parquet
@@ -37,6 +39,8 @@ def run_ingest(run: Run, ex) -> dict:
     pending = set(run.pending("ingest", run.shard_names()))
     jobs = [{"run": run, "index": s.index} for s in run.shards if s.name in pending]
     results = ex.map(_ingest_one, jobs, desc="ingest", num_cpus=1)
+    ingest.check_unique_keys({n: pq.read_table(run.dir("ingest") / f"{n}.parquet", columns=["key"])
+                              for n in run.shard_names()})
     return {"shards": len(jobs), "rows": sum(r["rows"] for r in results), "ok": sum(r["ok"] for r in results)}
 
 
