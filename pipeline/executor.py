@@ -25,7 +25,16 @@ class LocalExecutor:
     kind = "local"
 
     def map(self, fn: Callable, items: list, desc: str = "", num_cpus: float = 1, threads: int = 0) -> list:
-        return [fn(item) for item in tqdm(items, desc=desc, disable=not desc, leave=False)]
+        """Every item is tried (one failure does not stop the others); failures are raised at the end."""
+        out, failed = [], []
+        for item in tqdm(items, desc=desc, disable=not desc, leave=False):
+            try:
+                out.append(fn(item))
+            except Exception as exc:  # collected and re-raised below with the unit named
+                failed.append((item, exc))
+        if failed:
+            raise ShardFailed(_failure_message(desc or fn.__name__, failed, 0)) from failed[0][1]
+        return out
 
     def stream(self, items: list, read: Callable, preprocess: Callable, model_cls: type,
                model_args: tuple, batch_size: int, **_: Any) -> Iterator[dict]:
@@ -92,13 +101,14 @@ class RayExecutor:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
-        out = []
+        out, failed = [], []
         for item, ref in zip(items, refs):
             try:
                 out.append(ray.get(ref))
             except Exception as exc:  # the task's own error, after its retries
-                raise ShardFailed(f"{desc or fn.__name__}: {item} failed after {self.cfg.max_retries} "
-                                  f"retries: {exc}. Rerunning the same command is safe.") from exc
+                failed.append((item, exc))
+        if failed:
+            raise ShardFailed(_failure_message(desc or fn.__name__, failed, self.cfg.max_retries)) from failed[0][1]
         return out
 
     def stream(self, items: list, read: Callable, preprocess: Callable, model_cls: type,
@@ -118,6 +128,23 @@ class RayExecutor:
         import ray
         if self._started and ray.is_initialized():
             ray.shutdown()
+
+
+def _unit_name(item: Any) -> str:
+    if isinstance(item, dict):
+        for key in ("name", "shard", "index", "tar"):
+            if key in item:
+                return f"{key} {item[key]}"
+    if isinstance(item, tuple):
+        return " ".join(str(x) for x in item[1:])
+    return str(item)[:80]
+
+
+def _failure_message(desc: str, failed: list, retries: int) -> str:
+    lines = [f"{desc}: {len(failed)} unit(s) failed after {retries} retries; the others finished and "
+             "are kept. Rerunning the same command is safe: it redoes only what is missing."]
+    lines += [f"  {_unit_name(item)}: {type(exc).__name__}: {exc}" for item, exc in failed[:20]]
+    return "\n".join(lines)
 
 
 def _call_with_env(fn: Callable, item: Any, env: dict) -> Any:

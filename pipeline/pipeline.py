@@ -37,7 +37,7 @@ def run_ingest(run: Run, ex) -> dict:
     if run.cfg.input.format == "embeddings":
         embeddings.validate(run.shards)          # every file pair, before any work
     pending = set(run.pending("ingest", run.shard_names()))
-    jobs = [{"run": run, "index": s.index} for s in run.shards if s.name in pending]
+    jobs = [{"run": run, "shard": s.name, "index": s.index} for s in run.shards if s.name in pending]
     results = ex.map(_ingest_one, jobs, desc="ingest", num_cpus=1)
     ingest.check_unique_keys({n: pq.read_table(run.dir("ingest") / f"{n}.parquet", columns=["key"])
                               for n in run.shard_names()})

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.executor import LocalExecutor
+from pipeline.executor import LocalExecutor, ShardFailed
 from pipeline.ingest import InputError
 from pipeline.pipeline import run_pipeline
 
@@ -104,8 +104,17 @@ def test_fatal_input_errors_name_the_file(tmp_path):
     (tmp_path / "b" / "00001.tar").write_bytes((tmp_path / "b" / "00000.tar").read_bytes())
     with pytest.raises(InputError, match="00001.tar without the .parquet sidecar"):
         run_pipeline(make_config(tmp_path / "rb", tmp_path / "b"), LocalExecutor(), log=lambda *_: None)
-    _shard(tmp_path / "c", 0, [("k", "jpg", _img()), ("l", "jpg", _img())])
-    data = (tmp_path / "c" / "00000.tar").read_bytes()
-    (tmp_path / "c" / "00000.tar").write_bytes(data[:700])              # truncated mid-member
-    with pytest.raises(InputError, match="00000.tar: unreadable tar"):
-        run_pipeline(make_config(tmp_path / "rc", tmp_path / "c"), LocalExecutor(), log=lambda *_: None)
+
+
+
+def test_a_failing_shard_is_named_and_the_rest_is_kept(tmp_path, ray_executor):
+    _shard(tmp_path / "c", 0, [("k", "jpg", _img())])
+    _shard(tmp_path / "c", 1, [("l", "jpg", _img()), ("m", "jpg", _img())])
+    data = (tmp_path / "c" / "00001.tar").read_bytes()
+    (tmp_path / "c" / "00001.tar").write_bytes(data[:700])              # truncated mid-member
+    cfg = make_config(tmp_path / "rc", tmp_path / "c", ray={"max_retries": 1})
+    with pytest.raises(ShardFailed, match=r"(?s)Rerunning the same command is safe.*shard 00001.*"
+                                          r"00001.tar: unreadable tar"):
+        run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    assert (cfg.run_path / "ingest" / "_done" / "00000.json").exists()     # the good shard is kept
+    assert not (cfg.run_path / "ingest" / "_done" / "00001.json").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import from_dict
 from pipeline.embeddings import InputError
-from pipeline.executor import LocalExecutor
+from pipeline.executor import LocalExecutor, ShardFailed
 from pipeline.pipeline import run_pipeline
 from pipeline.synthetic import clip_like, exhaustive_pairs
 
@@ -67,7 +67,7 @@ def test_row_count_mismatch_names_both_files(tmp_path):
 def test_norms_off_one_need_renormalize(tmp_path):
     x, _ = clip_like(200, 32, seed=2)
     _write(tmp_path / "emb", 3 * x, names=("0000",))
-    with pytest.raises(InputError, match="renormalize"):
+    with pytest.raises(ShardFailed, match="(?s)shard 0000.*renormalize"):
         run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
     cfg = _cfg(tmp_path / "b", tmp_path / "emb", renormalize=True)
     run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
