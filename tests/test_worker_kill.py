@@ -1,0 +1,60 @@
+"""kill -9 a Ray worker in the middle of the search: Ray retries the task, the pairs are unchanged."""
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+from pipeline import index
+from pipeline.config import CodecConfig, RayConfig, SearchConfig
+from pipeline.executor import LocalExecutor, RayExecutor
+from pipeline.search import SearchJob, pair_files, search
+from pipeline.synthetic import clip_like, write_corpus
+from pipeline.vectors import VectorStore
+
+
+def _pairs(out):
+    import pyarrow.parquet as pq
+    return {(a, b) for p in pair_files(out) for a, b in zip(*(pq.read_table(p)[c].to_pylist() for c in ("gid_a", "gid_b")))}
+
+
+def _kill_one_task_worker(stop: threading.Event, killed: list):
+    """Kill -9 the first Ray worker seen running one of our tasks."""
+    while not stop.is_set() and not killed:
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        for line in ps.splitlines():
+            if "ray::_call_with_env" in line:
+                pid = int(line.split()[0])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+                break
+        time.sleep(0.01)
+
+
+def test_search_survives_a_killed_worker(tmp_path, ray_executor):
+    x, src = clip_like(40000, 256, seed=21, max_group=400)
+    names = write_corpus(tmp_path / "embed", x, src, rows_per_shard=10000)
+    shards = dict(enumerate(names))
+    store = VectorStore(tmp_path / "embed", shards)
+    counts = {i: len(store.shard(i)[0]) for i in shards}
+    index.build_all(store, counts, CodecConfig(train_size=20000), tmp_path / "index", "fp", "syn", cells=64, proj_dim=64)
+
+    def job(out):
+        return SearchJob(tmp_path / "embed", shards, tmp_path / "index", out,
+                         SearchConfig(threshold=0.95, cells_per_task=4), "fp", "fp-s")
+    search(job(tmp_path / "plain"), LocalExecutor())
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_task_worker, args=(stop, killed))
+    killer.start()
+    try:
+        search(job(tmp_path / "killed"), ray_executor)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no task worker was seen running"
+    assert _pairs(tmp_path / "killed") == _pairs(tmp_path / "plain")
