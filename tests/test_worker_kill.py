@@ -58,3 +58,41 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
         killer.join()
     assert killed, "no task worker was seen running"
     assert _pairs(tmp_path / "killed") == _pairs(tmp_path / "plain")
+
+
+def _kill_first(pattern: str, stop: threading.Event, killed: list, after_s: float = 0.0):
+    start = None
+    while not stop.is_set() and not killed:
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        hit = [int(line.split()[0]) for line in ps.splitlines() if pattern in line]
+        if hit:
+            start = start or time.time()
+            if time.time() - start >= after_s:
+                try:
+                    os.kill(hit[0], signal.SIGKILL)
+                    killed.append(hit[0])
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.01)
+
+
+def test_embed_survives_a_killed_model_actor(tmp_path, demo_corpus, ray_executor):
+    from conftest import make_config
+    from pipeline.pipeline import run_pipeline
+    _, shards = demo_corpus
+    plain = make_config(tmp_path / "plain", shards)
+    run_pipeline(plain, LocalExecutor(), stages=("ingest", "embed"), log=lambda *_: None)
+    cfg = make_config(tmp_path / "killed", shards)
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first, args=("MapBatches(EmbedActor)", stop, killed, 2.0))
+    killer.start()
+    try:
+        run_pipeline(cfg, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the model actor was never seen"
+    for name in ("00000", "00001"):
+        a = np.load(plain.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy").astype(np.float32)
+        b = np.load(cfg.run_path / "embed" / "img_emb" / f"img_emb_{name}.npy").astype(np.float32)
+        np.testing.assert_allclose(a, b, atol=2e-3)
