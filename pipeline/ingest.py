@@ -27,6 +27,13 @@ SCHEMA = pa.schema([
 ])
 
 
+def as_text(value) -> str | None:
+    """Captions and urls as str; bytes that are not UTF-8 are decoded with U+FFFD replacements."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return None if value is None else str(value)
+
+
 def content_uid(url, caption) -> str:
     """A 128-bit content uid (hex) from url + caption: survives reordering and re-sharding."""
     return hashlib.blake2b(f"{url}\t{caption}".encode(), digest_size=16).hexdigest()
@@ -109,10 +116,10 @@ def ingest_shard(shard: Shard) -> pa.Table:
         for i, rec in enumerate(meta):
             key = str(rec.get("key") or f"{shard.name}{i:04d}")
             row = {"key": key, "shard": shard.name, "row": i, "gid": make_gid(shard.index, i),
-                   "url": rec.get("url"), "caption": rec.get("caption"), "status": "ok", "error": None,
+                   "url": as_text(rec.get("url")), "caption": as_text(rec.get("caption")), "status": "ok", "error": None,
                    "member": None, "sha256": None, "width": rec.get("original_width") or rec.get("width"),
                    "height": rec.get("original_height") or rec.get("height"), "nbytes": None,
-                   "uid": rec.get("uid") or content_uid(rec.get("url"), rec.get("caption"))}
+                   "uid": as_text(rec.get("uid")) or content_uid(as_text(rec.get("url")), as_text(rec.get("caption")))}
             img = next((m for ext, m in members.get(key, {}).items() if ext in IMAGE_EXTS), None)
             if rec.get("status", "success") != "success":
                 row.update(status="failed", error=f"img2dataset: {rec.get('status')}: {rec.get('error_message')}")

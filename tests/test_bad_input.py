@@ -118,3 +118,20 @@ def test_a_failing_shard_is_named_and_the_rest_is_kept(tmp_path, ray_executor):
         run_pipeline(cfg, ray_executor, log=lambda *_: None)
     assert (cfg.run_path / "ingest" / "_done" / "00000.json").exists()     # the good shard is kept
     assert not (cfg.run_path / "ingest" / "_done" / "00001.json").exists()
+
+
+def test_non_utf8_caption_and_absolute_member_name(tmp_path):
+    _shard(tmp_path / "in", 0, [("a", "jpg", _img())])
+    pq.write_table(pa.table({"key": ["a"], "url": ["http://x/a"], "caption": pa.array([b"caf\xe9 \xff"], pa.binary()),
+                             "status": ["success"]}), tmp_path / "in" / "00000.parquet")
+    s, rows = _run(tmp_path, tmp_path / "in")
+    assert rows.loc["a", "status"] == "ok" and rows.loc["a", "caption"] == "caf\ufffd \ufffd"
+    folder = tmp_path / "abs"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo("/etc/evil.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    pq.write_table(pa.table({"key": ["evil"]}), folder / "00000.parquet")
+    with pytest.raises(ShardFailed, match="unsafe member name '/etc/evil.jpg'"):
+        run_pipeline(make_config(tmp_path / "r2", folder), LocalExecutor(), log=lambda *_: None)
