@@ -116,20 +116,25 @@ class GroupConfig:
     # dissimilar rows through intermediates are split. 0 disables the guard.
     min_rep_similarity: float | None = None   # None = search.threshold - 0.10
     exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
+    # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
+    # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
+    duplicate_key: str = "image"
 
     def validate(self) -> None:
+        if self.duplicate_key not in ("image", "image+text"):
+            raise ConfigError(f"group.duplicate_key: {self.duplicate_key!r}; known: image, image+text")
         if self.min_rep_similarity is not None and not -1.0 <= self.min_rep_similarity <= 1.0:
             raise ConfigError("group.min_rep_similarity: a cosine in [-1, 1]")
 
 
 @dataclass
 class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["webdataset", "keep"])
+    formats: list[str] = field(default_factory=lambda: ["webdataset", "keep", "hf"])
 
     def validate(self) -> None:
-        bad = set(self.formats) - {"webdataset", "keep"}
+        bad = set(self.formats) - {"webdataset", "keep", "hf"}
         if bad:
-            raise ConfigError(f"export.formats: unknown {sorted(bad)}; known: webdataset, keep")
+            raise ConfigError(f"export.formats: unknown {sorted(bad)}; known: webdataset, keep, hf")
 
 
 @dataclass

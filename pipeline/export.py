@@ -4,11 +4,14 @@ export/webdataset/NNNNN.tar     kept samples, every member (image, .txt, .json) 
 export/webdataset/NNNNN.parquet the input parquet's rows for the kept keys
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative and similarity
+export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
+                                and the input parquet's other columns (formats: hf)
 export/subset.npy               DataComp-style sorted uid array (two uint64 halves of the 128-bit uid:
                                 the input's uid field, else blake2b of url + caption)
 """
 from __future__ import annotations
 
+import json
 import tarfile
 from pathlib import Path
 
@@ -58,6 +61,52 @@ def export_shard(job: dict) -> dict:
     return {"tar": dst.name, "samples": n}
 
 
+_HF_DTYPES = {"string": "string", "large_string": "string", "int64": "int64", "int32": "int32",
+              "double": "float64", "float": "float32", "bool": "bool"}
+
+
+def _hf_features(schema: pa.Schema) -> bytes:
+    """The `huggingface` schema metadata: `image` as an Image feature, the rest as Values."""
+    feats = {"image": {"_type": "Image"}}
+    for f in schema:
+        if f.name != "image":
+            feats[f.name] = {"dtype": _HF_DTYPES.get(str(f.type), "string"), "_type": "Value"}
+    return json.dumps({"info": {"features": feats}}).encode()
+
+
+def export_hf_shard(job: dict) -> dict:
+    """Kept rows of one shard as HF-style parquet: image {bytes, path} embedded, text, key, url, uid,
+    group id, and the input parquet's other columns passed through."""
+    rows = job["rows"]
+    wanted = {r["member"]: i for i, r in enumerate(rows)}
+    data: list[bytes | None] = [None] * len(rows)
+    with tarfile.open(job["tar"], "r:*") as tar:
+        for m in tar:
+            i = wanted.get(m.name)
+            if i is not None:
+                data[i] = tar.extractfile(m).read()
+    meta = pq.read_table(job["parquet"])
+    extra = [c for c in meta.column_names if c not in ("key", "url", "caption", "uid")]
+    by_key = {str(k): i for i, k in enumerate(meta["key"].to_pylist())} if "key" in meta.column_names else {}
+    cols = {"image": pa.array([{"bytes": d, "path": r["member"]} for d, r in zip(data, rows)],
+                              pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            "text": pa.array([r["caption"] for r in rows], pa.string()),
+            "key": pa.array([r["key"] for r in rows], pa.string()),
+            "url": pa.array([r["url"] for r in rows], pa.string()),
+            "uid": pa.array([r["uid"] for r in rows], pa.string()),
+            "group_id": pa.array([r["group_id"] for r in rows], pa.int64())}
+    idx = [by_key.get(r["key"]) for r in rows]
+    for c in extra:
+        if c in cols:
+            continue
+        values = meta[c].to_pylist()
+        cols[c] = pa.array([values[i] if i is not None else None for i in idx], meta.schema.field(c).type)
+    table = pa.table(cols)
+    table = table.replace_schema_metadata({b"huggingface": _hf_features(table.schema)})
+    write_parquet(Path(job["out"]), table)
+    return {"rows": table.num_rows}
+
+
 def run_stage(run: Run, ex) -> dict:
     out = run.root / "export"
     samples = pq.read_table(run.root / "reports" / "samples.parquet").to_pandas()
@@ -81,6 +130,14 @@ def run_stage(run: Run, ex) -> dict:
         exported = sum(files.values())
         if exported != len(keep):
             raise AssertionError(f"export wrote {exported} samples but {len(keep)} rows are kept")
+    if "hf" in run.cfg.export.formats and run.cfg.input.format == "img2dataset":
+        ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{s.name}.parquet", columns=["gid", "member"])
+                                   for s in run.shards]).to_pandas()
+        rows = keep.merge(ingest, on="gid")[["shard", "key", "uid", "url", "caption", "member", "group_id"]]
+        rows = rows.astype(object).where(rows.notna(), None)
+        jobs = [{"tar": str(s.data), "parquet": str(s.parquet), "out": str(out / "hf" / f"{s.name}.parquet"),
+                 "rows": rows[rows["shard"] == s.name].to_dict("records")} for s in run.shards]
+        ex.map(export_hf_shard, jobs, desc="export hf", num_cpus=1)
     n_failed = int((samples["status"] != "ok").sum())
     marker_files = [out / "keep.parquet"] if (out / "keep.parquet").exists() else []
     run.marker("export", "export").write(run.cfg.fingerprint("export"), marker_files, kept=len(keep))

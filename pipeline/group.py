@@ -42,6 +42,13 @@ def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return best[labels]
 
 
+def normalize_text(text) -> str:
+    """The documented caption rule for duplicate_key image+text: NFKC, case-folded, whitespace
+    runs collapsed to one space, stripped; a missing caption is the empty text."""
+    import unicodedata
+    return " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
+
+
 def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges from each row to the first row with the same sha256 (node indices)."""
     order = np.argsort(sha, kind="stable")
@@ -100,10 +107,16 @@ def run_stage(run: Run) -> dict:
     na = np.searchsorted(gids, near["gid_a"].to_numpy())
     nb = np.searchsorted(gids, near["gid_b"].to_numpy())
     nsim = near["similarity"].to_numpy()
+    by_text = cfg.group.duplicate_key == "image+text"
+    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object) if by_text else None
     if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
-        ea, eb = exact_edges(np.array(nodes["sha256"].to_pylist(), dtype=object))
+        sha = np.array(nodes["sha256"].to_pylist(), dtype=object)
+        ea, eb = exact_edges(sha + "\x00" + texts if by_text else sha)
     else:
         ea = eb = np.zeros(0, np.int64)
+    if by_text:   # the same picture under another text is not a duplicate
+        same = texts[na] == texts[nb]
+        na, nb, nsim = na[same], nb[same], nsim[same]
     a = np.concatenate([ea, na]).astype(np.int64)
     b = np.concatenate([eb, nb]).astype(np.int64)
     sim = np.concatenate([np.ones(len(ea), np.float32), nsim]).astype(np.float32)

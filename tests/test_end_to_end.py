@@ -1,6 +1,7 @@
 """The whole pipeline on the demo corpus, on a real local Ray."""
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -142,3 +143,21 @@ def test_exact_copies_are_embedded_once_and_share_the_vector(ray_run):
         first = vec[rows.gid.iloc[0]]
         assert all(np.array_equal(vec[g], first) for g in rows.gid)
     assert {"read_s", "decode_s", "infer_s", "write_s"} <= set(stats["embed"])
+
+
+def test_hf_parquet_export_embeds_the_original_image_bytes(ray_run):
+    import json as _json
+    cfg, _, _ = ray_run
+    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    kept = samples[(samples.status == "ok") & ~samples.is_duplicate.fillna(True).astype(bool)]
+    parts = sorted((cfg.run_path / "export" / "hf").glob("*.parquet"))
+    table = pq.read_table(parts[0])
+    feats = _json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
+    assert feats["image"] == {"_type": "Image"} and feats["text"]["dtype"] == "string"
+    rows = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    assert {r["key"] for r in rows} == set(kept.key)
+    for p in parts:
+        src = _members(Path(cfg.input.path) / f"{p.stem}.tar")
+        for r in pq.read_table(p).to_pylist():
+            assert r["image"]["bytes"] == src[r["image"]["path"]]
+            assert r["text"] == kept.set_index("key").caption[r["key"]]

@@ -42,3 +42,46 @@ def test_chaining_guard_splits_a_chain():
     assert len(set(rep.tolist())) > 1
     assert np.all(sim >= 0.9)                        # every member close to its representative
     assert rep[0] == 0 and rep[1] == 0
+
+
+def test_caption_aware_duplicates(tmp_path):
+    """duplicate_key image+text: one picture under different questions is not a duplicate."""
+    import io
+    import json
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from conftest import make_config
+    from pipeline.executor import LocalExecutor
+    from pipeline.pipeline import run_pipeline
+
+    assert group.normalize_text("  What  COLOUR is\tthe cat?\u00a0") == "what colour is the cat?"
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(buf, format="PNG")
+    other = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 120, 200)).save(other, format="JPEG", quality=90)
+    captions = {"a": "What colour is the cat?", "b": "what  colour is the CAT?", "c": "How many cats?",
+                "d": "What colour is the cat?"}
+    images = {"a": buf.getvalue(), "b": buf.getvalue(), "c": buf.getvalue(), "d": other.getvalue()}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for k, data in images.items():
+            info = tarfile.TarInfo(f"{k}.{'jpg' if k == 'd' else 'png'}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": list(captions), "caption": list(captions.values()),
+                             "url": [f"u{k}" for k in captions]}), folder / "00000.parquet")
+    groups = {}
+    for mode in ("image", "image+text"):
+        cfg = make_config(tmp_path / mode.replace("+", "_"), folder, group={"duplicate_key": mode})
+        run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
+        s = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas().set_index("key")
+        groups[mode] = s.group_id
+        assert json.loads((cfg.run_path / "reports" / "summary.json").read_text())["invariant_holds"]
+    assert groups["image"].nunique() == 1                               # one picture, four rows
+    t = groups["image+text"]
+    assert t["a"] == t["b"] == t["d"] and t["c"] != t["a"]              # same normalised text only
