@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import gallery
 from .io import read_json, write_json, write_parquet
 from .run import Run
 from .search import pair_files
@@ -135,6 +136,14 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
+    band = cfg.search.band or 0.03
+    near = pd.concat([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"],
+                                    filters=[("similarity", ">=", cfg.search.threshold - band),
+                                             ("similarity", "<", cfg.search.threshold + band)]).to_pandas()
+                      for p in pair_files(run.dir("search"))] or [pd.DataFrame(columns=["gid_a", "gid_b", "similarity"])])
+    near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
+                         "similarity": near["similarity"]})
+    gallery.write(run, df, groups, near, summary, cfg.search.threshold)
     path = write_json(out / "summary.json", summary)
     run.marker("report", "report").write(cfg.fingerprint("report"), [path], rows=n_in)
     return summary

@@ -1,0 +1,138 @@
+"""The HTML report: a static, self-contained gallery that opens from disk.
+
+reports/index.html        summary figures, the histogram, the largest groups (page 1) and the
+                          borderline pairs just above and just below the threshold
+reports/groups_N.html     further pages of groups, GROUPS_PER_PAGE each
+reports/top_groups.parquet  the most-duplicated groups: representative key, size, url, caption
+Thumbnails are small JPEGs inlined as data URIs, read by key from the input tars.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import write_bytes, write_parquet
+
+GROUPS_PER_PAGE = 40
+MAX_PAGES = 10
+MEMBERS_SHOWN = 8
+BORDER_PAIRS = 24
+
+
+def _thumbs(run, members: pd.DataFrame, px: int = 128) -> dict[int, str]:
+    """gid -> data URI of a thumbnail, reading only the wanted members of each tar."""
+    from PIL import Image
+    out: dict[int, str] = {}
+    if run.cfg.input.format != "img2dataset" or members.empty:
+        return out
+    for shard in run.shards:
+        want = members[members["shard"] == shard.name]
+        if want.empty:
+            continue
+        wanted = dict(zip(want["member"], want["gid"]))
+        with tarfile.open(shard.data, "r:*") as tar:
+            for m in tar:
+                gid = wanted.get(m.name)
+                if gid is None:
+                    continue
+                try:
+                    img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                    img.thumbnail((px, px))
+                    buf = io.BytesIO()
+                    img.save(buf, format="JPEG", quality=80)
+                    out[int(gid)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+                except Exception:   # a row that failed to decode has no thumbnail; the text says so
+                    pass
+    return out
+
+
+def _card(row, thumbs: dict, note: str = "") -> str:
+    src = thumbs.get(int(row["gid"]))
+    img = f'<img src="{src}" alt="{html.escape(str(row["key"]))}">' if src else '<div class="noimg">no image</div>'
+    cap = html.escape(str(row.get("caption") or ""))[:160]
+    url = html.escape(str(row.get("url") or ""))
+    return (f'<figure class="card">{img}<figcaption><b>{html.escape(str(row["key"]))}</b> {note}<br>'
+            f'<span class="cap">{cap}</span><br><a href="{url}">{url[:60]}</a></figcaption></figure>')
+
+
+_STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}
+.group{border:1px solid #ccc;border-radius:6px;margin:1em 0;padding:.5em}
+.row{display:flex;flex-wrap:wrap;gap:.5em}.card{width:150px;margin:0;font-size:11px}
+.card img{width:128px;height:128px;object-fit:contain;background:#f4f4f4}
+.noimg{width:128px;height:128px;background:#eee;display:flex;align-items:center;justify-content:center}
+.cap{color:#555}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+.pair{display:flex;gap:.5em;align-items:center;border-bottom:1px solid #eee;padding:.3em 0}
+.card a{word-break:break-all}</style>"""
+# after load, the page records how many of its images decoded (a browser test reads it back)
+_SCRIPT = """<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);
+document.body.setAttribute('data-images',im.length);document.body.setAttribute('data-loaded',
+im.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});</script>"""
+
+
+def _page(title: str, body: str) -> bytes:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
+            f"{_SCRIPT}</head><body><h1>{html.escape(title)}</h1>{body}</body></html>").encode()
+
+
+def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataFrame, summary: dict,
+          threshold: float) -> list[Path]:
+    out = run.root / "reports"
+    ok = samples[samples["status"] == "ok"]
+    ingest = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet", columns=["gid", "member"]).to_pandas()
+                        for n in run.shard_names()])
+    ok = ok.merge(ingest, on="gid", how="left")
+    reps = ok[ok["is_representative"].astype(bool)].set_index("group_id")
+    top = groups.head(GROUPS_PER_PAGE * MAX_PAGES).copy()
+    top["url"] = top["group_id"].map(reps["url"])
+    top["caption"] = top["group_id"].map(reps["caption"])
+    write_parquet(out / "top_groups.parquet", pa.Table.from_pandas(
+        top[["group_id", "representative_key", "size", "url", "caption", "min_similarity"]], preserve_index=False))
+
+    members = ok[ok["group_id"].isin(top["group_id"])].sort_values(["group_id", "is_representative", "gid"],
+                                                                  ascending=[True, False, True])
+    shown = members.groupby("group_id").head(MEMBERS_SHOWN)
+    by_key = ok.set_index("key")
+    border = pd.concat([pairs_near[pairs_near["similarity"] >= threshold].nsmallest(BORDER_PAIRS // 2, "similarity"),
+                        pairs_near[pairs_near["similarity"] < threshold].nlargest(BORDER_PAIRS // 2, "similarity")])
+    border_rows = by_key.loc[by_key.index.intersection(pd.concat([border["key_a"], border["key_b"]]))].reset_index()
+    thumbs = _thumbs(run, pd.concat([shown, border_rows])[["gid", "shard", "member"]].dropna().drop_duplicates())
+
+    pages = [top.iloc[i:i + GROUPS_PER_PAGE] for i in range(0, len(top), GROUPS_PER_PAGE)] or [top]
+    names = ["index.html"] + [f"groups_{i + 1}.html" for i in range(1, len(pages))]
+    nav = " ".join(f'<a href="{n}">page {i + 1}</a>' for i, n in enumerate(names))
+    files = []
+    for p, (name, chunk) in enumerate(zip(names, pages)):
+        parts = []
+        if p == 0:
+            s = summary
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (
+                ("input rows", s["input_rows"]), ("ok / failed", f'{s["ok"]} / {s["failed"]}'),
+                ("groups", s["groups"]), ("duplicates", f'{s["duplicates"]} ({100 * s["duplicate_fraction"]:.1f}%)'),
+                ("kept / removed", f'{s["kept"]} / {s["removed"]}'), ("threshold", s["threshold"]),
+                ("model", s["model"]), ("codec", f'{s["codec"]} ({s["bytes_per_vector"]} B/vector)')))
+            png = (out / "histogram.png").read_bytes()
+            parts.append(f'<table class="summary">{rows}</table><p><img alt="histograms" style="max-width:100%" '
+                         f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>')
+            prs = []
+            for _, pr in border.sort_values("similarity", ascending=False).iterrows():
+                side = lambda k: _card(by_key.loc[k].to_dict() | {"key": k}, thumbs) if k in by_key.index else ""  # noqa: E731
+                tag = "duplicate" if pr["similarity"] >= threshold else "not duplicate"
+                prs.append(f'<div class="pair">{side(pr["key_a"])}{side(pr["key_b"])}'
+                           f'<div>cosine {pr["similarity"]:.4f}<br>{tag}</div></div>')
+            parts.append(f'<h2>Borderline pairs (threshold {threshold})</h2><div id="borderline">{"".join(prs)}</div>')
+        parts.append(f"<h2>Largest groups</h2><p>{nav}</p>")
+        for _, g in chunk.iterrows():
+            cards = "".join(_card(r, thumbs, "(kept)" if r["is_representative"] else f'{r["rep_similarity"]:.3f}')
+                            for _, r in shown[shown["group_id"] == g["group_id"]].iterrows())
+            parts.append(f'<div class="group" data-size="{int(g["size"])}"><b>{int(g["size"])} rows</b>, '
+                         f'min similarity to the kept row {g["min_similarity"]:.3f}<div class="row">{cards}</div></div>')
+        files.append(write_bytes(out / name, _page("dedup2b report" if p == 0 else f"dedup2b groups, page {p + 1}",
+                                                   "".join(parts))))
+    return files
