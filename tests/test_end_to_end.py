@@ -188,3 +188,23 @@ def test_html_report_renders_in_headless_chromium(ray_run, tmp_path):
     assert shot.stat().st_size > 20_000
     top = pq.read_table(cfg.run_path / "reports" / "top_groups.parquet").to_pandas()
     assert top["size"].is_monotonic_decreasing and set(top.columns) >= {"representative_key", "size", "url", "caption"}
+
+
+def test_webdataset_export_reads_back_with_webdataset(ray_run):
+    """The export loads the way open_clip's loader reads it: webdataset samples + sizes.json."""
+    import json as _json
+
+    import webdataset as wds
+    cfg, _, _ = ray_run
+    folder = cfg.run_path / "export" / "webdataset"
+    tars = sorted(str(p) for p in folder.glob("*.tar"))
+    sizes = _json.loads((folder / "sizes.json").read_text())
+    samples = list(wds.WebDataset(tars, shardshuffle=False))
+    assert len(samples) == sum(sizes.values()) > 0
+    src = {}
+    for p in sorted(Path(cfg.input.path).glob("*.tar")):
+        src.update(_members(p))
+    for s in samples:
+        image_ext = next(e for e in ("jpg", "png") if e in s)
+        assert s[image_ext] == src[f"{s['__key__']}.{image_ext}"]
+        assert s["txt"] == src[f"{s['__key__']}.txt"] and s["json"] == src[f"{s['__key__']}.json"]
