@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from pipeline import index
-from pipeline.config import CodecConfig, RayConfig, SearchConfig
-from pipeline.executor import LocalExecutor, RayExecutor
+from pipeline.config import CodecConfig, SearchConfig
+from pipeline.executor import LocalExecutor
 from pipeline.search import SearchJob, pair_files, search
 from pipeline.synthetic import clip_like, write_corpus
 from pipeline.vectors import VectorStore
