@@ -113,7 +113,7 @@ class SearchConfig:
 @dataclass
 class GroupConfig:
     # A member must be at least this similar to its group's representative; components that chain
-    # dissimilar rows through intermediates are split. 0 disables the guard.
+    # dissimilar rows through intermediates are split. -1 disables the guard.
     min_rep_similarity: float | None = None   # None = search.threshold - 0.10
     exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
