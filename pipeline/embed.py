@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .images import preprocess_bytes
-from .ingest import read_images
+from .ingest import exact_edges, read_images
 from .io import write_json, write_npy, write_parquet
 from .models import Embedder, Preprocess, preprocess_for
 from .run import Run
@@ -124,13 +124,8 @@ def plan_copies(ingests: dict[str, pa.Table]) -> tuple[dict[str, pa.Table], dict
     copy_of: dict[int, int] = {}
     if allok is not None and allok.num_rows:
         gids = allok["gid"].to_numpy()
-        sha = np.array(allok["sha256"].to_pylist(), dtype=object)
-        order = np.argsort(sha, kind="stable")
-        s = sha[order]
-        head = np.r_[True, s[1:] != s[:-1]]
-        first = order[np.maximum.accumulate(np.where(head, np.arange(len(s)), 0))]
-        dup = ~head
-        copy_of = dict(zip(gids[order[dup]].tolist(), gids[first[dup]].tolist()))
+        head, copy = exact_edges(np.array(allok["sha256"].to_pylist(), dtype=object))
+        copy_of = dict(zip(gids[copy].tolist(), gids[head].tolist()))
     todo = {}
     for name, t in ingests.items():
         ok = t.filter(pa.compute.equal(t["status"], "ok"))

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from .ingest import exact_edges
 from .io import write_parquet
 from .run import Run
 from .search import pair_files
@@ -47,16 +48,6 @@ def normalize_text(text) -> str:
     runs collapsed to one space, stripped; a missing caption is the empty text."""
     import unicodedata
     return " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
-
-
-def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges from each row to the first row with the same sha256 (node indices)."""
-    order = np.argsort(sha, kind="stable")
-    s = sha[order]
-    start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
-    head = np.repeat(order[start], np.diff(np.r_[start, len(s)]))
-    keep = head != order
-    return head[keep], order[keep]
 
 
 def group(gids, rank, edges_a, edges_b, store: VectorStore, guard: float, max_rounds: int = 50):

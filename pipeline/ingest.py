@@ -13,6 +13,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +50,18 @@ class Shard:
     name: str          # zero-padded, as the input names it
     parquet: Path      # img2dataset's NNNNN.parquet, or clip-retrieval's metadata_NNNNN.parquet
     data: Path         # img2dataset's NNNNN.tar, or clip-retrieval's img_emb_NNNNN.npy
+
+
+def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(head, copy) index pairs: every row whose hash equals an earlier row's, linked to the first
+    such row (stable: "first" follows the input order). Used to group exact copies and to embed
+    each distinct image once."""
+    order = np.argsort(sha, kind="stable")
+    s = sha[order]
+    start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
+    head = np.repeat(order[start], np.diff(np.r_[start, len(s)]))
+    keep = head != order
+    return head[keep], order[keep]
 
 
 def make_gid(shard_index: int, row: int) -> int:

@@ -20,19 +20,20 @@ def _pairs(out):
     return {(a, b) for p in pair_files(out) for a, b in zip(*(pq.read_table(p)[c].to_pylist() for c in ("gid_a", "gid_b")))}
 
 
-def _kill_one_task_worker(stop: threading.Event, killed: list):
-    """Kill -9 the first Ray worker seen running one of our tasks."""
+def _kill_first(pattern: str, stop: threading.Event, killed: list, after_s: float = 0.0):
+    """Kill -9 the first process whose command line shows `pattern`, `after_s` after it appears."""
+    start = None
     while not stop.is_set() and not killed:
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        for line in ps.splitlines():
-            if "ray::_call_with_env" in line:
-                pid = int(line.split()[0])
+        hit = [int(line.split()[0]) for line in ps.splitlines() if pattern in line]
+        if hit:
+            start = start or time.time()
+            if time.time() - start >= after_s:
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                    os.kill(hit[0], signal.SIGKILL)
+                    killed.append(hit[0])
                 except ProcessLookupError:
                     pass
-                break
         time.sleep(0.01)
 
 
@@ -49,7 +50,7 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
                          SearchConfig(threshold=0.95, cells_per_task=4), "fp", "fp-s")
     search(job(tmp_path / "plain"), LocalExecutor())
     stop, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_task_worker, args=(stop, killed))
+    killer = threading.Thread(target=_kill_first, args=("ray::_call_with_env", stop, killed))
     killer.start()
     try:
         search(job(tmp_path / "killed"), ray_executor)
@@ -58,22 +59,6 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
         killer.join()
     assert killed, "no task worker was seen running"
     assert _pairs(tmp_path / "killed") == _pairs(tmp_path / "plain")
-
-
-def _kill_first(pattern: str, stop: threading.Event, killed: list, after_s: float = 0.0):
-    start = None
-    while not stop.is_set() and not killed:
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        hit = [int(line.split()[0]) for line in ps.splitlines() if pattern in line]
-        if hit:
-            start = start or time.time()
-            if time.time() - start >= after_s:
-                try:
-                    os.kill(hit[0], signal.SIGKILL)
-                    killed.append(hit[0])
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.01)
 
 
 def test_embed_survives_a_killed_model_actor(tmp_path, demo_corpus, ray_executor):
