@@ -40,7 +40,7 @@ def build_config(args) -> config_mod.RunConfig:
         overrides["embed.model"] = "precomputed:clip"
     if args.threshold is not None:
         overrides["search.threshold"] = args.threshold
-    base = config_mod.yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    base = config_mod.read_yaml(args.config) if args.config else {}
     inp = overrides.get("input.path") or (base.get("input") or {}).get("path", "")
     name = Path(inp).name or "run"
     if args.run_dir:
@@ -51,14 +51,7 @@ def build_config(args) -> config_mod.RunConfig:
         overrides["index_dir"] = str(Path(args.index_dir).resolve())
     elif not base.get("index_dir"):
         overrides["index_dir"] = str(Path("indexes", Path(overrides.get("run_dir") or base["run_dir"]).name).resolve())
-    data = base
-    for dotted, value in overrides.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_mod.from_dict(data)
+    return config_mod.from_dict(config_mod.apply_overrides(base, overrides))
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -239,18 +239,26 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     return RunConfig(**kwargs)
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    for dotted, value in (overrides or {}).items():
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted fields ("search.threshold") in nested config dicts, in place."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return from_dict(data)
+    return data
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    return from_dict(apply_overrides(read_yaml(path), overrides or {}))
 
 
 def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .ingest import read_images
 from .io import write_json, write_npy, write_parquet
 from .run import Run
 
@@ -78,13 +79,9 @@ def export_hf_shard(job: dict) -> dict:
     """Kept rows of one shard as HF-style parquet: image {bytes, path} embedded, text, key, url, uid,
     group id, and the input parquet's other columns passed through."""
     rows = job["rows"]
-    wanted = {r["member"]: i for i, r in enumerate(rows)}
     data: list[bytes | None] = [None] * len(rows)
-    with tarfile.open(job["tar"], "r:*") as tar:
-        for m in tar:
-            i = wanted.get(m.name)
-            if i is not None:
-                data[i] = tar.extractfile(m).read()
+    for i, blob in read_images(job["tar"], {r["member"]: i for i, r in enumerate(rows)}):
+        data[i] = blob
     meta = pq.read_table(job["parquet"])
     extra = [c for c in meta.column_names if c not in ("key", "url", "caption", "uid")]
     by_key = {str(k): i for i, k in enumerate(meta["key"].to_pylist())} if "key" in meta.column_names else {}

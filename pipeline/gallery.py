@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .ingest import read_images
 from .io import write_bytes, write_parquet
 
 GROUPS_PER_PAGE = 40
@@ -36,20 +36,15 @@ def _thumbs(run, members: pd.DataFrame, px: int = 128) -> dict[int, str]:
         want = members[members["shard"] == shard.name]
         if want.empty:
             continue
-        wanted = dict(zip(want["member"], want["gid"]))
-        with tarfile.open(shard.data, "r:*") as tar:
-            for m in tar:
-                gid = wanted.get(m.name)
-                if gid is None:
-                    continue
-                try:
-                    img = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-                    img.thumbnail((px, px))
-                    buf = io.BytesIO()
-                    img.save(buf, format="JPEG", quality=80)
-                    out[int(gid)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-                except Exception:   # a row that failed to decode has no thumbnail; the text says so
-                    pass
+        for gid, data in read_images(str(shard.data), dict(zip(want["member"], want["gid"]))):
+            try:
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+                img.thumbnail((px, px))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=80)
+                out[int(gid)] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+            except Exception:   # a row that failed to decode has no thumbnail; the text says so
+                pass
     return out
 
 

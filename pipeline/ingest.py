@@ -155,7 +155,7 @@ def ingest_shard(shard: Shard) -> pa.Table:
 
 
 def read_images(tar_path: str, wanted: dict[str, int]) -> list[tuple[int, bytes]]:
-    """(gid, image bytes) for the wanted member names, in tar order."""
+    """(value, image bytes) for the wanted member names (name -> value, e.g. a gid), in tar order."""
     out = []
     with tarfile.open(tar_path, "r:*") as tar:
         for m in tar:

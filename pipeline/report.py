@@ -103,8 +103,10 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values})
     size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
     write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
-    cand = np.concatenate([np.zeros(0, np.float32)] + [
-        pq.read_table(p, columns=["similarity"])["similarity"].to_numpy() for p in pair_files(run.dir("search"))])
+    found = pd.concat([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"]).to_pandas()
+                       for p in pair_files(run.dir("search"))]
+                      or [pd.DataFrame({"gid_a": [], "gid_b": [], "similarity": []})], ignore_index=True)
+    cand = found["similarity"].to_numpy()
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     counts, bins = np.histogram(cand, bins=50, range=(lo, 1.0))
     sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
@@ -137,10 +139,7 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
     band = cfg.search.band or 0.03
-    near = pd.concat([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"],
-                                    filters=[("similarity", ">=", cfg.search.threshold - band),
-                                             ("similarity", "<", cfg.search.threshold + band)]).to_pandas()
-                      for p in pair_files(run.dir("search"))] or [pd.DataFrame(columns=["gid_a", "gid_b", "similarity"])])
+    near = found[(cand >= cfg.search.threshold - band) & (cand < cfg.search.threshold + band)]
     near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
                          "similarity": near["similarity"]})
     gallery.write(run, df, groups, near, summary, cfg.search.threshold)

@@ -139,11 +139,10 @@ def run_cells(job: SearchJob, ex) -> dict:
     ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
     n_cells = len(np.load(job.index_dir / "centroids.npy", mmap_mode="r", allow_pickle=False))
     step = job.cfg.cells_per_task
-    blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)
-              if not job.done(f"cells-{lo:06d}")]
-    if todo:   # new assignments invalidate every joined block
-        blocks = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
-    planned = {f"cells-{lo:06d}.parquet" for lo in range(0, n_cells, step)}
+    every = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
+    # new assignments invalidate every joined block; otherwise only unfinished blocks run
+    blocks = every if todo else [b for b in every if not job.done(f"cells-{b[1]:06d}")]
+    planned = {f"cells-{b[1]:06d}.parquet" for b in every}
     for old in pair_files(job.out_dir):  # blocks of an earlier, larger cell count
         if old.name.startswith("cells-") and old.name not in planned:
             old.unlink()
