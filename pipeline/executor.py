@@ -76,7 +76,9 @@ class RayExecutor:
         if self.cfg.address:
             ray.init(address=self.cfg.address, log_to_driver=False, runtime_env=env)
         else:
-            ray.init(num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=env,
+            # address="local": always a fresh embedded instance, never a cluster started on this machine
+            ray.init(address="local", num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+                     runtime_env=env,
                      object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
                      _node_ip_address="127.0.0.1", log_to_driver=False,
                      configure_logging=True, logging_level="warning")
