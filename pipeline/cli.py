@@ -32,11 +32,15 @@ def build_config(args) -> config_mod.RunConfig:
         overrides[k] = _parse_value(v)
     if args.input:
         overrides["input.path"] = str(Path(args.input).resolve())
-    if getattr(args, "format", None):
-        overrides["input.format"] = args.format
+    if getattr(args, "input_format", None):
+        overrides["input.format"] = args.input_format
+    if getattr(args, "export_format", None):
+        overrides["export.formats"] = [f for part in args.export_format for f in part.split(",") if f]
+    if getattr(args, "rows_per_shard", None) is not None:
+        overrides["export.rows_per_shard"] = args.rows_per_shard
     if args.model:
         overrides["embed.model"] = args.model
-    elif getattr(args, "format", None) == "embeddings":
+    elif getattr(args, "input_format", None) == "embeddings":
         overrides["embed.model"] = "precomputed:clip"
     if args.threshold is not None:
         overrides["search.threshold"] = args.threshold
@@ -54,11 +58,17 @@ def build_config(args) -> config_mod.RunConfig:
     return config_mod.from_dict(config_mod.apply_overrides(base, overrides))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, export: bool = False) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--input", help="folder of img2dataset shards (NNNNN.tar + NNNNN.parquet) or, with "
-                   "--format embeddings, of clip-retrieval embeddings (img_emb/ + metadata/)")
-    p.add_argument("--format", choices=("img2dataset", "embeddings"), help="input layout (default img2dataset)")
+                   "--input-format embeddings, of clip-retrieval embeddings (img_emb/ + metadata/)")
+    flags = ("--input-format",) if export else ("--input-format", "--format")
+    p.add_argument(*flags, dest="input_format", choices=("img2dataset", "embeddings"),
+                   help="input layout (default img2dataset)")
+    if export:
+        p.add_argument("--format", dest="export_format", action="append", metavar="FORMATS",
+                       help="export formats, comma-separated or repeated: webdataset, hf, keep (default all)")
+        p.add_argument("--rows-per-shard", type=int, help="rows per exported webdataset shard (0: as the input)")
     p.add_argument("--run-dir", help="where this run's outputs go (default: reports/<input name>)")
     p.add_argument("--index-dir", help="where the index goes (default: indexes/<run name>)")
     p.add_argument("--model", help="embedder spec, e.g. timm:tf_efficientnet_lite0, open_clip:ViT-B-32:FILE; "
@@ -130,7 +140,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("run", help="the whole pipeline: " + " -> ".join(STAGES))
     _common(p)
     for stage in STAGES:
-        _common(sub.add_parser(stage, help=f"run the {stage} stage alone (earlier stages must be done)"))
+        _common(sub.add_parser(stage, help=f"run the {stage} stage alone (earlier stages must be done)"),
+                export=stage == "export")
     p = sub.add_parser("demo", help="build the embedded demo corpus and run the whole pipeline on it")
     _common(p)
     p.add_argument("--out", default="reports/demo", help="run directory of the demo")

@@ -130,11 +130,14 @@ class GroupConfig:
 @dataclass
 class ExportConfig:
     formats: list[str] = field(default_factory=lambda: ["webdataset", "keep", "hf"])
+    rows_per_shard: int = 10000   # webdataset output shards; 0 = one output shard per input shard
 
     def validate(self) -> None:
         bad = set(self.formats) - {"webdataset", "keep", "hf"}
         if bad:
             raise ConfigError(f"export.formats: unknown {sorted(bad)}; known: webdataset, keep, hf")
+        if self.rows_per_shard < 0:
+            raise ConfigError(f"export.rows_per_shard: {self.rows_per_shard} must be >= 0")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """export: the kept rows, losslessly, selected by key (never by position).
 
-export/webdataset/NNNNN.tar     kept samples, every member (image, .txt, .json) byte-identical
-export/webdataset/NNNNN.parquet the input parquet's rows for the kept keys
+export/webdataset/NNNNN.tar     kept samples resharded to export.rows_per_shard (0: one per input shard),
+                                every member (image, .txt, .json) byte-identical, in input order
+export/webdataset/NNNNN.parquet the input parquet's rows for the tar's samples, in the tar's order
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative and similarity
 export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
@@ -36,30 +37,60 @@ def uid128(uids: list[str]) -> np.ndarray:
 
 
 def export_shard(job: dict) -> dict:
-    """Copy the kept samples of one input shard; returns counts (runs in a worker)."""
-    src_tar, src_parquet, dst = Path(job["tar"]), Path(job["parquet"]), Path(job["out"])
-    kept = np.array(sorted(job["keys"]), dtype=object)
+    """Write one output shard: the kept samples of its source shards, in order (runs in a worker).
+
+    job: out (NNNNN.tar path), sources [(src tar, src parquet, [kept keys])]. Every member of a kept
+    sample (image, .txt, .json, ...) is copied with its bytes, name and mode unchanged."""
+    dst = Path(job["out"])
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
-    n = 0
-    with tarfile.open(src_tar, "r:*") as src, tarfile.open(tmp, "w") as out:
-        seen = set()
-        for m in src:
-            if not m.isfile():
-                continue
-            key = Path(m.name).name.rpartition(".")[0]
-            i = np.searchsorted(kept, key)
-            if i < len(kept) and kept[i] == key:
-                info = tarfile.TarInfo(m.name)
-                info.size, info.mtime, info.mode = m.size, m.mtime, m.mode
-                out.addfile(info, src.extractfile(m))
-                seen.add(key)
-        n = len(seen)
+    seen: list[str] = []
+    metas = []
+    with tarfile.open(tmp, "w") as out:
+        for src_tar, src_parquet, keys in job["sources"]:
+            wanted = set(keys)
+            found = set()
+            with tarfile.open(src_tar, "r:*") as src:
+                for m in src:
+                    key = Path(m.name).name.rpartition(".")[0]
+                    if not m.isfile() or key not in wanted:
+                        continue
+                    info = tarfile.TarInfo(m.name)
+                    info.size, info.mtime, info.mode = m.size, m.mtime, m.mode
+                    out.addfile(info, src.extractfile(m))
+                    if key not in found:
+                        found.add(key)
+                        seen.append(key)
+            if found != wanted:
+                raise RuntimeError(f"{src_tar}: kept samples missing from the tar: {sorted(wanted - found)[:5]}")
+            meta = pq.read_table(src_parquet)
+            metas.append(meta.filter(pc.is_in(meta["key"].cast(pa.string()), pa.array(keys, pa.string()))))
     tmp.replace(dst)
-    meta = pq.read_table(src_parquet)
-    meta = meta.filter(pc.is_in(meta["key"].cast(pa.string()), pa.array(list(kept), pa.string())))
+    meta = pa.concat_tables(metas, promote_options="permissive") if metas else pa.table({"key": pa.array([], pa.string())})
+    if meta.num_rows:   # the parquet lists the samples in the tar's order
+        order = {k: i for i, k in enumerate(seen)}
+        meta = meta.take(np.argsort([order[str(k)] for k in meta["key"].to_pylist()], kind="stable"))
     write_parquet(dst.with_suffix(".parquet"), meta)
-    return {"tar": dst.name, "samples": n}
+    return {"tar": dst.name, "samples": len(seen)}
+
+
+def plan_shards(keep, shards, out: Path, rows_per_shard: int) -> list[dict]:
+    """Output shards of `rows_per_shard` kept rows (0: one output shard per input shard), rows in
+    gid order, each listing the source shards it reads."""
+    keep = keep.sort_values("gid")
+    by_name = {s.name: s for s in shards}
+    if rows_per_shard <= 0:
+        chunks = [part for _, part in keep.groupby("shard", sort=True)]
+        names = [str(part["shard"].iloc[0]) for part in chunks]
+    else:
+        chunks = [keep.iloc[i:i + rows_per_shard] for i in range(0, len(keep), rows_per_shard)]
+        names = [f"{i:05d}" for i in range(len(chunks))]
+    jobs = []
+    for name, part in zip(names, chunks):
+        sources = [(str(by_name[sh].data), str(by_name[sh].parquet), rows["key"].astype(str).tolist())
+                   for sh, rows in part.groupby("shard", sort=True)]
+        jobs.append({"out": str(out / f"{name}.tar"), "sources": sources})
+    return jobs
 
 
 _HF_DTYPES = {"string": "string", "large_string": "string", "int64": "int64", "int32": "int32",
@@ -119,8 +150,9 @@ def run_stage(run: Run, ex) -> dict:
         write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
     exported = 0
     if "webdataset" in run.cfg.export.formats and run.cfg.input.format == "img2dataset":
-        jobs = [{"tar": str(s.data), "parquet": str(s.parquet), "out": str(out / "webdataset" / f"{s.name}.tar"),
-                 "keys": keep.loc[keep["shard"] == s.name, "key"].tolist()} for s in run.shards]
+        for stale in (out / "webdataset").glob("*") if (out / "webdataset").exists() else []:
+            stale.unlink()              # a changed rows_per_shard must not leave old shards behind
+        jobs = plan_shards(keep, run.shards, out / "webdataset", run.cfg.export.rows_per_shard)
         results = ex.map(export_shard, jobs, desc="export", num_cpus=1)
         files = {r["tar"]: r["samples"] for r in results}
         write_json(out / "webdataset" / "sizes.json", files)

@@ -25,7 +25,7 @@ def _members(tar_path):
 def ray_run(tmp_path_factory, demo_corpus, ray_executor):
     root, shards = demo_corpus
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = make_config(tmp, shards)
+    cfg = make_config(tmp, shards, export={"rows_per_shard": 10})
     stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
     return cfg, stats, root
 
@@ -65,8 +65,10 @@ def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
     samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
     kept = set(samples.loc[(samples.status == "ok") & ~samples.is_duplicate.fillna(True).astype(bool), "key"])
     exported = {}
+    src = {}
+    for p in sorted(Path(cfg.input.path).glob("*.tar")):
+        src.update(_members(p))
     for tar_path in sorted((cfg.run_path / "export" / "webdataset").glob("*.tar")):
-        src = _members(cfg.input.path + f"/{tar_path.name}")
         for name, data in _members(tar_path).items():
             assert src[name] == data, name          # original bytes, captions and json
             exported.setdefault(name.rpartition(".")[0], set()).add(name.rpartition(".")[2])
@@ -208,3 +210,27 @@ def test_webdataset_export_reads_back_with_webdataset(ray_run):
         image_ext = next(e for e in ("jpg", "png") if e in s)
         assert s[image_ext] == src[f"{s['__key__']}.{image_ext}"]
         assert s["txt"] == src[f"{s['__key__']}.txt"] and s["json"] == src[f"{s['__key__']}.json"]
+    # resharded to export.rows_per_shard; each shard's parquet lists its tar's samples in order
+    assert len(tars) == -(-len(samples) // 10) and max(sizes.values()) == 10
+    for t in tars:
+        in_tar = [s["__key__"] for s in wds.WebDataset(t, shardshuffle=False)]
+        assert pq.read_table(Path(t).with_suffix(".parquet"))["key"].to_pylist() == in_tar
+        assert sizes[Path(t).name] == len(in_tar)
+
+
+def test_hf_parquet_export_loads_with_datasets_as_an_image_feature(ray_run, tmp_path):
+    """The HF export loads the way TRL / verl data code loads parquet: datasets.load_dataset."""
+    datasets = pytest.importorskip("datasets")
+    cfg, _, _ = ray_run
+    files = sorted(str(p) for p in (cfg.run_path / "export" / "hf").glob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds.features["image"], datasets.Image) and ds.features["text"].dtype == "string"
+    keep = pq.read_table(cfg.run_path / "export" / "keep.parquet").to_pandas()
+    assert sorted(ds["key"]) == sorted(keep["key"])
+    first = ds[0]
+    assert first["image"].size[0] > 0 and first["image"].mode in ("RGB", "L", "RGBA", "P")
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    src = {}
+    for p in sorted(Path(cfg.input.path).glob("*.tar")):
+        src.update(_members(p))
+    assert all(r["image"]["bytes"] == src[r["image"]["path"]] for r in raw)
