@@ -44,6 +44,8 @@ def build_config(args) -> config_mod.RunConfig:
         overrides["embed.model"] = "precomputed:clip"
     if args.threshold is not None:
         overrides["search.threshold"] = args.threshold
+    if getattr(args, "against", None):
+        overrides["against"] = _index_folder(args.against)
     base = config_mod.read_yaml(args.config) if args.config else {}
     inp = overrides.get("input.path") or (base.get("input") or {}).get("path", "")
     name = Path(inp).name or "run"
@@ -56,6 +58,12 @@ def build_config(args) -> config_mod.RunConfig:
     elif not base.get("index_dir"):
         overrides["index_dir"] = str(Path("indexes", Path(overrides.get("run_dir") or base["run_dir"]).name).resolve())
     return config_mod.from_dict(config_mod.apply_overrides(base, overrides))
+
+
+def _index_folder(name: str) -> str:
+    """An index given by NAME (indexes/NAME) or by its folder path."""
+    p = Path(name)
+    return str((p if p.is_dir() or "/" in name else Path("indexes") / name).resolve())
 
 
 def _common(p: argparse.ArgumentParser, export: bool = False) -> None:
@@ -75,6 +83,8 @@ def _common(p: argparse.ArgumentParser, export: bool = False) -> None:
                    "precomputed:NAME for embeddings input")
     p.add_argument("--threshold", type=float, help="exact cosine for near duplicates (default: per model)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any config field, e.g. codec.nlist=256")
+    p.add_argument("--against", metavar="NAME", help="incremental: dedup the input against the built index "
+                   "indexes/NAME (or a folder) of earlier runs, and extend it; earlier rows never change status")
     p.add_argument("--executor", choices=("ray", "local"), default="ray")
     p.add_argument("--fresh", action="store_true", help="accept a changed config in an existing run dir")
 
@@ -134,6 +144,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_decontaminate(args) -> int:
+    """Build (or reuse) an index per evaluation set, then run the training corpus against them."""
+    from .executor import make_executor
+    args.input = args.train
+    cfg = build_config(args)
+    ex = make_executor(args.executor, cfg.ray)
+    folders = []
+    try:
+        for ev in args.eval:
+            name = Path(ev).resolve().name
+            folder = Path(args.eval_index_root, f"eval-{name}").resolve()
+            data = cfg.to_dict()
+            data.update(input={**data["input"], "path": str(Path(ev).resolve())}, run_dir=str(folder / "run"),
+                        index_dir=str(folder), against="", decontaminate={"eval": []})
+            print(f"evaluation set {name}: index {folder}")
+            run_pipeline(config_mod.from_dict(data), ex, ("ingest", "embed", "index", "search", "group"))
+            folders.append(str(folder))
+        cfg.decontaminate.eval = folders
+        cfg.decontaminate.validate()
+        run_pipeline(cfg, ex, STAGES, fresh=args.fresh)
+    finally:
+        ex.shutdown()
+    summary = json.loads((cfg.run_path / "reports" / "summary.json").read_text())
+    print_summary(cfg.run_path, summary)
+    for name, info in summary["eval_leaks"].items():
+        print(f"  leaks {name:10s} {info['eval_items_leaked']} eval items in {info['train_rows_matched']} training rows")
+    print(f"  leaks table     {cfg.run_path / 'reports' / 'leaks.parquet'}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Threshold -> precision / recall of a finished run; prints the table and the recommendation."""
+    from . import calibrate
+    calibrate.calibrate(args.run_dir, target=args.target_precision, samples=args.samples, copies=args.copies,
+                        audit_pairs=args.audit_pairs, labels=args.labels, seed=args.seed)
+    print(f"  reports         {Path(args.run_dir).resolve() / 'reports'}/calibration.{{parquet,png,json}}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dedup2b", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -145,8 +194,28 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="build the embedded demo corpus and run the whole pipeline on it")
     _common(p)
     p.add_argument("--out", default="reports/demo", help="run directory of the demo")
+    p = sub.add_parser("decontaminate", help="dedup a training corpus and remove every near duplicate of "
+                       "evaluation-set rows (leaks.parquet, HTML section, export without them)")
+    _common(p)
+    p.add_argument("--train", required=True, help="folder of the training corpus shards")
+    p.add_argument("--eval", action="append", required=True, metavar="FOLDER",
+                   help="folder of an evaluation set's shards (repeat for several)")
+    p.add_argument("--eval-index-root", default="indexes",
+                   help="where evaluation-set indexes are built once and reused (indexes/eval-<name>)")
     p = sub.add_parser("status", help="done / pending shards per stage of a run directory")
     p.add_argument("run_dir")
+    p = sub.add_parser("calibrate", help="threshold -> precision / recall of a finished run (synthetic web-crawl "
+                       "copies + an audit of flagged pairs), a recommended threshold, reports/calibration.*")
+    p.add_argument("--run-dir", required=True, help="the run directory (after the report stage)")
+    p.add_argument("--target-precision", type=float, default=0.99,
+                   help="recommend the smallest threshold from which up the estimated pair precision "
+                   "stays at or above this (0.99)")
+    p.add_argument("--samples", type=int, default=200, help="rows sampled for synthetic copies (200)")
+    p.add_argument("--copies", type=int, default=3, help="web-crawl-style copies made of each sampled row (3)")
+    p.add_argument("--audit-pairs", type=int, default=1000, help="flagged pairs sampled for the audit (1000)")
+    p.add_argument("--labels", metavar="FILE", help="human labels: parquet of key_a, key_b, is_duplicate "
+                   "(e.g. reports/audit_pairs.parquet filled in) or of key, cluster")
+    p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -155,6 +224,10 @@ def main(argv=None) -> int:
             return _run(args, (args.cmd,))
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "decontaminate":
+            return cmd_decontaminate(args)
+        if args.cmd == "calibrate":
+            return cmd_calibrate(args)
         if args.cmd == "status":
             for stage, info in status(args.run_dir).items():
                 print(f"{stage:8s} {info}")

@@ -119,8 +119,14 @@ class GroupConfig:
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
     # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
     duplicate_key: str = "image"
+    # which row of a group is kept: quality = most pixels, then most bytes, then smallest key;
+    # first = the first row in input order (smallest gid): what an incremental run keeps, so
+    # increments give exactly the all-at-once kept set
+    representative: str = "quality"
 
     def validate(self) -> None:
+        if self.representative not in ("quality", "first"):
+            raise ConfigError(f"group.representative: {self.representative!r}; known: quality, first")
         if self.duplicate_key not in ("image", "image+text"):
             raise ConfigError(f"group.duplicate_key: {self.duplicate_key!r}; known: image, image+text")
         if self.min_rep_similarity is not None and not -1.0 <= self.min_rep_similarity <= 1.0:
@@ -153,6 +159,18 @@ class RayConfig:
 
 
 @dataclass
+class DecontaminateConfig:
+    eval: list[str] = field(default_factory=list)   # index folders of evaluation sets (see crossindex.py)
+
+    def validate(self) -> None:
+        if isinstance(self.eval, str):
+            self.eval = [self.eval]
+        names = [Path(p).name for p in self.eval]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"decontaminate.eval: folder names must differ (they name the eval sets): {names}")
+
+
+@dataclass
 class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     run_dir: str = ""
@@ -163,6 +181,8 @@ class RunConfig:
     group: GroupConfig = field(default_factory=GroupConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    against: str = ""            # incremental: index folder of earlier runs to dedup against and extend
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,7 +197,10 @@ class RunConfig:
         if (self.input.format == "embeddings") != self.embed.model.startswith("precomputed:"):
             raise ConfigError("embed.model: use 'precomputed:NAME' exactly when input.format is embeddings "
                               f"(got format {self.input.format!r}, model {self.embed.model!r})")
-        for section in ("input", "embed", "codec", "search", "group", "export", "ray"):
+        if self.against and Path(self.against).resolve() == self.index_path.resolve():
+            raise ConfigError(f"against: {self.against} is this run's own index folder; give the new run "
+                              "its own --index-dir")
+        for section in ("input", "embed", "codec", "search", "group", "export", "ray", "decontaminate"):
             getattr(self, section).validate()
 
     @property
@@ -196,10 +219,10 @@ class RunConfig:
         "ingest": ("input",),
         "embed": ("input", "embed.model"),
         "index": ("input", "embed.model", "codec", "search.cells", "search.proj_dim"),
-        "search": ("input", "embed.model", "codec", "search"),
-        "group": ("input", "embed.model", "codec", "search", "group"),
-        "report": ("input", "embed.model", "codec", "search", "group"),
-        "export": ("input", "embed.model", "codec", "search", "group", "export"),
+        "search": ("input", "embed.model", "codec", "search", "against", "decontaminate"),
+        "group": ("input", "embed.model", "codec", "search", "group", "against", "decontaminate"),
+        "report": ("input", "embed.model", "codec", "search", "group", "against", "decontaminate"),
+        "export": ("input", "embed.model", "codec", "search", "group", "export", "against", "decontaminate"),
     }
 
     def stage_view(self, stage: str) -> dict[str, Any]:
@@ -218,7 +241,7 @@ class RunConfig:
 
 
 _SECTIONS = {"input": InputConfig, "embed": EmbedConfig, "codec": CodecConfig, "search": SearchConfig,
-             "group": GroupConfig, "export": ExportConfig, "ray": RayConfig}
+             "group": GroupConfig, "export": ExportConfig, "ray": RayConfig, "decontaminate": DecontaminateConfig}
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

@@ -139,9 +139,9 @@ def run_stage(run: Run, ex) -> dict:
     out = run.root / "export"
     samples = pq.read_table(run.root / "reports" / "samples.parquet").to_pandas()
     ok = samples[samples["status"] == "ok"]
-    keep = ok[~ok["is_duplicate"].astype(bool)]
-    remove = ok[ok["is_duplicate"].astype(bool)]
-    cols = ["key", "uid", "gid", "shard", "group_id", "representative_key", "rep_similarity"]
+    removed = ok["removed_reason"].notna()   # duplicate, or eval_leak (decontamination)
+    keep, remove = ok[~removed], ok[removed]
+    cols = ["key", "uid", "gid", "shard", "group_id", "representative_key", "rep_similarity", "removed_reason"]
     files = {}
     if "keep" in run.cfg.export.formats or "webdataset" in run.cfg.export.formats:
         write_parquet(out / "keep.parquet", pa.Table.from_pandas(keep[cols], preserve_index=False))

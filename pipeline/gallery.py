@@ -24,6 +24,7 @@ GROUPS_PER_PAGE = 40
 MAX_PAGES = 10
 MEMBERS_SHOWN = 8
 BORDER_PAIRS = 24
+LEAKS_SHOWN = 60
 
 
 def _thumbs(run, members: pd.DataFrame, px: int = 128) -> dict[int, str]:
@@ -77,7 +78,7 @@ def _page(title: str, body: str) -> bytes:
 
 
 def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataFrame, summary: dict,
-          threshold: float) -> list[Path]:
+          threshold: float, leaks: pd.DataFrame | None = None) -> list[Path]:
     out = run.root / "reports"
     ok = samples[samples["status"] == "ok"]
     ingest = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet", columns=["gid", "member"]).to_pandas()
@@ -97,7 +98,10 @@ def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataF
     border = pd.concat([pairs_near[pairs_near["similarity"] >= threshold].nsmallest(BORDER_PAIRS // 2, "similarity"),
                         pairs_near[pairs_near["similarity"] < threshold].nlargest(BORDER_PAIRS // 2, "similarity")])
     border_rows = by_key.loc[by_key.index.intersection(pd.concat([border["key_a"], border["key_b"]]))].reset_index()
-    thumbs = _thumbs(run, pd.concat([shown, border_rows])[["gid", "shard", "member"]].dropna().drop_duplicates())
+    leaks = leaks if leaks is not None else pd.DataFrame({"eval_set": [], "eval_key": [], "key": []})
+    leak_rows = by_key.loc[by_key.index.intersection(leaks["key"].head(LEAKS_SHOWN))].reset_index()
+    thumbs = _thumbs(run, pd.concat([shown, border_rows, leak_rows])[["gid", "shard", "member"]].dropna()
+                     .drop_duplicates())
 
     pages = [top.iloc[i:i + GROUPS_PER_PAGE] for i in range(0, len(top), GROUPS_PER_PAGE)] or [top]
     names = ["index.html"] + [f"groups_{i + 1}.html" for i in range(1, len(pages))]
@@ -122,6 +126,8 @@ def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataF
                 prs.append(f'<div class="pair">{side(pr["key_a"])}{side(pr["key_b"])}'
                            f'<div>cosine {pr["similarity"]:.4f}<br>{tag}</div></div>')
             parts.append(f'<h2>Borderline pairs (threshold {threshold})</h2><div id="borderline">{"".join(prs)}</div>')
+            if len(leaks):
+                parts.append(_leak_section(leaks, by_key, thumbs))
         parts.append(f"<h2>Largest groups</h2><p>{nav}</p>")
         for _, g in chunk.iterrows():
             cards = "".join(_card(r, thumbs, "(kept)" if r["is_representative"] else f'{r["rep_similarity"]:.3f}')
@@ -131,3 +137,15 @@ def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataF
         files.append(write_bytes(out / name, _page("dedup2b report" if p == 0 else f"dedup2b groups, page {p + 1}",
                                                    "".join(parts))))
     return files
+
+
+def _leak_section(leaks: pd.DataFrame, by_key: pd.DataFrame, thumbs: dict) -> str:
+    """Evaluation items found in the training rows: which item, how many times, where."""
+    items = []
+    for (name, eval_key), part in list(leaks.head(LEAKS_SHOWN).groupby(["eval_set", "eval_key"], sort=False)):
+        cards = "".join(_card(by_key.loc[k].to_dict() | {"key": k}, thumbs, f"{s:.3f}")
+                        for k, s in zip(part["key"], part["similarity"]) if k in by_key.index)
+        items.append(f'<div class="group leak"><b>{html.escape(str(name))} / {html.escape(str(eval_key))}</b>: '
+                     f'in {len(part)} training rows (removed)<div class="row">{cards}</div></div>')
+    return (f'<h2>Evaluation-set leaks</h2><p>{leaks["eval_key"].nunique()} evaluation items found in '
+            f'{leaks["key"].nunique()} training rows; see leaks.parquet.</p><div id="leaks">{"".join(items)}</div>')

@@ -4,7 +4,9 @@ Nodes are the rows that have a vector. Edges are verified near pairs (exact cosi
 and exact-byte pairs (equal sha256). Components come from the vectorised union-find
 (unionfind.py), fed in bounded chunks. Each
 group gets one representative by a deterministic rule: most pixels, then most bytes, then the
-smallest key. Chaining guard: a member less similar than `min_rep_similarity` to its
+smallest key (group.representative: quality), or the first row in input order (first).
+Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
+node ranked before every new row, so earlier rows keep their status and new copies are removed. Chaining guard: a member less similar than `min_rep_similarity` to its
 representative is split off; the split-off members are regrouped among themselves (by the edges
 between them) and the rule repeats until every member is close to its representative.
 Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
@@ -19,6 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pathlib import Path
+
+from . import crossindex
 from .ingest import exact_edges
 from .io import write_parquet
 from .run import Run
@@ -91,6 +96,8 @@ def run_stage(run: Run) -> dict:
     keys = np.array(nodes["key"].to_pylist(), dtype=object)
     rank = np.empty(len(gids), np.int64)   # lower is better: most pixels, most bytes, smallest key
     rank[np.lexsort((keys, -nbytes, -pixels))] = np.arange(len(gids))
+    if cfg.group.representative == "first":
+        rank = np.arange(len(gids), dtype=np.int64)   # gids are sorted: input order
 
     near = pa.concat_tables([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"],
                                            filters=[("similarity", ">=", cfg.search.threshold)])
@@ -99,7 +106,7 @@ def run_stage(run: Run) -> dict:
     nb = np.searchsorted(gids, near["gid_b"].to_numpy())
     nsim = near["similarity"].to_numpy()
     by_text = cfg.group.duplicate_key == "image+text"
-    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object) if by_text else None
+    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object)
     if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
         sha = np.array(nodes["sha256"].to_pylist(), dtype=object)
         ea, eb = exact_edges(sha + "\x00" + texts if by_text else sha)
@@ -121,26 +128,92 @@ def run_stage(run: Run) -> dict:
     lo, hi, sim, kind = lo[sel], hi[sel], sim[sel], kind[sel]
 
     store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
-    rep, rep_sim = group(gids, rank, lo, hi, store, cfg.group.min_rep_similarity)
-    size = np.bincount(rep, minlength=len(gids))[rep]
+    n = len(gids)
+    old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
+    if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
+        all_gids = np.concatenate([gids, old["group_ids"]])
+        all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
+        ga = np.concatenate([lo, old["a"]]); gb = np.concatenate([hi, n + old["b"]])
+        rep, rep_sim = group(all_gids, all_rank, ga, gb, old["store"], cfg.group.min_rep_similarity)
+        rep, rep_sim = rep[:n], rep_sim[:n]
+        group_ids = all_gids[rep]
+        size = np.bincount(rep, minlength=len(all_gids))[rep] + old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)
+    else:
+        rep, rep_sim = group(gids, rank, lo, hi, store, cfg.group.min_rep_similarity)
+        group_ids = gids[rep]
+        size = np.bincount(rep, minlength=n)[rep]
     # nearest verified neighbour of each node
-    both_n = np.concatenate([lo, hi]); both_o = np.concatenate([hi, lo]); both_s = np.concatenate([sim, sim])
+    both_n = np.concatenate([lo, hi]); both_o = np.concatenate([gids[hi], gids[lo]]); both_s = np.concatenate([sim, sim])
+    if old is not None:
+        both_n = np.concatenate([both_n, old["a"]]); both_o = np.concatenate([both_o, old["other"]])
+        both_s = np.concatenate([both_s, old["sim"]])
     o = np.lexsort((both_o, -both_s, both_n))
     firsts = np.ones(len(o), bool)
     firsts[1:] = both_n[o][1:] != both_n[o][:-1]
-    nearest = np.full(len(gids), -1, np.int64)
-    nearest_sim = np.full(len(gids), np.nan, np.float32)
-    nearest[both_n[o][firsts]] = gids[both_o[o][firsts]]
+    nearest = np.full(n, -1, np.int64)
+    nearest_sim = np.full(n, np.nan, np.float32)
+    nearest[both_n[o][firsts]] = both_o[o][firsts]
     nearest_sim[both_n[o][firsts]] = both_s[o][firsts]
+    if old is not None:   # the edges to earlier runs' rows are part of this run's report
+        lo_g = np.concatenate([gids[lo], gids[old["a"]]]); hi_g = np.concatenate([gids[hi], old["other"]])
+        sim = np.concatenate([sim, old["sim"]]); kind = np.concatenate([kind, np.array(["near"] * len(old["a"]), object)])
+    else:
+        lo_g, hi_g = gids[lo], gids[hi]
 
     out = run.dir("group")
-    rows = pa.table({"gid": gids, "group_id": gids[rep], "group_size": size.astype(np.int64),
+    rows = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),
                      "is_representative": rep == np.arange(len(gids)), "rep_similarity": rep_sim,
                      "nearest_gid": pa.array(nearest, mask=nearest < 0),
                      "nearest_similarity": pa.array(nearest_sim, mask=np.isnan(nearest_sim))})
-    edges = pa.table({"gid_a": gids[lo], "gid_b": gids[hi], "similarity": sim,
+    edges = pa.table({"gid_a": lo_g, "gid_b": hi_g, "similarity": sim,
                       "kind": pa.array(kind.tolist(), pa.string())})
     files = [write_parquet(out / "rows.parquet", rows), write_parquet(out / "edges.parquet", edges)]
-    n_groups = int((rep == np.arange(len(gids))).sum())
+    n_groups = int(len(np.unique(group_ids)))
+    registered = crossindex.register(run, rows, texts.tolist())
     run.marker("group", "group").write(cfg.fingerprint("group"), files, rows=len(gids), groups=n_groups)
-    return {"rows": len(gids), "groups": n_groups, "edges": len(lo), "seconds": round(time.time() - t0, 3)}
+    stats = {"rows": len(gids), "groups": n_groups, "edges": len(lo_g), "seconds": round(time.time() - t0, 3),
+             "registered": registered}
+    if old is not None:
+        stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
+                     earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))
+    return stats
+
+
+class _Both:
+    """Vectors of this run's rows and of the earlier runs' rows, by gid."""
+
+    def __init__(self, store: VectorStore, target):
+        self.store, self.target, self.mine = store, target, set(store.shards)
+
+    def get(self, gids: np.ndarray) -> np.ndarray:
+        gids = np.asarray(gids, np.int64)
+        out = np.empty((len(gids), self.store.dim), np.float32)
+        here = np.isin(gids >> 32, list(self.mine))
+        if here.any():
+            out[here] = self.store.get(gids[here])
+        if (~here).any():
+            out[~here] = self.target.get(gids[~here])
+        return out
+
+
+def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray, store: VectorStore) -> dict:
+    """Verified edges from this run's rows to earlier runs' rows, as edges to one node per earlier group."""
+    import pandas as pd
+    cfg = run.cfg
+    target = crossindex.Target(cfg.against, cfg.embed.model, run.root)
+    cross = crossindex.pairs(run, "against", Path(cfg.against).name).to_pandas()
+    reg = target.registry.set_index("gid")
+    clash = set(target.registry["key"]) & set(keys.tolist())
+    if clash:
+        raise ValueError(f"keys {sorted(clash)[:3]} are already in {cfg.against}; keys must be unique across increments")
+    a = np.searchsorted(gids, cross["gid"].to_numpy())
+    other = cross["other_gid"].to_numpy()
+    ok = (a < len(gids)) & (gids[np.minimum(a, len(gids) - 1)] == cross["gid"].to_numpy())
+    if cfg.group.duplicate_key == "image+text":
+        ok &= texts[np.minimum(a, len(gids) - 1)] == reg["text"].reindex(other).to_numpy()
+    a, other, sim = a[ok], other[ok], cross["similarity"].to_numpy()[ok]
+    old_group = reg["group_id"].reindex(other).to_numpy(np.int64)
+    group_ids, b = np.unique(old_group, return_inverse=True)
+    sizes = target.registry.groupby("group_id").size()
+    return {"group_ids": group_ids, "a": a.astype(np.int64), "b": b.astype(np.int64), "other": other,
+            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": _Both(store, target)}

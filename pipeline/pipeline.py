@@ -54,6 +54,9 @@ def _clear_downstream(run: Run, stage: str) -> None:
 def run_pipeline(cfg: RunConfig, ex, stages: tuple[str, ...] = STAGES, fresh: bool = False,
                  log=print) -> dict:
     run = Run(cfg)
+    if cfg.against:
+        from .crossindex import check_against
+        check_against(run)
     run.open_manifest(fresh=fresh)
     timings_path = run.root / "stage_stats.json"
     all_stats = read_json(timings_path) if timings_path.exists() else {}

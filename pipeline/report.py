@@ -16,6 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import gallery
+from pathlib import Path
+
+from . import crossindex
 from .io import read_json, write_json, write_parquet
 from .run import Run
 from .search import pair_files
@@ -40,12 +43,45 @@ def samples_table(run: Run) -> pd.DataFrame:
     df["is_representative"] = df["is_representative"].astype("boolean")
     df["is_duplicate"] = (ok & ~df["is_representative"].fillna(True)).astype("boolean")
     df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
+    key_of = all_keys(run, key_of)
     df["representative_key"] = df["group_id"].map(key_of)
     df["nearest_key"] = df["nearest_gid"].map(key_of)
+    # decontamination: a row near an evaluation item leaks it; its whole group is removed
+    leaked = set(crossindex.pairs(run, "leaks")["gid"].to_pylist())
+    df["is_leak"] = (ok & df["gid"].isin(leaked)).astype("boolean")
+    df.loc[~ok, "is_leak"] = pd.NA
+    leak_groups = set(df.loc[df["is_leak"].fillna(False).astype(bool), "group_id"].dropna())
+    reason = np.where(df["group_id"].isin(leak_groups), "eval_leak",
+                      np.where(df["is_duplicate"].fillna(False).astype(bool), "duplicate", None))
+    df["removed_reason"] = pd.array(np.where(ok, reason, None), dtype="string")
     cols = ["key", "shard", "row", "gid", "uid", "url", "caption", "sha256", "status", "error", "group_id",
-            "group_size", "is_representative", "is_duplicate", "representative_key", "rep_similarity",
-            "nearest_key", "nearest_similarity"]
+            "group_size", "is_representative", "is_duplicate", "is_leak", "removed_reason", "representative_key",
+            "rep_similarity", "nearest_key", "nearest_similarity"]
     return df[cols].sort_values("gid").reset_index(drop=True)
+
+
+def all_keys(run: Run, key_of: pd.Series) -> pd.Series:
+    """gid -> key of this run's rows and, for an incremental run, of the earlier runs' rows."""
+    if not run.cfg.against:
+        return key_of
+    reg = crossindex.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
+    return pd.concat([key_of, reg.set_index("gid")["key"]])
+
+
+def leaks_table(run: Run, df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (training row, evaluation item) pair: which eval items leaked, where, how close."""
+    parts = []
+    for folder in run.cfg.decontaminate.eval:
+        folder = Path(folder)
+        got = crossindex.pairs(run, "leaks", folder.name).to_pandas()
+        reg = crossindex.Target(folder, run.cfg.embed.model, run.root).registry.set_index("gid")
+        parts.append(pd.DataFrame({"eval_set": folder.name, "eval_key": got["other_gid"].map(reg["key"]),
+                                   "gid": got["gid"], "similarity": got["similarity"]}))
+    cols = ["eval_set", "eval_key", "key", "url", "caption", "group_id", "similarity"]
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    leaks = pd.concat(parts, ignore_index=True).merge(df[["gid", "key", "url", "caption", "group_id"]], on="gid")
+    return leaks.sort_values(["eval_set", "eval_key", "similarity"], ascending=[True, True, False])[cols]
 
 
 def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: str, path) -> None:
@@ -80,7 +116,7 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     cfg = run.cfg
     df = samples_table(run)
     write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    key_of = df.set_index("gid")["key"]
+    key_of = all_keys(run, df.set_index("gid")["key"])
     edges = pq.read_table(run.dir("group") / "edges.parquet").to_pandas()
     pairs = pd.DataFrame({"key_a": edges["gid_a"].map(key_of), "key_b": edges["gid_b"].map(key_of),
                           "similarity": edges["similarity"], "kind": edges["kind"]})
@@ -92,7 +128,7 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     edges["group_id"] = edges["gid_a"].map(gid_to_group)
     same = edges[edges["group_id"] == edges["gid_b"].map(gid_to_group)]
     multi = grouped[grouped["group_size"] > 1]
-    groups = multi.groupby("group_id").agg(size=("key", "size"), min_similarity=("rep_similarity", "min"))
+    groups = multi.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"))
     groups["representative_key"] = groups.index.map(key_of)
     groups["max_similarity"] = same.groupby("group_id")["similarity"].max().reindex(groups.index)
     groups = groups.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
@@ -115,14 +151,21 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     n_in, n_ok = len(df), len(ok)
     n_failed = n_in - n_ok
     n_groups = int(ok["group_id"].nunique())
-    removed = int(ok["is_duplicate"].sum())
+    removed = int(ok["removed_reason"].notna().sum())
     kept = n_ok - removed
+    leaks = leaks_table(run, df)
+    if run.cfg.decontaminate.eval:
+        write_parquet(out / "leaks.parquet", pa.Table.from_pandas(leaks, preserve_index=False))
     codec = read_json(run.dir("index") / "codec.json")
     summary = {
         "input_rows": n_in, "ok": n_ok, "failed": n_failed, "groups": n_groups,
         "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
         "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
         "kept": kept, "removed": removed, "invariant_holds": n_in == kept + removed + n_failed,
+        "removed_by_reason": ok["removed_reason"].value_counts().to_dict(),
+        "eval_leaks": {name: {"eval_items_leaked": int(part["eval_key"].nunique()), "pairs": int(len(part)),
+                              "train_rows_matched": int(part["key"].nunique())}
+                       for name, part in leaks.groupby("eval_set")},
         "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(": ").str[:2]
                               .str.join(": ").value_counts().to_dict(),
         "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec["factory"],
@@ -135,6 +178,9 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     }
     if not summary["invariant_holds"]:
         raise AssertionError(f"invariant broken: input {n_in} != kept {kept} + removed {removed} + failed {n_failed}")
+    from .calibrate import summary_entry   # after `dedup2b calibrate`: the threshold's estimated precision
+    if (cal := summary_entry(out, cfg.search.threshold, cfg.embed.model)) is not None:
+        summary["calibration"] = cal
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
@@ -142,7 +188,7 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     near = found[(cand >= cfg.search.threshold - band) & (cand < cfg.search.threshold + band)]
     near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
                          "similarity": near["similarity"]})
-    gallery.write(run, df, groups, near, summary, cfg.search.threshold)
+    gallery.write(run, df, groups, near, summary, cfg.search.threshold, leaks=leaks)
     path = write_json(out / "summary.json", summary)
     run.marker("report", "report").write(cfg.fingerprint("report"), [path], rows=n_in)
     return summary

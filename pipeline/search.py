@@ -216,7 +216,17 @@ def search(job: SearchJob, ex) -> dict:
 
 
 def run_stage(run, ex) -> dict:
+    from . import crossindex
     job = SearchJob(run.dir("embed"), {s.index: s.name for s in run.shards}, run.dir("index"),
                     run.dir("search"), run.cfg.search, run.cfg.fingerprint("index"),
                     run.cfg.fingerprint("search"))
-    return search(job, ex)
+    stats = search(job, ex)
+    cross = []
+    if run.cfg.against:          # incremental: new rows against the rows of earlier runs
+        cross.append(("against", Path(run.cfg.against)))
+    cross += [("leaks", Path(p)) for p in run.cfg.decontaminate.eval]   # rows against evaluation sets
+    for kind, folder in cross:
+        got = crossindex.search(run, ex, folder, kind, folder.name)
+        stats[f"{kind}_{folder.name}"] = got
+        stats["shards"] = stats.get("shards", 0) + got["shards"]
+    return stats

@@ -1,0 +1,175 @@
+"""Searching a run's rows against another run's built index: the shared step of incremental
+dedup (`dedup2b run --against NAME`) and evaluation-set decontamination (`dedup2b decontaminate`).
+
+Every run leaves its index folder searchable by later runs. Beside index.faiss and codec.json:
+  registry.parquet   every row the index holds: gid, key, group_id, text (normalised caption), run
+  runs.json          the runs whose vectors it holds: run dir, embed dir, shards {index: name}
+An incremental run extends the folder it searched: its rows are added to index.faiss (encoded with
+the trained codec) and to the registry. Rows of the run itself are never read back as "old" rows,
+so a rerun after a crash does not match a run against its own rows.
+
+Cross search (per query shard, resumable): IVF-PQ range search of the shard's vectors with radius
+threshold - margin, then every candidate re-scored exactly against the target's stored fp16
+vectors; pairs with exact cosine >= threshold are written as search/<kind>/<name>-NNNNN.parquet
+(gid = query row, other_gid = target row, similarity).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import Marker, read_json, write_bytes, write_json, write_parquet
+from .vectors import VectorStore
+
+
+class TargetError(RuntimeError):
+    """The index searched against is missing, foreign, or made with another model."""
+
+
+def _runs(folder: Path) -> list[dict]:
+    path = folder / "runs.json"
+    return read_json(path)["runs"] if path.exists() else []
+
+
+class Target:
+    """A built, registered index folder and the stored vectors of the rows it holds."""
+
+    def __init__(self, folder, model: str, exclude_run: str | Path | None = None):
+        self.folder = Path(folder)
+        if not (self.folder / "registry.parquet").exists():
+            raise TargetError(f"{self.folder}: no registry.parquet; build it first with a full "
+                              "`dedup2b run` whose --index-dir is this folder")
+        meta = read_json(self.folder / "codec.json")
+        if meta.get("model") != model:
+            raise TargetError(f"{self.folder}: built with model {meta.get('model')!r}, this run uses {model!r}; "
+                              "vectors of different models cannot be compared")
+        skip = str(Path(exclude_run).resolve()) if exclude_run else None
+        self.runs = [r for r in _runs(self.folder) if r["run_dir"] != skip]
+        reg = pq.read_table(self.folder / "registry.parquet").to_pandas()
+        self.registry = reg[reg["run"] != skip].reset_index(drop=True) if skip else reg
+        self.stores = [VectorStore(Path(r["embed_dir"]), {int(k): v for k, v in r["shards"].items()})
+                       for r in self.runs]
+        self._owner = {i: s for s in self.stores for i in s.shards}
+
+    def shard_indexes(self) -> set[int]:
+        return set(self._owner)
+
+    def get(self, gids: np.ndarray) -> np.ndarray:
+        gids = np.asarray(gids, np.int64)
+        dim = next(iter(self.stores)).dim if self.stores else 0
+        out = np.empty((len(gids), dim), np.float32)
+        which = gids >> 32
+        for index in np.unique(which):
+            sel = np.nonzero(which == index)[0]
+            out[sel] = self._owner[int(index)].get(gids[sel])
+        return out
+
+    def index(self):
+        import faiss
+        return faiss.read_index(str(self.folder / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def check_against(run) -> None:
+    """Before any work: the folder is a registered index of the same model, and this run's shard
+    numbers (the high half of every gid) are not already in it."""
+    target = Target(run.cfg.against, run.cfg.embed.model, run.root)
+    clash = {s.index for s in run.shards} & target.shard_indexes()
+    if clash:
+        raise TargetError(f"{run.cfg.against} already holds shard numbers {sorted(clash)[:5]} from another run; "
+                          "an increment's shard files must continue the numbering (rename e.g. 00000.tar/.parquet "
+                          "to the next free number): gid = shard << 32 | row must stay unique")
+
+
+def search_shard(job: dict) -> dict:
+    """Pairs (query row, target row) with exact cosine >= threshold for one query shard."""
+    import faiss
+    out_dir, unit = Path(job["out_dir"]), job["unit"]
+    target = Target(job["target"], job["model"], job["run_dir"])
+    store = VectorStore(Path(job["embed_dir"]), {job["index"]: job["shard"]})
+    gids, vecs = store.shard(job["index"])
+    index = target.index()
+    faiss.extract_index_ivf(index).nprobe = job["nprobe"]
+    own = target.shard_indexes()
+    qa, qb = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for i in range(0, len(gids), 4096):
+        q = np.ascontiguousarray(vecs[i:i + 4096], dtype=np.float32)
+        lims, _, ids = index.range_search(q, job["threshold"] - job["margin"])
+        qa.append(np.repeat(gids[i:i + 4096], np.diff(lims).astype(np.int64)))
+        qb.append(ids.astype(np.int64))
+    a, b = np.concatenate(qa), np.concatenate(qb)
+    keep = np.isin(b >> 32, list(own))     # rows of runs the registry holds (never this run's own rows)
+    a, b = a[keep], b[keep]
+    if len(a):
+        pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+        a, b = pairs[:, 0], pairs[:, 1]
+    sim = np.einsum("ij,ij->i", store.get(a), target.get(b)) if len(a) else np.zeros(0, np.float32)
+    ok = sim >= job["threshold"]
+    path = write_parquet(out_dir / f"{unit}.parquet", pa.table(
+        {"gid": a[ok], "other_gid": b[ok], "similarity": sim[ok].astype(np.float32)}))
+    Marker(out_dir, unit).write(job["fp"], [path], candidates=len(a), pairs=int(ok.sum()))
+    return {"candidates": len(a), "pairs": int(ok.sum())}
+
+
+def search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
+    """Cross-search every shard of `run` against `target_folder`; pairs under search/<kind>/."""
+    cfg = run.cfg
+    Target(target_folder, cfg.embed.model, run.root)   # fail early, naming the folder
+    out_dir = run.dir("search") / kind
+    fp = cfg.fingerprint("search")
+    jobs = [{"target": str(target_folder), "model": cfg.embed.model, "run_dir": str(run.root),
+             "embed_dir": str(run.dir("embed")), "index": s.index, "shard": s.name, "out_dir": str(out_dir),
+             "unit": f"{name}-{s.name}", "fp": fp, "threshold": cfg.search.threshold,
+             "margin": cfg.search.margin, "nprobe": cfg.search.nprobe}
+            for s in run.shards if not Marker(out_dir, f"{name}-{s.name}").valid(fp)]
+    results = ex.map(search_shard, jobs, desc=f"search: {kind} {name}", num_cpus=1)
+    return {"shards": len(jobs), "candidates": sum(r["candidates"] for r in results),
+            "pairs": sum(r["pairs"] for r in results)}
+
+
+def pairs(run, kind: str, name: str | None = None) -> pa.Table:
+    folder = run.dir("search") / kind
+    files = sorted(folder.glob(f"{name + '-' if name else ''}*.parquet")) if folder.exists() else []
+    empty = pa.table({"gid": pa.array([], pa.int64()), "other_gid": pa.array([], pa.int64()),
+                      "similarity": pa.array([], pa.float32())})
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else empty
+
+
+def register(run, rows: pa.Table, texts: list[str]) -> dict:
+    """Make this run searchable by later runs: its own index folder, or, for an incremental run, the
+    folder it searched against (rows added to index.faiss and the registry)."""
+    import faiss
+    cfg = run.cfg
+    folder = Path(cfg.against) if cfg.against else run.dir("index")
+    ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{s.name}.parquet", columns=["gid", "key"])
+                               for s in run.shards]).to_pandas().set_index("gid")["key"]
+    gids = rows["gid"].to_numpy()
+    me = str(run.root.resolve())
+    new = pa.table({"gid": gids, "key": pa.array(ingest.reindex(gids).tolist(), pa.string()),
+                    "group_id": rows["group_id"].to_numpy(), "text": pa.array(texts, pa.string()),
+                    "run": pa.array([me] * len(gids), pa.string())})
+    runs = [r for r in _runs(folder) if r["run_dir"] != me]
+    entry = {"run_dir": me, "embed_dir": str(run.dir("embed").resolve()),
+             "shards": {str(s.index): s.name for s in run.shards}, "rows": len(gids)}
+    if cfg.against:
+        old = pq.read_table(folder / "registry.parquet")
+        old = old.filter(pa.compute.not_equal(old["run"], me))
+        index = faiss.read_index(str(folder / "index.faiss"))
+        if not any(r.get("added") == me for r in _runs(folder)):   # add this run's vectors once
+            store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+            for s in run.shards:
+                sg, sv = store.shard(s.index)
+                for i in range(0, len(sg), 65536):
+                    index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
+            write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
+            done = Marker(folder, "index")   # the index stays valid for the run that built it
+            if done.path.exists():
+                info = done.read()
+                done.write(info["fingerprint"], [Path(p) for p in info["outputs"]], rows=int(index.ntotal))
+        entry["added"] = me
+        new = pa.concat_tables([old, new])
+    write_parquet(folder / "registry.parquet", new)
+    write_json(folder / "runs.json", {"runs": runs + [entry]})
+    return {"registered": str(folder), "rows": new.num_rows}
