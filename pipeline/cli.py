@@ -140,6 +140,9 @@ def cmd_demo(args) -> int:
     scores = demo.score(out / "corpus" / "ground_truth.parquet", out / "reports" / "samples.parquet")
     print(f"  vs ground truth pair precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
           f"({scores['true_pairs']} true pairs, {scores['found_pairs']} found)")
+    if not args.no_calibrate:
+        from . import calibrate
+        calibrate.calibrate(out)
     print(f"  wall time       {time.time() - t0:.1f}s")
     return 0
 
@@ -194,6 +197,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="build the embedded demo corpus and run the whole pipeline on it")
     _common(p)
     p.add_argument("--out", default="reports/demo", help="run directory of the demo")
+    p.add_argument("--no-calibrate", action="store_true", help="skip `dedup2b calibrate` at the end")
     p = sub.add_parser("decontaminate", help="dedup a training corpus and remove every near duplicate of "
                        "evaluation-set rows (leaks.parquet, HTML section, export without them)")
     _common(p)

@@ -64,6 +64,10 @@ class RayExecutor:
     def __init__(self, cfg: RayConfig | None = None):
         self.cfg = cfg or RayConfig()
         self._started = False
+        # which node ran each shard task: {desc: {node_id: tasks}}; on_task(desc, done, total, node_id)
+        # is called as each task finishes (a job's progress lines)
+        self.tasks_by_node: dict[str, dict[str, int]] = {}
+        self.on_task: Callable[[str, int, int, str], None] | None = None
         self._start()
 
     def _start(self) -> None:
@@ -87,6 +91,19 @@ class RayExecutor:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
 
+    def node_names(self) -> dict[str, str]:
+        """Node id -> a readable name: the node's own resource label (`node_b`), else `head`, else the
+        id's first 8 characters."""
+        import ray
+        plain = {"CPU", "GPU", "memory", "object_store_memory"}
+        names = {}
+        for node in ray.nodes():
+            res = node.get("Resources", {})
+            labels = sorted(k for k in res if k not in plain and not k.startswith(("node:", "accelerator_type:")))
+            head = "node:__internal_head__" in res
+            names[node["NodeID"]] = labels[0] if labels else "head" if head else node["NodeID"][:8]
+        return names
+
     @property
     def num_gpus(self) -> int:
         import ray
@@ -99,14 +116,22 @@ class RayExecutor:
                                                      retry_exceptions=True)
         refs = [remote.remote(fn, item, env) for item in items]
         pending = list(refs)
-        with tqdm(total=len(refs), desc=desc, disable=not desc, leave=False) as bar:
+        nodes = self.tasks_by_node.setdefault(desc or fn.__name__, {})
+        with tqdm(total=len(refs), desc=desc, disable=not desc or self.on_task is not None, leave=False) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
+                try:
+                    node = ray.get(done[0])[0]
+                except Exception:  # a failed task: named at the end
+                    node = "failed"
+                nodes[node] = nodes.get(node, 0) + 1
+                if self.on_task:
+                    self.on_task(desc or fn.__name__, len(refs) - len(pending), len(refs), node)
         out, failed = [], []
         for item, ref in zip(items, refs):
             try:
-                out.append(ray.get(ref))
+                out.append(ray.get(ref)[1])
             except Exception as exc:  # the task's own error, after its retries
                 failed.append((item, exc))
         if failed:
@@ -118,6 +143,9 @@ class RayExecutor:
                model_cpus: float = 1.0) -> Iterator[dict]:
         import ray
         gpus = 1 if self.num_gpus > 0 else 0   # ask for GPUs only where the cluster has them
+        if not gpus:   # CPU model actors must leave room for the decode tasks, or the stream stalls
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            model_cpus = min(model_cpus, max(0.1, (cpus - 2 * decode_cpus) / max(actors, 1)))
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         ds = ds.flat_map(read, num_cpus=decode_cpus)
         ds = ds.map_batches(preprocess, batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
@@ -149,14 +177,16 @@ def _failure_message(desc: str, failed: list, retries: int) -> str:
     return "\n".join(lines)
 
 
-def _call_with_env(fn: Callable, item: Any, env: dict) -> Any:
+def _call_with_env(fn: Callable, item: Any, env: dict) -> tuple[str, Any]:
+    """Runs one unit; returns (id of the node it ran on, its result)."""
+    import ray
     os.environ.update(env)
     try:
         import faiss
         faiss.omp_set_num_threads(int(env["OMP_NUM_THREADS"]))
     except ImportError:
         pass
-    return fn(item)
+    return ray.get_runtime_context().get_node_id(), fn(item)
 
 
 def make_executor(kind: str, cfg: RayConfig | None = None):

@@ -1,6 +1,5 @@
 """Incremental dedup (`run --against NAME`): two increments give the all-at-once kept set."""
 import shutil
-from pathlib import Path
 
 import faiss
 import pyarrow.parquet as pq

@@ -1,0 +1,206 @@
+"""calibrate: threshold -> precision / recall for a finished run, and a recommended threshold.
+
+Two estimates, written to RUN/reports/:
+  synthetic  web-crawl-style copies of sampled rows, embedded with the run's model (synthcopies.py):
+             a table over a threshold grid (step 0.01, from the run's threshold - 0.30 up) of pair
+             precision with a bootstrap 95 % interval, copy recall and estimated pair counts
+  audit      sampled flagged pairs re-checked against the stored vectors and, with a labels file,
+             against human labels, each with a Wilson 95 % interval (audit.py)
+  calibration.parquet  both: source (synthetic|audit), method, threshold, precision, precision_lo/hi,
+                       recall, n, counts
+  calibration.png      precision (with its interval) and recall against the threshold, the run's and
+                       the recommended thresholds marked, the audit at the run's threshold
+  calibration.json     the recommended threshold for the target precision, the estimate at the run's
+                       threshold, the audit; its digest goes into summary.json under "calibration"
+The recommended threshold is the smallest on the grid from which up every estimate reaches the target.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import audit, synthcopies
+from .config import from_dict
+from .io import read_json, write_json, write_parquet
+from .run import Run
+from .vectors import VectorStore
+
+# A removal cannot be undone, and union-find turns a 1 % pair error into merged groups of distinct
+# images; 0.99 is the lowest pair precision we recommend deleting at (the paper audited 0.81).
+DEFAULT_TARGET = 0.99
+GRID_SPAN, GRID_STEP = 0.30, 0.01
+COLUMNS = ["key", "gid", "sha256", "status", "group_id", "group_size", "shard"]
+
+
+def _r(x) -> float:
+    return round(float(x), 4)
+
+
+def open_run(run_dir) -> Run:
+    root = Path(run_dir).resolve()
+    if not (root / "manifest.json").exists():
+        raise FileNotFoundError(f"{root / 'manifest.json'}: not a run directory (run `dedup2b run` first)")
+    data = read_json(root / "manifest.json")["config"]
+    data["run_dir"] = str(root)            # the folder may have moved since the run
+    return Run(from_dict(data))
+
+
+def threshold_grid(threshold: float) -> np.ndarray:
+    lo = max(-1.0, round(threshold - GRID_SPAN, 2))
+    return np.unique(np.r_[np.round(np.arange(lo, 1.0 - 1e-9, GRID_STEP), 4), round(threshold, 6)])
+
+
+def recommend(table: pd.DataFrame, target: float):
+    """The row of the smallest threshold from which up every precision estimate is >= target."""
+    p = table["precision"].to_numpy()
+    ok = np.minimum.accumulate(p[::-1])[::-1] >= target
+    return table.iloc[int(np.argmax(ok))] if ok.any() else None
+
+
+def synthetic(run: Run, samples: pd.DataFrame, store: VectorStore, n: int, copies: int, seed: int,
+              log=print) -> pd.DataFrame:
+    grid = threshold_grid(run.cfg.search.threshold)
+    rows = synthcopies.sample_rows(run, samples, n, seed)
+    src = store.get(rows["gid"].to_numpy())
+    scores = synthcopies.copy_scores(run, rows, src, copies, seed, log)
+    ok = samples[samples["status"] == "ok"]
+    fp = synthcopies.negative_counts(store, ok.set_index("gid")["group_id"].astype(np.int64), rows, src, grid)
+    return synthcopies.estimate(rows, scores, fp, grid, len(ok), seed=seed)
+
+
+def calibrate(run_dir, target: float = DEFAULT_TARGET, samples: int = 200, copies: int = 3,
+              audit_pairs: int = 1000, labels=None, seed: int = 0, log=print) -> dict:
+    """Both estimates for a finished run; writes the reports, prints the table, returns calibration.json."""
+    run = open_run(run_dir)
+    labels = audit.read_labels(labels) if labels else None      # a bad file fails before any work
+    cfg, reports = run.cfg, run.root / "reports"
+    for name in ("samples.parquet", "pairs.parquet"):
+        if not (reports / name).exists():
+            raise FileNotFoundError(f"{reports / name}: missing; run the pipeline up to the report stage first")
+    t_run = float(cfg.search.threshold)
+    table = pq.read_table(reports / "samples.parquet", columns=COLUMNS).to_pandas()
+    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+    result: dict = {"model": cfg.embed.model, "threshold": t_run, "target_precision": target, "seed": seed}
+    parts = []
+    if cfg.input.format == "img2dataset" and samples > 0 and copies > 0:
+        syn = synthetic(run, table, store, samples, copies, seed, log)
+        parts.append(syn)
+        at = syn.iloc[int((syn["threshold"] - t_run).abs().argmin())]
+        rec = recommend(syn, target)
+        result.update(samples=int(at["n"]), copies_per_sample=copies, estimated_precision=_r(at["precision"]),
+                      precision_ci95=[_r(at["precision_lo"]), _r(at["precision_hi"])], recall=_r(at["recall"]),
+                      recommended_threshold=None if rec is None else _r(rec["threshold"]),
+                      recommended_precision=None if rec is None else _r(rec["precision"]),
+                      recommended_recall=None if rec is None else _r(rec["recall"]))
+    else:
+        log("calibrate: no synthetic estimate (it needs the input images); audit only")
+    rows, result["audit"] = audit.run_audit(reports, table, store, t_run, audit_pairs, seed, labels)
+    full = pd.concat(parts + [pd.DataFrame(rows)], ignore_index=True)
+    write_parquet(reports / "calibration.parquet", pa.Table.from_pandas(full, preserve_index=False))
+    _plot(full, result, reports / "calibration.png")
+    write_json(reports / "calibration.json", result)
+    _merge_summary(run, summary_entry(reports, t_run, cfg.embed.model))
+    for line in format_table(full, result):
+        log(line)
+    return result
+
+
+def summary_entry(reports: Path, threshold: float, model: str) -> dict | None:
+    """The "calibration" entry of summary.json, from calibration.json when it matches the run."""
+    path = Path(reports) / "calibration.json"
+    if not path.exists():
+        return None
+    c = read_json(path)
+    if c.get("model") != model or abs(c.get("threshold", -9) - threshold) > 1e-9:
+        return {"threshold": threshold, "note": f"calibration.json was made for threshold {c.get('threshold')} "
+                f"and model {c.get('model')}; rerun dedup2b calibrate"}
+    keys = ("estimated_precision", "precision_ci95", "recall", "recommended_threshold", "target_precision")
+    out = {"threshold": threshold, **{k: c.get(k) for k in keys}}
+    out.update(audit_precision=c["audit"]["precision"], audit_ci95=c["audit"]["ci95"], audit_pairs=c["audit"]["pairs"])
+    if "labels" in c["audit"]:
+        out.update(labels_precision=c["audit"]["labels"]["precision"], labels_ci95=c["audit"]["labels"]["ci95"])
+    return out
+
+
+def _merge_summary(run: Run, entry: dict | None) -> None:
+    path = run.root / "reports" / "summary.json"
+    if entry is None or not path.exists():
+        return
+    write_json(path, {**read_json(path), "calibration": entry})
+    marker = run.marker("report", "report")       # keep the report's done marker valid (it records sizes)
+    info = marker.read()
+    if info and str(path) in info.get("outputs", {}):
+        info["outputs"][str(path)] = path.stat().st_size
+        write_json(marker.path, info)
+
+
+def format_table(full: pd.DataFrame, result: dict) -> list[str]:
+    t_run, rec = result["threshold"], result.get("recommended_threshold")
+    syn = full[full["source"] == "synthetic"]
+    lines = []
+    if len(syn):
+        lines += [f"synthetic: {result['samples']} rows x {result['copies_per_sample']} web-crawl copies, "
+                  f"model {result['model']} (95 % interval: bootstrap over rows)",
+                  "  threshold  precision  95% interval    recall  est. dup pairs  est. false pairs"]
+        show = syn[(np.round(syn["threshold"] * 100) % 5 == 0) | np.isclose(syn["threshold"], t_run)
+                   | (np.isclose(syn["threshold"], rec) if rec is not None else False)]
+        for _, r in show.iterrows():
+            tag = ("  <- run" if np.isclose(r["threshold"], t_run) else "") + \
+                  ("  <- recommended" if rec is not None and np.isclose(r["threshold"], rec) else "")
+            lines.append(f"  {r['threshold']:9.2f}  {r['precision']:9.3f}  [{r['precision_lo']:.3f}, "
+                         f"{r['precision_hi']:.3f}]  {r['recall']:6.3f}  {r['est_true_pairs']:14,.0f}  "
+                         f"{r['est_false_pairs']:16,.1f}{tag}")
+        lines.append(f"recommended threshold for precision >= {result['target_precision']}: " + (
+            "none on the grid" if rec is None else f"{rec:.2f} (precision {result['recommended_precision']:.3f}, "
+            f"recall {result['recommended_recall']:.3f})") + f"; run threshold {t_run}: precision "
+            f"{result['estimated_precision']:.3f}, recall {result['recall']:.3f}")
+    a = result["audit"]
+    lines.append(f"audit: {a['pairs']} flagged near pairs re-checked against the stored vectors: {a['confirmed']} "
+                 f">= {t_run}" + _prec(a))
+    if "labels" in a:
+        lb = a["labels"]
+        lines.append(f"labels: {lb['pairs']} flagged pairs labelled, {lb['duplicates']} of them duplicates" + _prec(lb)
+                     + (f", recall {lb['recall']:.3f}" if lb["recall"] is not None else ""))
+    return lines
+
+
+def _prec(d: dict) -> str:
+    if d["precision"] is None:
+        return ", nothing to measure"
+    return f", precision {d['precision']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+
+
+def _plot(full: pd.DataFrame, result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    syn = full[full["source"] == "synthetic"]
+    if len(syn):
+        ax.fill_between(syn["threshold"], syn["precision_lo"], syn["precision_hi"], color="#4477aa", alpha=.2)
+        ax.plot(syn["threshold"], syn["precision"], "-", color="#4477aa", label="precision (synthetic)")
+        ax.plot(syn["threshold"], syn["recall"], "-", color="#228833", label="recall of web-crawl copies")
+        ax.axhline(result["target_precision"], color="#999999", ls=":", label=f"target {result['target_precision']}")
+    if result.get("recommended_threshold") is not None:
+        ax.axvline(result["recommended_threshold"], color="#228833", ls="--",
+                   label=f"recommended {result['recommended_threshold']:.2f}")
+    ax.axvline(result["threshold"], color="#cc3311", ls="--", label=f"run threshold {result['threshold']}")
+    for _, r in full[full["source"] == "audit"].iterrows():
+        if r["n"] > 0:
+            err = [[max(0.0, r["precision"] - r["precision_lo"])], [max(0.0, r["precision_hi"] - r["precision"])]]
+            ax.errorbar([r["threshold"]], [r["precision"]], yerr=err, fmt="o" if r["method"] == "vectors" else "s",
+                        color="#cc3311" if r["method"] == "vectors" else "#aa3377", label=f"audit ({r['method']})")
+    ax.set_xlabel("cosine threshold")
+    ax.set_ylabel("pair precision / recall")
+    ax.set_title(f"calibration: {result['model']}")
+    ax.grid(True, alpha=.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(".calibration.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
