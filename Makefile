@@ -9,10 +9,11 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test browser bench-search bench-embed clean
+.PHONY: help install demo test browser bench-search bench-embed clean \
+        cluster-up cluster-node submit cluster-status cluster-down
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PY_BOOT) -m venv $(VENV)
@@ -40,3 +41,33 @@ bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo
+
+# A Ray cluster on this machine (README, "Running on a cluster"). `cluster-down` stops only the
+# processes of the cluster started from RAY_TMP, never another Ray running here.
+RAY_TMP         ?= /tmp/dedup2b-ray
+RAY_PORT        ?= 6379
+DASHBOARD_PORT  ?= 8265
+RAY_CPUS        ?= 0
+OBJECT_STORE_MB ?= 1024
+NODE            ?= node_b
+NODE_CPUS       ?= 1
+CONFIG          ?= configs/demo.yaml
+JOB_ARGS        ?= $(if $(filter configs/demo.yaml,$(CONFIG)),--build-demo)
+
+cluster-up: $(STAMP)  ## Ray head on 127.0.0.1 (RAY_CPUS=0: all cores, OBJECT_STORE_MB=1024), dashboard :8265
+	$(PY) -m jobs.cluster up --temp-dir $(RAY_TMP) --port $(RAY_PORT) --dashboard-port $(DASHBOARD_PORT) \
+	  --num-cpus $(RAY_CPUS) --object-store-mb $(OBJECT_STORE_MB)
+
+cluster-node: $(STAMP)  ## a second raylet on this machine joined to the head, resource label NODE=node_b
+	$(PY) -m jobs.cluster add-node --temp-dir $(RAY_TMP) --name $(NODE) --num-cpus $(NODE_CPUS)
+
+submit: $(STAMP)  ## ray job submit CONFIG=configs/demo.yaml to the cluster, following its logs
+	@test -f $(RAY_TMP)/auth_token && export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$(RAY_TMP)/auth_token; \
+	set -x; $(VENV)/bin/ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) --working-dir . \
+	  --runtime-env jobs/runtime_env.yaml -- python -m jobs.dedup --config $(CONFIG) --base-dir $(CURDIR) $(JOB_ARGS)
+
+cluster-status: $(STAMP)  ## nodes, resources and jobs of the cluster
+	$(PY) -m jobs.cluster status --temp-dir $(RAY_TMP)
+
+cluster-down: $(STAMP)  ## stop the cluster's processes (only those of this cluster)
+	$(PY) -m jobs.cluster down --temp-dir $(RAY_TMP)

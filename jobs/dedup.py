@@ -1,9 +1,15 @@
-"""Ray job entrypoint for the whole pipeline.
+"""Ray job entrypoint for the whole pipeline (`jobs/stage.py` runs one stage).
 
-    ray job submit --working-dir . -- python -m jobs.dedup --config configs/demo.yaml [--build-demo]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml \\
+        -- python -m jobs.dedup --config configs/demo.yaml --base-dir $PWD [--build-demo]
 
-Inside a submitted job it attaches to the cluster the job runs on; run directly, it starts an
-embedded local Ray. Relative paths in the config are resolved against the working directory.
+Inside a submitted job it attaches to the cluster the job runs on (`ray.init(address="auto")`); run
+directly, it starts an embedded local Ray, exactly as `dedup2b run` does. Relative paths in the
+config are resolved against --base-dir (default: the current directory; a submitted job runs in a
+copy of the working dir, so pass the folder the outputs belong to). Paths may be fsspec URLs (see
+jobs/paths.py). Progress goes to stdout (`ray job logs --follow`): one line per finished shard task
+with the node that ran it, one per stage, then the summary. Which node ran how many tasks of each
+stage is kept in the run's `stage_stats.json` (`tasks_by_node`).
 """
 from __future__ import annotations
 
@@ -11,40 +17,120 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from pipeline import config as config_mod
-from pipeline.cli import print_summary
 from pipeline.executor import RayExecutor
+from pipeline.io import read_json, write_json
 from pipeline.pipeline import STAGES, run_pipeline
 
+from . import paths
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="jobs.dedup")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def in_submitted_job() -> bool:
+    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
+
+
+def parser(prog: str = "jobs.dedup") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog)
+    ap.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field")
+    ap.add_argument("--base-dir", default=".", help="folder that relative config paths are resolved against")
+    ap.add_argument("--stage-dir", help="folder every node sees, for inputs / outputs given as URLs")
     ap.add_argument("--build-demo", action="store_true", help="write the demo corpus to input.path first")
-    ap.add_argument("--fresh", action="store_true")
-    args = ap.parse_args(argv)
-    cfg = config_mod.load(args.config)
-    for field in ("run_dir", "index_dir"):
-        if getattr(cfg, field):
-            setattr(cfg, field, str(Path(getattr(cfg, field)).resolve()))
-    cfg.input.path = str(Path(cfg.input.path).resolve())
+    ap.add_argument("--fresh", action="store_true", help="accept a changed config in an existing run dir")
+    return ap
+
+
+def load_config(args) -> tuple[config_mod.RunConfig, list]:
+    data = config_mod.read_yaml(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        config_mod.apply_overrides(data, {key: value})
+    uploads = paths.resolve(data, Path(args.base_dir).resolve(), args.stage_dir, log)
+    return config_mod.from_dict(data), uploads
+
+
+def node_stats(run_path: Path, ex: RayExecutor) -> dict:
+    """Which node ran how many shard tasks of each stage, added to stage_stats.json."""
+    names = ex.node_names() if ex.tasks_by_node else {}
+    per_stage: dict[str, dict[str, int]] = {}
+    for desc, counts in ex.tasks_by_node.items():
+        stage = desc.split(":")[0].split()[0]
+        bucket = per_stage.setdefault(stage, {})
+        for node, n in counts.items():
+            bucket[names.get(node, node)] = bucket.get(names.get(node, node), 0) + n
+    path = run_path / "stage_stats.json"
+    if path.exists():
+        stats = read_json(path)
+        for stage, bucket in per_stage.items():
+            if bucket and stage in stats:
+                stats[stage]["tasks_by_node"] = bucket
+        write_json(path, stats)
+    return per_stage
+
+
+def run(args, stages: tuple[str, ...]) -> int:
+    t0 = time.time()
+    cfg, uploads = load_config(args)
     if args.build_demo:
         from pipeline import demo
-        demo.build(Path(cfg.input.path).parent)
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        log(f"[job] demo corpus: {demo.build(Path(cfg.input.path).parent)}")
+    # torch is loaded before Ray starts its threads: loaded after them, in a submitted job's driver, it
+    # sometimes aborted in MKL's start-up ("oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so")
+    import torch  # noqa: F401
+    if in_submitted_job():
         cfg.ray.address = cfg.ray.address or "auto"
+        # the job's runtime_env and the executor's name the same env vars (same values): no conflict
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     ex = RayExecutor(cfg.ray)
+    nodes = ex.node_names()
+
+    def on_task(desc: str, done: int, total: int, node: str) -> None:
+        if node not in nodes and node != "failed":
+            nodes.update(ex.node_names())
+        log(f"[{desc}] {done}/{total} tasks done (last on {nodes.get(node, node)})")
+
+    ex.on_task = on_task
     try:
-        run_pipeline(cfg, ex, tuple(args.stages.split(",")), fresh=args.fresh, log=lambda m: print(m, flush=True))
+        log(f"[job] {'cluster' if cfg.ray.address else 'embedded Ray'}: {len(nodes)} node(s) "
+            f"{', '.join(sorted(nodes.values()))}; run dir {cfg.run_path}; stages {','.join(stages)}")
+        try:
+            run_pipeline(cfg, ex, stages, fresh=args.fresh, log=log)
+        finally:
+            for stage, bucket in node_stats(cfg.run_path, ex).items():
+                if bucket:
+                    log(f"[nodes] {stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(bucket.items())))
     finally:
         ex.shutdown()
     summary = cfg.run_path / "reports" / "summary.json"
-    if summary.exists():
-        print_summary(cfg.run_path, json.loads(summary.read_text()))
+    if "report" in stages and summary.exists():
+        from pipeline.cli import print_summary
+        print_summary(cfg.run_path, json.loads(summary.read_text()), log=log)
+    for local_dir, url in uploads:
+        paths.stage_out(local_dir, url, log)
+    log(f"[job] done in {time.time() - t0:.1f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    args = ap.parse_args(argv)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    return run(args, stages)
 
 
 if __name__ == "__main__":

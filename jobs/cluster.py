@@ -1,0 +1,277 @@
+"""A Ray cluster on this machine: `make cluster-up / cluster-node / cluster-status / cluster-down`.
+
+    python -m jobs.cluster up       [--temp-dir D] [--port 6379] [--dashboard-port 8265] [--num-cpus N]
+    python -m jobs.cluster add-node [--temp-dir D] --name node_b [--num-cpus N]
+    python -m jobs.cluster status   [--temp-dir D]
+    python -m jobs.cluster down     [--temp-dir D]
+
+The head's dashboard and job server listen on 127.0.0.1 only; the object store is capped. A second
+raylet joins the head as another node with its own resource label (`{"node_b": 1}`), so shard tasks
+are scheduled on two nodes of one machine. `down` stops only this cluster's processes (every process
+of the sessions `up` and `add-node` started, their descendants, and anything running from the
+cluster's temp dir), never another Ray on the machine, which `ray stop` would.
+The state (ports, sessions) lives in `<temp dir>/dedup2b-cluster.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+STATE = "dedup2b-cluster.json"
+DEFAULT_TEMP = "/tmp/dedup2b-ray"
+ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+       "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def ray_cli() -> str:
+    """The `ray` of this Python, so the cluster's workers run this environment."""
+    return str(Path(sys.executable).parent / "ray")
+
+
+def _state_path(temp_dir) -> Path:
+    return Path(temp_dir) / STATE
+
+
+def read_state(temp_dir) -> dict | None:
+    p = _state_path(temp_dir)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _write_state(temp_dir, state: dict) -> None:
+    _state_path(temp_dir).write_text(json.dumps(state, indent=1))
+
+
+def _node_ports(port: int, k: int) -> list[str]:
+    """Fixed ports of node k (0 = head), derived from the head's port: nothing on Ray's defaults
+    except what the caller chose, so this cluster never collides with another one."""
+    return [f"--dashboard-agent-listen-port={port + 10 + k}",
+            f"--min-worker-port={port + 100 + 100 * k}", f"--max-worker-port={port + 199 + 100 * k}"]
+
+
+def cluster_env(temp_dir) -> dict:
+    """Environment of the cluster's processes and of every client: token auth with the cluster's own
+    token (`<temp dir>/auth_token`, written by `up`), and this environment's bin first on PATH."""
+    env = {**os.environ, **ENV, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(Path(temp_dir).resolve() / "auth_token"),
+           # a job's `python` is this environment's python
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _write_token(temp_dir) -> None:
+    path = Path(temp_dir) / "auth_token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+
+
+def _ray_start(args: list[str], timeout: float, env: dict) -> int:
+    """`ray start` in a session of its own; returns the session id (= the pid of `ray start`)."""
+    proc = subprocess.Popen([ray_cli(), "start", *args, "--disable-usage-stats"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_sessions([proc.pid], temp_dir=None)
+        raise RuntimeError(f"ray start did not finish within {timeout:.0f}s")
+    if proc.returncode != 0:
+        _stop_sessions([proc.pid], temp_dir=None)
+        raise RuntimeError(f"ray start failed (exit {proc.returncode}):\n{out[-3000:]}")
+    return proc.pid
+
+
+def wait_http(url: str, timeout: float) -> None:
+    """Until the server answers; 401 counts (Ray's token auth, which the `ray` CLI handles)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_cpus: int = 0,
+       object_store_mb: int = 1024, resources: dict | None = None, timeout: float = 120) -> dict:
+    """Start a head node (or reuse the one this temp dir already runs); returns the state."""
+    temp_dir = str(Path(temp_dir).resolve())
+    state = read_state(temp_dir)
+    if state and _alive_pids(state):
+        return state
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    _write_token(temp_dir)
+    args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--ray-client-server-port={port + 1}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+            f"--num-cpus={num_cpus or os.cpu_count()}", f"--object-store-memory={object_store_mb * 1024 ** 2}",
+            f"--temp-dir={temp_dir}", *_node_ports(port, 0)]
+    if resources:
+        args.append("--resources=" + json.dumps(resources))
+    state = {"temp_dir": temp_dir, "port": port, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+             "sessions": [], "nodes": ["head"]}
+    state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
+    _write_state(temp_dir, state)
+    try:
+        wait_http(state["dashboard"] + "/api/version", timeout)
+    except RuntimeError:
+        down(temp_dir)
+        raise
+    return state
+
+
+def add_node(temp_dir=DEFAULT_TEMP, name: str = "node_b", num_cpus: int = 1, object_store_mb: int = 512,
+             timeout: float = 120) -> dict:
+    """A second raylet on this machine joined to the head, labelled with the resource `{name: 1}`."""
+    state = read_state(temp_dir)
+    if not state:
+        raise RuntimeError(f"no cluster in {temp_dir}: start one with `make cluster-up`")
+    if name in state["nodes"]:
+        return state
+    k = len(state["nodes"])
+    args = [f"--address=127.0.0.1:{state['port']}", f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_mb * 1024 ** 2}", "--resources=" + json.dumps({name: 1}),
+            # a temp dir of its own: nodes sharing one would share (and delete) unpacked working dirs
+            f"--temp-dir={Path(state['temp_dir']) / name}", *_node_ports(state["port"], k)]
+    state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
+    state["nodes"].append(name)
+    _write_state(temp_dir, state)
+    return state
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, session id, command line), zombies left out."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] == "Z":
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            table[int(d.name)] = (int(fields[1]), int(fields[3]), cmd)
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _cluster_pids(sessions: list[int], temp_dir: str | None) -> set[int]:
+    """Every process of these sessions, every descendant of them (a job's driver runs in a session
+    of its own), and every process whose command line names the cluster's temp dir."""
+    table = _proc_table()
+    names_dir = re.compile(re.escape(temp_dir) + r"(/|\s|$)").search if temp_dir else lambda _: False
+    mine = {pid for pid, (_, sid, cmd) in table.items() if sid in sessions or names_dir(cmd)}
+    mine.discard(os.getpid())
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in mine and pid not in mine}
+        mine |= kids
+        grew = bool(kids)
+    return mine
+
+
+def _alive_pids(state: dict) -> set[int]:
+    return _cluster_pids(state["sessions"], state["temp_dir"])
+
+
+def _stop_sessions(sessions: list[int], temp_dir: str | None, grace: float = 4) -> int:
+    pids = _cluster_pids(sessions, temp_dir)
+    total = len(pids)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            left = set(_proc_table()) & pids
+            if not left:
+                return total
+            time.sleep(0.2)
+        pids = set(_proc_table()) & pids
+    return total
+
+
+def down(temp_dir=DEFAULT_TEMP) -> int:
+    """Stop this cluster's processes only; returns how many were stopped."""
+    temp_dir = str(Path(temp_dir).resolve())
+    state = read_state(temp_dir)
+    if not state:
+        return 0
+    n = _stop_sessions(state["sessions"], state["temp_dir"])
+    left = _alive_pids(state)
+    if left:
+        raise RuntimeError(f"processes still running after SIGKILL: {sorted(left)}")
+    _state_path(temp_dir).unlink(missing_ok=True)
+    return n
+
+
+def status(temp_dir=DEFAULT_TEMP) -> int:
+    state = read_state(temp_dir)
+    if not state:
+        print(f"no cluster started from {temp_dir}")
+        return 1
+    print(f"head 127.0.0.1:{state['port']}  dashboard {state['dashboard']}  nodes {', '.join(state['nodes'])}  "
+          f"processes {len(_alive_pids(state))}")
+    env = cluster_env(temp_dir)
+    rc = subprocess.call([ray_cli(), "status", f"--address=127.0.0.1:{state['port']}"], env=env, timeout=60)
+    subprocess.call([ray_cli(), "list", "jobs", f"--address={state['dashboard']}"], env=env, timeout=60)
+    return rc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="jobs.cluster", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("up", "add-node", "status", "down"):
+        p = sub.add_parser(name)
+        p.add_argument("--temp-dir", default=DEFAULT_TEMP, help="Ray's temp dir for this cluster (keep it short)")
+        if name == "up":
+            p.add_argument("--port", type=int, default=6379, help="GCS port; client, agent and worker ports follow it")
+            p.add_argument("--dashboard-port", type=int, default=8265)
+            p.add_argument("--num-cpus", type=int, default=0, help="0 = every core")
+            p.add_argument("--object-store-mb", type=int, default=1024)
+        if name == "add-node":
+            p.add_argument("--name", default="node_b", help="the node's resource label")
+            p.add_argument("--num-cpus", type=int, default=1)
+            p.add_argument("--object-store-mb", type=int, default=512)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "up":
+            s = up(args.temp_dir, args.port, args.dashboard_port, args.num_cpus, args.object_store_mb)
+            print(f"Ray head up: 127.0.0.1:{s['port']}, dashboard and job server {s['dashboard']}, "
+                  f"temp dir {s['temp_dir']}")
+        elif args.cmd == "add-node":
+            s = add_node(args.temp_dir, args.name, args.num_cpus, args.object_store_mb)
+            print(f"nodes: {', '.join(s['nodes'])}")
+        elif args.cmd == "status":
+            return status(args.temp_dir)
+        else:
+            print(f"stopped {down(args.temp_dir)} processes of the cluster in {args.temp_dir}")
+    except RuntimeError as exc:
+        print(f"jobs.cluster: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

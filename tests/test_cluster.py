@@ -1,0 +1,158 @@
+"""Cluster mode: `ray job submit` to a Ray head started on this machine, then to a head plus a second
+raylet; the job's reports must equal an embedded-mode run's on the same input.
+
+Each cluster has its own short temp dir and ports away from Ray's defaults, and is stopped in the
+fixture's teardown (test failures included) by stopping only its own processes.
+"""
+import json
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import cluster, paths
+from pipeline import config as config_mod
+from pipeline.pipeline import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT = 300
+TIMING = ("stage_seconds", "embed_phases_s")
+
+
+def _free_port_block() -> int:
+    """A GCS port whose derived ports (client, dashboard, agents) nobody listens on."""
+    for _ in range(100):
+        base = random.randrange(30000, 39000, 500)
+        try:
+            for port in (base, base + 1, base + 2, base + 10, base + 11):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port block")
+
+
+@pytest.fixture
+def start_cluster():
+    """Starts clusters on demand; every one is stopped at teardown, and no process of it may remain."""
+    started = []
+
+    def start(head_cpus: int, extra_nodes: tuple[str, ...] = ()) -> dict:
+        temp = tempfile.mkdtemp(prefix="d2b-", dir="/tmp")   # short: Ray's unix sockets live under it
+        started.append(temp)
+        port = _free_port_block()
+        state = cluster.up(temp, port=port, dashboard_port=port + 2, num_cpus=head_cpus, object_store_mb=400)
+        for name in extra_nodes:
+            state = cluster.add_node(temp, name, num_cpus=1, object_store_mb=300)
+        return state
+
+    yield start
+    for temp in started:
+        try:
+            cluster.down(temp)
+            assert not cluster._cluster_pids([], temp), "cluster processes left running"
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_config(tmp_path_factory, demo_corpus):
+    """configs/demo.yaml pointed at the test's demo corpus, with absolute paths."""
+    _, shards = demo_corpus
+    base = tmp_path_factory.mktemp("cluster")
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data["input"]["path"] = str(shards)
+
+    def for_run(name: str) -> tuple[Path, Path]:
+        """(config file, run dir) of a run named name."""
+        d = dict(data, run_dir=str(base / name / "run"), index_dir=str(base / name / "index"))
+        path = base / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        return path, base / name / "run"
+    return for_run
+
+
+@pytest.fixture(scope="module")
+def embedded_run(job_config, ray_executor):
+    cfg = config_mod.from_dict(yaml.safe_load(job_config("embedded")[0].read_text()))
+    run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    return cfg.run_path
+
+
+def submit(state: dict, config: Path) -> str:
+    """`ray job submit` as a user types it; returns the followed logs."""
+    cmd = [cluster.ray_cli(), "job", "submit", "--address", state["dashboard"], "--working-dir", str(ROOT),
+           "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
+           "python", "-m", "jobs.dedup", "--config", str(config)]
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=cluster.cluster_env(state["temp_dir"]), capture_output=True,
+                             text=True, timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"job did not finish within {JOB_TIMEOUT}s:\n{(exc.stdout or b'')[-3000:]}")
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def assert_same_reports(a: Path, b: Path) -> None:
+    for name in ("samples", "pairs", "groups"):
+        ta = pq.read_table(a / "reports" / f"{name}.parquet").to_pandas()
+        tb = pq.read_table(b / "reports" / f"{name}.parquet").to_pandas()
+        pd.testing.assert_frame_equal(ta, tb, check_exact=True, obj=name)
+    sa, sb = (json.loads((p / "reports" / "summary.json").read_text()) for p in (a, b))
+    for key in TIMING:
+        sa.pop(key, None), sb.pop(key, None)
+    assert sa == sb
+
+
+def test_submitted_job_reports_equal_embedded(start_cluster, job_config, embedded_run):
+    state = start_cluster(head_cpus=2)
+    config, run = job_config("one-node")
+    logs = submit(state, config)
+    # progress while it runs, then the summary
+    assert "[ingest] 2/2 tasks done" in logs and "[search]" in logs and "[export]" in logs
+    assert "invariant" in logs and "[job] done in" in logs
+    assert_same_reports(embedded_run, run)
+
+
+def test_two_nodes_share_the_shards(start_cluster, job_config, embedded_run):
+    state = start_cluster(head_cpus=1, extra_nodes=("node_b",))
+    config, run = job_config("two-node")
+    logs = submit(state, config)
+    stats = json.loads((run / "stage_stats.json").read_text())
+    by_node = {s: stats[s]["tasks_by_node"] for s in ("ingest", "search", "export")}
+    assert sum(by_node["ingest"].values()) == 2
+    used = {node for counts in by_node.values() for node in counts}
+    assert used == {"head", "node_b"}, by_node
+    assert "on node_b" in logs and "[nodes] ingest:" in logs
+    assert_same_reports(embedded_run, run)
+
+
+def test_url_paths_are_staged(tmp_path):
+    """Inputs given as fsspec URLs are copied to the stage dir (once); URL outputs uploaded after."""
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/corpus/00000.tar": b"tar bytes", "/corpus/00000.parquet": b"parquet bytes"})
+    data = {"input": {"path": "memory://corpus"}, "run_dir": "memory://out/run", "index_dir": "idx"}
+    logs = []
+    uploads = paths.resolve(data, tmp_path, str(tmp_path / "stage"), logs.append)
+    staged = Path(data["input"]["path"])
+    assert (staged / "00000.tar").read_bytes() == b"tar bytes" and staged.parent == tmp_path / "stage"
+    assert data["index_dir"] == str(tmp_path / "idx")
+    assert "2 files copied" in logs[-1]
+    paths.resolve({"input": {"path": "memory://corpus"}}, tmp_path, str(tmp_path / "stage"), logs.append)
+    assert "0 files copied, 2 already there" in logs[-1]
+    (work, url), = uploads
+    (work / "reports").mkdir(parents=True)
+    (work / "reports" / "summary.json").write_text("{}")
+    paths.stage_out(work, url, logs.append)
+    assert fs.cat("/out/run/reports/summary.json") == b"{}"
+    with pytest.raises(ValueError, match="--stage-dir"):
+        paths.resolve({"input": {"path": "s3://bucket/corpus"}}, tmp_path, None)
