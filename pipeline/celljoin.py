@@ -80,8 +80,9 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
               dense: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
     and how many candidates passed the bound. `zr` is [z, |r|]: one product gives the bound
-    z_i.z_j + |r_i||r_j|. Where the bound leaves more than `dense` of a block (a big duplicate
-    group), the exact block product is cheaper than gathering pairs."""
+    z_i.z_j + |r_i||r_j|. Where the candidates fill more than `dense` of the block spanned by their
+    rows and columns (a duplicate group), the exact product of that sub-block is cheaper than
+    gathering pairs; rows and columns without a candidate are never multiplied."""
     out_i, out_j, out_s = [], [], []
     n_cand = 0
     n = len(zr)
@@ -93,10 +94,12 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
         n_cand += count
         if not count:
             continue
-        if count > dense * hit.size:
-            exact = x[s:s + chunk] @ x[s:].T
-            i, j = np.nonzero(hit & (exact >= threshold))
-            sim = exact[i, j]
+        rows = np.nonzero(hit.any(axis=1))[0]
+        cols = np.nonzero(hit.any(axis=0))[0]
+        if count > dense * len(rows) * len(cols):   # exact products of the candidate rows x columns only
+            exact = x[s + rows] @ x[s + cols].T
+            ii, jj = np.nonzero(hit[np.ix_(rows, cols)] & (exact >= threshold))
+            i, j, sim = rows[ii], cols[jj], exact[ii, jj]
         else:
             i, j = np.nonzero(hit)
             sim = np.einsum("ij,ij->i", x[s + i], x[s + j])
@@ -124,9 +127,11 @@ def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
         n_cand += count
         if not count:
             continue
-        exact = x[s:s + chunk] @ x[s:].T
-        i, j = torch.nonzero(hit & (exact >= threshold), as_tuple=True)
-        out_i.append(i + s); out_j.append(j + s); out_s.append(exact[i, j])
+        r = torch.nonzero(hit.any(dim=1), as_tuple=True)[0]
+        c = torch.nonzero(hit.any(dim=0), as_tuple=True)[0]
+        exact = x[s + r] @ x[s + c].T               # candidate rows x columns only
+        ii, jj = torch.nonzero(hit[r][:, c] & (exact >= threshold), as_tuple=True)
+        out_i.append(r[ii] + s); out_j.append(c[jj] + s); out_s.append(exact[ii, jj])
     if not out_i:
         e = np.zeros(0, np.int64)
         return e, e, np.zeros(0, np.float32), n_cand

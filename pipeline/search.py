@@ -121,6 +121,9 @@ def _device(setting: str) -> str | None:
     if setting == "numpy":
         return None
     if setting == "auto":
+        import glob
+        if not glob.glob("/dev/nvidia[0-9]*"):   # no NVIDIA device: skip importing torch (seconds per worker)
+            return None
         try:
             import torch
             return "cuda" if torch.cuda.is_available() else None
