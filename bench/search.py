@@ -13,6 +13,13 @@ layout, same box, same run:
 Recall and precision are measured on the sampled queries against the exhaustive result: a pair
 counts from the query's side. Union-find is timed on random edges at 10 M and 100 M.
 Writes bench/results/search.json and bench/results/search.md.
+
+    python -m bench.search --scale 4000000 --queries 1000   # scale curve, see scale_size()
+
+--scale runs our method and the exhaustive sample (SemDeDup-style too while all vectors fit in
+about 12 GB of RAM) at sizes too big for RAM: the corpus is generated in bounded memory by
+pipeline.synthetic.write_clip_like, the exhaustive sample streams shard by shard. It writes
+bench/results/search_scale.json/.md: the committed search.json sizes plus the new ones.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from pipeline import index
 from pipeline.config import CodecConfig, RayConfig, SearchConfig
 from pipeline.executor import RayExecutor
 from pipeline.search import SearchJob, pair_files, search
-from pipeline.synthetic import clip_like, write_corpus
+from pipeline.synthetic import clip_like, write_clip_like, write_corpus
 from pipeline.unionfind import UnionFind
 from pipeline.vectors import VectorStore
 
@@ -147,6 +154,137 @@ def bench_size(n: int, work: Path, ex, n_queries: int, seed: int = 0) -> dict:
     }
 
 
+def exhaustive_stream(store: VectorStore, shards: dict, qgids: np.ndarray, n: int) -> tuple[dict, float]:
+    """`exhaustive` without holding all vectors: one IndexFlatIP per shard, range search of the
+    sampled queries against it; only range_search time counts, as in `exhaustive`."""
+    import faiss
+    q = store.get(qgids)
+    truth: dict[int, set[int]] = {int(g): set() for g in qgids}
+    secs = 0.0
+    for i in sorted(shards):
+        sg, sv = store.shard(i)
+        flat = faiss.IndexFlatIP(q.shape[1])
+        flat.add(np.asarray(sv, dtype=np.float32))
+        t0 = time.time()
+        lims, _, ids = flat.range_search(q, THRESHOLD - 1e-6)
+        secs += time.time() - t0
+        del flat
+        for k, g in enumerate(qgids.tolist()):
+            nb = sg[ids[lims[k]:lims[k + 1]]]
+            truth[g].update(nb[nb != g].tolist())
+    return truth, secs * n / len(qgids)
+
+
+def _rss_mb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def scale_size(n: int, work: Path, ex, n_queries: int, seed: int = 0, semdedup_gb: float = 12.0) -> dict:
+    """bench_size for corpora bigger than RAM: streamed generation and exhaustive sample."""
+    print(f"== {n:,} rows (scale mode)", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.time()
+    names = write_clip_like(work / "embed", n, 768, dup_frac=0.3, seed=seed, max_group=5000,
+                            rows_per_shard=125_000)
+    shards = {i: name for i, name in enumerate(names)}
+    store = VectorStore(work / "embed", shards)
+    gids = np.concatenate([store.shard(i)[0] for i in shards])
+    data_s = time.time() - t0
+    print(f"   data {data_s:.0f}s (driver peak RSS {_rss_mb()} MB)", flush=True)
+
+    t0 = time.time()
+    counts = {i: len(store.shard(i)[0]) for i in shards}
+    codec = index.build_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic")
+    index_s = codec["cells_train_s"]
+    print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec['train_s']}s, add {codec['add_s']}s; "
+          f"cell codec {index_s}s) {codec['factory']} cells={codec['cells']}", flush=True)
+    job = SearchJob(work / "embed", shards, work / "index", work / "search",
+                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
+                    "bench", "bench-search")
+    t0 = time.time()
+    stats = search(job, ex)
+    search_s = time.time() - t0
+    print(f"   ours search {search_s:.0f}s pairs={stats['verified']:,} worker peak RSS "
+          f"{stats['worker_peak_rss_mb']} MB", flush=True)
+
+    rng = np.random.default_rng(seed + 1)
+    qidx = np.sort(rng.choice(n, min(n_queries, n), replace=False))
+    queries = gids[qidx]
+    qs = set(queries.tolist())
+    found: dict[int, set[int]] = {q: set() for q in qs}
+    n_pairs = 0
+    for p in pair_files(job.out_dir):                  # pair by pair file: never all pairs in RAM
+        t = pq.read_table(p, columns=["gid_a", "gid_b"])
+        a, b = t["gid_a"].to_numpy(), t["gid_b"].to_numpy()
+        n_pairs += len(a)
+        for k, v in neighbours(a, b, queries).items():
+            found[k] |= v
+    truth, exh_s = exhaustive_stream(store, shards, queries, n)
+    print(f"   exhaustive (extrapolated from {len(qidx):,} queries) {exh_s:.0f}s", flush=True)
+    out = {
+        "rows": n, "threshold": THRESHOLD, "codec": codec["factory"], "cells": codec["cells"],
+        "bytes_per_vector": codec["bytes_per_vector"], "index_s": round(index_s, 1),
+        "ivfpq_train_s": codec["train_s"], "ivfpq_add_s": codec["add_s"], "data_s": round(data_s, 1),
+        "search_s": round(search_s, 1), "ours_total_s": round(index_s + search_s, 1),
+        "exhaustive_s": round(exh_s, 1),
+        "ratio_search_vs_exhaustive": round(search_s / exh_s, 4),
+        "ratio_total_vs_exhaustive": round((index_s + search_s) / exh_s, 4),
+        "ours": score(found, truth), "pairs_found": int(n_pairs), "candidates": stats["candidates"],
+        "worker_peak_rss_mb": stats["worker_peak_rss_mb"], "queries_sampled": int(len(qidx)),
+        "generator": "write_clip_like (streamed)",
+    }
+    if n * 768 * 4 <= semdedup_gb * 2**30:
+        xs = store.get(gids)
+        sem_a, sem_b, sem_s = semdedup(xs, gids, codec["cells"], 100_000)
+        del xs
+        out.update(semdedup_s=round(sem_s, 1), semdedup=score(neighbours(sem_a, sem_b, queries), truth),
+                   ratio_total_vs_semdedup=round((index_s + search_s) / sem_s, 3))
+    else:
+        out["semdedup_skipped"] = f"needs {n * 768 * 4 / 2**30:.1f} GB of float32 vectors in RAM (> {semdedup_gb} GB)"
+    out["driver_peak_rss_mb"] = _rss_mb()
+    return out
+
+
+def scale_table(rows: list[dict]) -> str:
+    lines = ["| rows | generator | cells | ours cell-codec train + search s | s per M rows | exhaustive s (extrap.) | "
+             "ratio vs exhaustive | SemDeDup-style s | recall / precision (sampled queries) | queries | "
+             "worker peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tot = r["index_s"] + r["search_s"]
+        lines.append(f"| {r['rows']:,} | {r.get('generator', 'clip_like')} | {r['cells']} | {r['index_s']} + "
+                     f"{r['search_s']} = {tot:.1f} | {tot / (r['rows'] / 1e6):.1f} | {r['exhaustive_s']:,} | "
+                     f"1/{1 / r['ratio_total_vs_exhaustive']:.0f} | {r.get('semdedup_s', 'skipped')} | "
+                     f"{r['ours']['recall']:.4f} / {r['ours']['precision']:.4f} | {r['queries_sampled']:,} | "
+                     f"{r['worker_peak_rss_mb']} |")
+    return "\n".join(lines)
+
+
+def main_scale(sizes: list[int], args, argv) -> int:
+    import sys
+    committed = json.loads((RESULTS / "search.json").read_text())
+    ex = RayExecutor(RayConfig(num_cpus=os.cpu_count(), object_store_mb=1024))
+    new = []
+    try:
+        for n in sizes:
+            new.append(scale_size(n, Path(args.work) / str(n), ex, args.queries))
+    finally:
+        ex.shutdown()
+        shutil.rmtree(args.work, ignore_errors=True)
+    rows = sorted(committed["sizes"] + new, key=lambda r: (r["rows"], "generator" in r))
+    md = scale_table(rows)
+    print(md)
+    meta = {"command": "python -m bench.search " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()} (shared with "
+                       "other work while it ran: timings are upper bounds)", "date": time.strftime("%Y-%m-%d"),
+            "earlier_sizes_from": f"bench/results/search.json ({committed['command']}, {committed['date']})"}
+    (RESULTS / "search_scale.json").write_text(json.dumps({**meta, "sizes": rows}, indent=2))
+    (RESULTS / "search_scale.md").write_text(
+        f"Command: `{meta['command']}` ({meta['machine']}, {meta['date']}); rows with generator clip_like come from "
+        f"{meta['earlier_sizes_from']}.\n\n{md}\n")
+    return 0
+
+
 def bench_unionfind(n_edges: int, n_nodes: int = 10_000_000, chunk: int = 10_000_000) -> dict:
     rng = np.random.default_rng(0)
     uf = UnionFind(n_nodes)
@@ -182,7 +320,10 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=4000)
     ap.add_argument("--unionfind", default="10000000,100000000")
     ap.add_argument("--work", default="/tmp/dedup2b-bench")
+    ap.add_argument("--scale", default="", help="sizes for the scale curve (e.g. 4000000): writes search_scale.*")
     args = ap.parse_args(argv)
+    if args.scale:
+        return main_scale([int(s) for s in args.scale.split(",") if s], args, argv)
     ex = RayExecutor(RayConfig(num_cpus=os.cpu_count(), object_store_mb=1024))
     results = []
     try:

@@ -6,6 +6,8 @@ too easy for PQ, so tests and benchmarks use this instead.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -75,4 +77,92 @@ def write_corpus(out, x: np.ndarray, source: np.ndarray, rows_per_shard: int = 1
         gids_all.append(gids)
     pq.write_table(pa.table({"gid": np.concatenate(gids_all), "source": source.astype(np.int64)}),
                    out / "ground_truth.parquet")
+    return names
+
+
+def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed: int = 0,
+                    max_group: int = 50, tail: float = 2.3, rows_per_shard: int = 100_000,
+                    chunk: int = 100_000) -> list[str]:
+    """`clip_like` + `write_corpus` in bounded memory, for corpora too big for RAM (4 M x 768).
+
+    Same distribution as `clip_like` (shared mean direction, low-rank topics, Zipf duplicate
+    groups, copies at cosine ~0.95-0.999 from their source) but not the same draws: the per-row
+    index arrays (topic, owner, permutation: a few bytes a row) are drawn up front, then vectors
+    are drawn in float32, `chunk` sources at a time with their duplicates, from a generator seeded
+    by (seed, chunk number), and scattered straight into memory-mapped fp16 shard files. Peak
+    memory is about chunk x d x 4 bytes x a few, plus 8 bytes a row; output is deterministic for
+    a given (n, d, ..., seed, chunk)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .io import write_parquet
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rank = min(rank, d)
+    basis = np.linalg.qr(rng.standard_normal((d, rank)))[0].T.astype(np.float32)
+    mean = _unit(rng.standard_normal(d)).astype(np.float32)
+    n_src = max(1, int(n * (1 - dup_frac)))
+    n_topics = max(1, n_src // 40)
+    topics = rng.standard_normal((n_topics, rank)).astype(np.float32)
+    topic_of = rng.integers(0, n_topics, n_src)
+    n_dup = n - n_src
+    sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
+    owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
+    if len(owners) < n_dup:
+        owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
+    del sizes
+    scale = rng.uniform(0.03, 0.25, n_dup).astype(np.float32)
+    perm = rng.permutation(n)                 # output row p holds generated row perm[p]
+    pos = np.empty(n, np.int64)
+    pos[perm] = np.arange(n)
+    source = np.concatenate([np.arange(n_src), owners])[perm]
+    del perm
+
+    emb = out / "img_emb"
+    emb.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n // rows_per_shard)
+    names = [f"{s:05d}" for s in range(n_shards)]
+    tmps = [emb / f".img_emb_{name}.npy.tmp" for name in names]
+    mms = [np.lib.format.open_memmap(t, mode="w+", dtype=np.float16,
+                                     shape=(min(rows_per_shard, n - s * rows_per_shard), d))
+           for s, t in enumerate(tmps)]
+
+    def scatter(x: np.ndarray, dest: np.ndarray) -> None:
+        shard = dest // rows_per_shard
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            row = dest[sel] - s * rows_per_shard
+            order = np.argsort(row)
+            mms[s][row[order]] = x[sel[order]].astype(np.float16)
+
+    dup_order = np.argsort(owners, kind="stable")
+    owners_sorted = owners[dup_order]
+    for c, lo in enumerate(range(0, n_src, chunk)):
+        hi = min(lo + chunk, n_src)
+        crng = np.random.default_rng([seed, c])
+        low = topics[topic_of[lo:hi]] + 0.55 * crng.standard_normal((hi - lo, rank), dtype=np.float32)
+        src = _unit(0.9 * mean + _unit(low @ basis)
+                    + 0.08 * _unit(crng.standard_normal((hi - lo, d), dtype=np.float32)))
+        del low
+        scatter(src, pos[lo:hi])
+        a, b = np.searchsorted(owners_sorted, [lo, hi])
+        for s in range(a, b, chunk):                      # a huge group cannot blow the bound
+            dj = dup_order[s:min(s + chunk, b)]
+            noise = scale[dj, None] * _unit(crng.standard_normal((len(dj), d), dtype=np.float32))
+            scatter(_unit(src[owners[dj] - lo] + noise), pos[n_src + dj])
+        del src
+    for s, (mm, t) in enumerate(zip(mms, tmps)):
+        mm.flush()
+        del mm
+        mms[s] = None
+        os.replace(t, emb / f"img_emb_{names[s]}.npy")
+        m = min(rows_per_shard, n - s * rows_per_shard)
+        gids = (np.int64(s) << 32) | np.arange(m, dtype=np.int64)
+        write_parquet(out / "metadata" / f"metadata_{names[s]}.parquet",
+                      pa.table({"key": [f"{names[s]}{i:07d}" for i in range(m)], "gid": gids}))
+    gids_all = np.concatenate([(np.int64(s) << 32) | np.arange(min(rows_per_shard, n - s * rows_per_shard),
+                                                                 dtype=np.int64) for s in range(n_shards)])
+    pq.write_table(pa.table({"gid": gids_all, "source": source.astype(np.int64)}), out / "ground_truth.parquet")
     return names
