@@ -152,16 +152,8 @@ class _Collector:
         self.dim = 0
         self.stats = {"rows": 0, "failed": 0, "shards": len(todo), "copies_skipped": len(copy_of),
                       "read_s": 0.0, "decode_s": 0.0, "infer_s": 0.0, "write_s": 0.0}
-        self.first_at = self.last_at = 0.0     # arrival of the first / last batch (steady-state rate)
-        self.after_first = 0                   # rows that arrived after the first batch
 
     def add(self, batch: dict) -> None:
-        now = time.perf_counter()
-        if self.first_at:
-            self.after_first += len(batch["gid"])
-        else:
-            self.first_at = now
-        self.last_at = now
         self.dim = batch["vector"].shape[1]
         for phase, key in zip(self.PHASES, ("read_s", "decode_s", "infer_s")):
             self.stats[key] += float(np.sum(batch[phase]))
@@ -227,7 +219,4 @@ def _embed_images(run: Run, ex) -> dict:
     stats = {k: round(v, 3) if isinstance(v, float) else v for k, v in col.stats.items()}
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["rows"] / max(stats["seconds"], 1e-9), 2)
-    # the rate once the pipeline is full: start-up (actor and model load, first batch) excluded
-    if col.last_at > col.first_at:
-        stats["steady_images_per_s"] = round(col.after_first / (col.last_at - col.first_at), 2)
     return stats

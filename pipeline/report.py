@@ -163,6 +163,8 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
         "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
         "kept": kept, "removed": removed, "invariant_holds": n_in == kept + removed + n_failed,
         "removed_by_reason": ok["removed_reason"].value_counts().to_dict(),
+        # incremental runs: rows removed because they copy rows of earlier runs (their groups grew)
+        "rows_joining_earlier_groups": int((~ok["group_id"].isin(ok["gid"]) & ok["group_id"].notna()).sum()),
         "eval_leaks": {name: {"eval_items_leaked": int(part["eval_key"].nunique()), "pairs": int(len(part)),
                               "train_rows_matched": int(part["key"].nunique())}
                        for name, part in leaks.groupby("eval_set")},

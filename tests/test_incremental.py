@@ -1,4 +1,5 @@
 """Incremental dedup (`run --against NAME`): two increments give the all-at-once kept set."""
+import json
 import shutil
 
 import faiss
@@ -59,6 +60,9 @@ def test_two_increments_keep_exactly_the_all_at_once_rows(parts):
     s2 = pq.read_table(root / "first" / "inc2" / "reports" / "samples.parquet").to_pandas()
     s1 = pq.read_table(root / "first" / "inc1" / "reports" / "samples.parquet").to_pandas()
     assert s2.representative_key.isin(set(s1.key)).sum() == stats["group"]["rows_joining_earlier_groups"]
+    summary = json.loads((root / "first" / "inc2" / "reports" / "summary.json").read_text())
+    assert summary["rows_joining_earlier_groups"] == stats["group"]["rows_joining_earlier_groups"]
+    assert summary["invariant_holds"]
     # the same partition into groups as the all-at-once run
     by_rep = lambda s: {frozenset(g.key) for _, g in s.dropna(subset=["group_id"]).groupby("representative_key")}  # noqa: E731
     import pandas as pd
