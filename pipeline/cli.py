@@ -172,7 +172,8 @@ def cmd_decontaminate(args) -> int:
     summary = json.loads((cfg.run_path / "reports" / "summary.json").read_text())
     print_summary(cfg.run_path, summary)
     for name, info in summary["eval_leaks"].items():
-        print(f"  leaks {name:10s} {info['eval_items_leaked']} eval items in {info['train_rows_matched']} training rows")
+        print(f"  leaks {name:10s} {info['eval_items_leaked']} eval items in "
+              f"{info['train_rows_matched']} training rows")
     print(f"  leaks table     {cfg.run_path / 'reports' / 'leaks.parquet'}")
     return 0
 

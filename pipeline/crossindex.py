@@ -150,7 +150,8 @@ def register(run, rows: pa.Table, texts: list[str]) -> dict:
     new = pa.table({"gid": gids, "key": pa.array(ingest.reindex(gids).tolist(), pa.string()),
                     "group_id": rows["group_id"].to_numpy(), "text": pa.array(texts, pa.string()),
                     "run": pa.array([me] * len(gids), pa.string())})
-    runs = [r for r in _runs(folder) if r["run_dir"] != me]
+    # a run's own index folder holds that run alone; an incremental run adds itself to the list
+    runs = [r for r in _runs(folder) if r["run_dir"] != me] if cfg.against else []
     entry = {"run_dir": me, "embed_dir": str(run.dir("embed").resolve()),
              "shards": {str(s.index): s.name for s in run.shards}, "rows": len(gids)}
     if cfg.against:

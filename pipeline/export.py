@@ -66,7 +66,10 @@ def export_shard(job: dict) -> dict:
             meta = pq.read_table(src_parquet)
             metas.append(meta.filter(pc.is_in(meta["key"].cast(pa.string()), pa.array(keys, pa.string()))))
     tmp.replace(dst)
-    meta = pa.concat_tables(metas, promote_options="permissive") if metas else pa.table({"key": pa.array([], pa.string())})
+    if metas:
+        meta = pa.concat_tables(metas, promote_options="permissive")
+    else:
+        meta = pa.table({"key": pa.array([], pa.string())})
     if meta.num_rows:   # the parquet lists the samples in the tar's order
         order = {k: i for i, k in enumerate(seen)}
         meta = meta.take(np.argsort([order[str(k)] for k in meta["key"].to_pylist()], kind="stable"))

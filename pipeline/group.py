@@ -2,26 +2,27 @@
 
 Nodes are the rows that have a vector. Edges are verified near pairs (exact cosine >= threshold)
 and exact-byte pairs (equal sha256). Components come from the vectorised union-find
-(unionfind.py), fed in bounded chunks. Each
-group gets one representative by a deterministic rule: most pixels, then most bytes, then the
-smallest key (group.representative: quality), or the first row in input order (first).
-Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
-node ranked before every new row, so earlier rows keep their status and new copies are removed. Chaining guard: a member less similar than `min_rep_similarity` to its
-representative is split off; the split-off members are regrouped among themselves (by the edges
-between them) and the rule repeats until every member is close to its representative.
+(unionfind.py), fed in bounded chunks. Each group gets one representative by a deterministic
+rule: most pixels, then most bytes, then the smallest key (group.representative: quality), or
+the first row in input order (first). Chaining guard: a member less similar than
+`min_rep_similarity` to its representative is split off; the split-off members are regrouped
+among themselves (by the edges between them) and the rule repeats until every member is close
+to its representative.
 Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
 nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind).
 The group id is the representative's gid: stable and deterministic.
+Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
+node ranked before every new row, so earlier rows keep their status and new copies are removed.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pathlib import Path
 
 from . import crossindex
 from .ingest import exact_edges
@@ -137,13 +138,16 @@ def run_stage(run: Run) -> dict:
         rep, rep_sim = group(all_gids, all_rank, ga, gb, old["store"], cfg.group.min_rep_similarity)
         rep, rep_sim = rep[:n], rep_sim[:n]
         group_ids = all_gids[rep]
-        size = np.bincount(rep, minlength=len(all_gids))[rep] + old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)
+        earlier = old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)   # earlier members of the group
+        size = np.bincount(rep, minlength=len(all_gids))[rep] + earlier
     else:
         rep, rep_sim = group(gids, rank, lo, hi, store, cfg.group.min_rep_similarity)
         group_ids = gids[rep]
         size = np.bincount(rep, minlength=n)[rep]
     # nearest verified neighbour of each node
-    both_n = np.concatenate([lo, hi]); both_o = np.concatenate([gids[hi], gids[lo]]); both_s = np.concatenate([sim, sim])
+    both_n = np.concatenate([lo, hi])
+    both_o = np.concatenate([gids[hi], gids[lo]])
+    both_s = np.concatenate([sim, sim])
     if old is not None:
         both_n = np.concatenate([both_n, old["a"]]); both_o = np.concatenate([both_o, old["other"]])
         both_s = np.concatenate([both_s, old["sim"]])
@@ -156,7 +160,8 @@ def run_stage(run: Run) -> dict:
     nearest_sim[both_n[o][firsts]] = both_s[o][firsts]
     if old is not None:   # the edges to earlier runs' rows are part of this run's report
         lo_g = np.concatenate([gids[lo], gids[old["a"]]]); hi_g = np.concatenate([gids[hi], old["other"]])
-        sim = np.concatenate([sim, old["sim"]]); kind = np.concatenate([kind, np.array(["near"] * len(old["a"]), object)])
+        sim = np.concatenate([sim, old["sim"]])
+        kind = np.concatenate([kind, np.array(["near"] * len(old["a"]), object)])
     else:
         lo_g, hi_g = gids[lo], gids[hi]
 
@@ -205,7 +210,8 @@ def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray,
     reg = target.registry.set_index("gid")
     clash = set(target.registry["key"]) & set(keys.tolist())
     if clash:
-        raise ValueError(f"keys {sorted(clash)[:3]} are already in {cfg.against}; keys must be unique across increments")
+        raise ValueError(f"keys {sorted(clash)[:3]} are already in {cfg.against}; "
+                         "keys must be unique across increments")
     a = np.searchsorted(gids, cross["gid"].to_numpy())
     other = cross["other_gid"].to_numpy()
     ok = (a < len(gids)) & (gids[np.minimum(a, len(gids) - 1)] == cross["gid"].to_numpy())
