@@ -99,6 +99,25 @@ def semdedup(x: np.ndarray, gids: np.ndarray, n_cells: int, train_size: int, see
     return np.concatenate(a), np.concatenate(b), time.time() - t0
 
 
+def run_ours(work: Path, shards: dict, store: VectorStore, ex):
+    """Index stage (IVF-PQ + cell codec) and the cell-join search, timed: (codec, cell codec s, stats, search s)."""
+    t0 = time.time()
+    counts = {i: len(store.shard(i)[0]) for i in shards}
+    codec = index.build_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic")
+    index_s = codec["cells_train_s"]          # what the search needs: projection + cells
+    print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec['train_s']}s, add {codec['add_s']}s; "
+          f"cell codec {index_s}s) {codec['factory']} cells={codec['cells']}", flush=True)
+    job = SearchJob(work / "embed", shards, work / "index", work / "search",
+                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
+                    "bench", "bench-search")
+    t0 = time.time()
+    stats = search(job, ex)
+    search_s = time.time() - t0
+    print(f"   ours search {search_s:.0f}s pairs={stats['verified']:,} worker peak RSS "
+          f"{stats['worker_peak_rss_mb']} MB", flush=True)
+    return codec, index_s, job, stats, search_s
+
+
 def bench_size(n: int, work: Path, ex, n_queries: int, seed: int = 0) -> dict:
     print(f"== {n:,} rows", flush=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -112,19 +131,7 @@ def bench_size(n: int, work: Path, ex, n_queries: int, seed: int = 0) -> dict:
     xs = store.get(gids)                                  # the fp16-rounded vectors every method sees
     print(f"   data {time.time() - t0:.0f}s", flush=True)
 
-    t0 = time.time()
-    counts = {i: len(store.shard(i)[0]) for i in shards}
-    codec = index.build_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic")
-    index_s = codec["cells_train_s"]          # what the search needs: projection + cells
-    print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec['train_s']}s, add {codec['add_s']}s; "
-          f"cell codec {index_s}s) {codec['factory']} cells={codec['cells']}", flush=True)
-    job = SearchJob(work / "embed", shards, work / "index", work / "search",
-                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
-                    "bench", "bench-search")
-    t0 = time.time()
-    stats = search(job, ex)
-    search_s = time.time() - t0
-    print(f"   ours search {search_s:.0f}s pairs={stats['verified']:,}", flush=True)
+    codec, index_s, job, stats, search_s = run_ours(work, shards, store, ex)
     pa_, pb_ = [], []
     for p in pair_files(job.out_dir):
         t = pq.read_table(p, columns=["gid_a", "gid_b"])
@@ -193,20 +200,7 @@ def scale_size(n: int, work: Path, ex, n_queries: int, seed: int = 0, semdedup_g
     data_s = time.time() - t0
     print(f"   data {data_s:.0f}s (driver peak RSS {_rss_mb()} MB)", flush=True)
 
-    t0 = time.time()
-    counts = {i: len(store.shard(i)[0]) for i in shards}
-    codec = index.build_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic")
-    index_s = codec["cells_train_s"]
-    print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec['train_s']}s, add {codec['add_s']}s; "
-          f"cell codec {index_s}s) {codec['factory']} cells={codec['cells']}", flush=True)
-    job = SearchJob(work / "embed", shards, work / "index", work / "search",
-                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
-                    "bench", "bench-search")
-    t0 = time.time()
-    stats = search(job, ex)
-    search_s = time.time() - t0
-    print(f"   ours search {search_s:.0f}s pairs={stats['verified']:,} worker peak RSS "
-          f"{stats['worker_peak_rss_mb']} MB", flush=True)
+    codec, index_s, job, stats, search_s = run_ours(work, shards, store, ex)
 
     rng = np.random.default_rng(seed + 1)
     qidx = np.sort(rng.choice(n, min(n_queries, n), replace=False))
