@@ -1,7 +1,8 @@
 """Searching a run's rows against another run's built index: the shared step of incremental
 dedup (`dedup2b run --against NAME`) and evaluation-set decontamination (`dedup2b decontaminate`).
 
-Every run leaves its index folder searchable by later runs. Beside index.faiss and codec.json:
+Every run leaves its index folder searchable by later runs. Beside codec.json (and index.faiss,
+built from the registered rows on first use):
   registry.parquet   every row the index holds: gid, key, group_id, text (normalised caption), run
   runs.json          the runs whose vectors it holds: run dir, embed dir, shards {index: name}
 An incremental run extends the folder it searched: its rows are added to index.faiss (encoded with
@@ -56,6 +57,19 @@ class Target:
 
     def shard_indexes(self) -> set[int]:
         return set(self._owner)
+
+    def shard(self, index: int):
+        """(gids, fp16 vectors) of one registered shard (what index.build reads)."""
+        return self._owner[index].shard(index)
+
+    @property
+    def dim(self) -> int:
+        return self.stores[0].dim
+
+    def ensure_index(self) -> None:
+        """Build the IVF-PQ index from the registered rows if the folder does not hold it yet."""
+        from .index import ensure_ivfpq
+        ensure_ivfpq(self.folder, self, {i: len(self.shard(i)[0]) for i in sorted(self._owner)})
 
     def get(self, gids: np.ndarray) -> np.ndarray:
         gids = np.asarray(gids, np.int64)
@@ -116,7 +130,7 @@ def search_shard(job: dict) -> dict:
 def search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
     """Cross-search every shard of `run` against `target_folder`; pairs under search/<kind>/."""
     cfg = run.cfg
-    Target(target_folder, cfg.embed.model, run.root)   # fail early, naming the folder
+    Target(target_folder, cfg.embed.model, run.root).ensure_index()   # fails early, naming the folder
     out_dir = run.dir("search") / kind
     fp = cfg.fingerprint("search")
     jobs = [{"target": str(target_folder), "model": cfg.embed.model, "run_dir": str(run.root),
@@ -165,10 +179,8 @@ def register(run, rows: pa.Table, texts: list[str]) -> dict:
                 for i in range(0, len(sg), 65536):
                     index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
             write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
-            done = Marker(folder, "index")   # the index stays valid for the run that built it
-            if done.path.exists():
-                info = done.read()
-                done.write(info["fingerprint"], [Path(p) for p in info["outputs"]], rows=int(index.ntotal))
+            from .index import refresh_marker
+            refresh_marker(folder)        # the index stays done for the run that built it
         entry["added"] = me
         new = pa.concat_tables([old, new])
     write_parquet(folder / "registry.parquet", new)

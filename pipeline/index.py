@@ -1,12 +1,17 @@
-"""train + index: a FAISS codec ([OPQ] -> IVF -> PQ, inner product) trained once on a seeded
-sample, then every vector added with its global id. Writes to the index folder:
-  index.faiss      the populated index (read memory-mapped by search workers)
+"""train + index: the cell-join codec, and a FAISS codec ([OPQ] -> IVF -> PQ, inner product)
+chosen by rule, trained once on a seeded sample, every vector added with its global id.
+Writes to the index folder:
+  projection.npy, centroids.npy   the cell-join codec (see celljoin.py)
   codec.json       factory string, dimension, model spec, fingerprint, bytes per vector
+  index.faiss      the populated IVF-PQ index (read memory-mapped by search workers); built by the
+                   index stage for search.method pq, otherwise on first use (an incremental run or
+                   decontamination searching against this folder): the cell join does not need it
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -86,27 +91,56 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
 
 
 def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
-              cells: int = 0, proj_dim: int = 128) -> dict:
-    """Train and write everything search needs: the IVF-PQ index and the cell-join codec."""
-    import faiss
+              cells: int = 0, proj_dim: int = 128, ivfpq: bool = True) -> dict:
+    """Train and write what search needs: the cell-join codec, and the IVF-PQ index when `ivfpq`
+    (else only its codec is chosen and recorded; `ensure_ivfpq` builds it on first use)."""
     from . import celljoin
     n = sum(counts.values())
     codec = choose_codec(n, store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq, c.bytes_per_vector)
-    codec["train_size"] = c.train_size
-    index, timing = build(store, counts, codec, c.seed)
-    files = [write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())]
+    codec.update(train_size=c.train_size, seed=c.seed, model=model, fingerprint=fp, ntotal=0)
+    (Path(out) / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
+    files = []
     t0 = time.time()
     xt = sample(store, counts, c.train_size, c.seed + 1)
     proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
     n_cells = cells or max(1, min(int(math.sqrt(n)), len(xt)))
     centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
-    codec.update(ntotal=int(index.ntotal), model=model, fingerprint=fp, cells=n_cells,
-                 proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3),
-                 bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8, **timing)
-    files.append(write_json(out / "codec.json", codec))
-    Marker(out, "index").write(fp, files, rows=int(index.ntotal))
+    codec.update(cells=n_cells, proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3))
+    write_json(out / "codec.json", codec)
+    if ivfpq:
+        codec = ensure_ivfpq(out, store, counts)
+    files.append(out / "codec.json")
+    Marker(out, "index").write(fp, files, rows=n)
     return codec
+
+
+def ensure_ivfpq(folder, store, counts: dict[int, int]) -> dict:
+    """The IVF-PQ index of `folder`, built from `store` with the codec recorded in codec.json if it
+    is not there yet (the cell join does not need it; `search.method: pq`, incremental runs and
+    decontamination do). Returns the updated codec.json."""
+    import faiss
+    folder = Path(folder)
+    codec = read_json(folder / "codec.json")
+    if (folder / "index.faiss").exists():
+        return codec
+    index, timing = build(store, counts, codec, codec.get("seed", 0))
+    write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
+    codec.update(ntotal=int(index.ntotal), bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8,
+                 **timing)
+    write_json(folder / "codec.json", codec)
+    refresh_marker(folder)
+    return codec
+
+
+def refresh_marker(folder) -> None:
+    """Re-record the index stage's outputs after index.faiss / codec.json changed on purpose (built
+    on first use, or extended by an incremental run), so the stage stays done for its run."""
+    done = Marker(folder, "index")
+    info = done.read()
+    if info:
+        extra = {k: v for k, v in info.items() if k not in ("fingerprint", "outputs")}
+        done.write(info["fingerprint"], [Path(p) for p in info["outputs"]], **extra)
 
 
 def run_stage(run: Run) -> dict:
@@ -119,7 +153,8 @@ def run_stage(run: Run) -> dict:
     if not counts:
         raise RuntimeError("index: no embedded rows (every row failed?)")
     codec = build_all(store, counts, run.cfg.codec, run.dir("index"), run.cfg.fingerprint("index"),
-                      run.cfg.embed.model, run.cfg.search.cells, run.cfg.search.proj_dim)
+                      run.cfg.embed.model, run.cfg.search.cells, run.cfg.search.proj_dim,
+                      ivfpq=run.cfg.search.method == "pq")
     codec["seconds"] = round(time.time() - t0, 3)
     return codec
 

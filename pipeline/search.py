@@ -201,6 +201,8 @@ def pq_shard(args: tuple) -> dict:
 
 
 def run_pq(job: SearchJob, ex) -> dict:
+    store = job.store()
+    index_mod.ensure_ivfpq(job.index_dir, store, {i: len(store.shard(i)[0]) for i in sorted(job.shards)})
     todo = [(job, i) for i in sorted(job.shards) if not job.done(f"pq-{job.shards[i]}")]
     results = ex.map(pq_shard, todo, desc="search: pq", num_cpus=1)
     return {"shards": len(todo), "candidates": sum(r["candidates"] for r in results),
