@@ -1,4 +1,5 @@
-"""`dedup2b` command line: the whole pipeline, each stage on its own, the demo, and status."""
+"""`dedup2b` command line: the whole pipeline, each stage on its own, decontamination, threshold
+calibration, the demo, and status."""
 from __future__ import annotations
 
 import argparse
