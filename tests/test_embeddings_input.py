@@ -88,3 +88,20 @@ def test_model_spec_must_match_the_format(tmp_path):
     from pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="precomputed"):
         from_dict({"input": {"path": "x", "format": "embeddings"}, "run_dir": "r"})
+
+
+def test_cli_runs_released_embeddings_and_exports_chosen_formats(tmp_path):
+    """`dedup2b run --input-format embeddings`, then `dedup2b export --format keep` on the same run."""
+    from pipeline.cli import main
+    x, _ = clip_like(1200, 64, seed=5, max_group=20)
+    _write(tmp_path / "emb", x.astype(np.float16))
+    run = tmp_path / "cli"
+    assert main(["run", "--input", str(tmp_path / "emb"), "--input-format", "embeddings", "--executor", "local",
+                 "--run-dir", str(run), "--index-dir", str(tmp_path / "idx")]) == 0
+    summary = json.loads((run / "reports" / "summary.json").read_text())
+    assert summary["invariant_holds"] and summary["input_rows"] == 1200 and summary["removed"] > 0
+    (run / "export" / "keep.parquet").unlink()
+    assert main(["export", "--input", str(tmp_path / "emb"), "--input-format", "embeddings", "--executor", "local",
+                 "--run-dir", str(run), "--index-dir", str(tmp_path / "idx"), "--format", "keep"]) == 0
+    keep = pq.read_table(run / "export" / "keep.parquet")
+    assert keep.num_rows == summary["kept"]
