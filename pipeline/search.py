@@ -157,15 +157,52 @@ def run_cells(job: SearchJob, ex) -> dict:
 
 # ---- method: pq ------------------------------------------------------------------------------
 
-def candidates(index, queries: np.ndarray, qgids: np.ndarray, radius: float, nprobe: int,
-               batch: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gid_a, gid_b, pq_score) with gid_a < gid_b, deduplicated, for all ADC scores > radius."""
+def _range_by_knn(index, q: np.ndarray, radius: float, k0: int = 64, k_max: int = 2048, cpu=None):
+    """range_search through k-NN search (FAISS GPU indexes have no range search): k grows (x4)
+    for the queries whose k-th neighbour still scores above `radius`, so a group of thousands of
+    copies is never cut at a fixed k; past `k_max` (the GPU's limit) those queries go to the CPU
+    index's range search. Returns range_search's (lims, scores, ids)."""
+    k, todo = min(k0, index.ntotal), np.arange(len(q))
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    while len(todo):
+        if k > k_max and cpu is not None:
+            lims, dist, ids = cpu.range_search(np.ascontiguousarray(q[todo]), radius)
+            for row, i in enumerate(todo):
+                found[int(i)] = (dist[lims[row]:lims[row + 1]], ids[lims[row]:lims[row + 1]])
+            break
+        dist, ids = index.search(q[todo], k)
+        more = (dist[:, -1] > radius) & (k < index.ntotal)
+        for row in np.nonzero(~more)[0]:
+            sel = (dist[row] > radius) & (ids[row] >= 0)
+            found[int(todo[row])] = (dist[row][sel], ids[row][sel])
+        todo, k = todo[more], min(k * 4, index.ntotal) if k < index.ntotal else k
+    counts = np.array([len(found[i][1]) for i in range(len(q))], np.int64)
+    lims = np.r_[0, np.cumsum(counts)]
+    dist = np.concatenate([found[i][0] for i in range(len(q))] or [np.zeros(0, np.float32)])
+    ids = np.concatenate([found[i][1] for i in range(len(q))] or [np.zeros(0, np.int64)])
+    return lims, dist, ids
+
+
+def _set_nprobe(index, nprobe: int) -> None:
     import faiss
-    faiss.extract_index_ivf(index).nprobe = nprobe
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except Exception:          # a GPU index
+        faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+
+
+def candidates(index, queries: np.ndarray, qgids: np.ndarray, radius: float, nprobe: int,
+               batch: int = 4096, knn: bool = False, cpu=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gid_a, gid_b, pq_score) with gid_a < gid_b, deduplicated, for all ADC scores > radius
+    (by range search, or by growing k-NN search with `knn`, as on a GPU; `cpu` takes the queries
+    past the GPU's largest k)."""
+    _set_nprobe(index, nprobe)
+    if cpu is not None:
+        _set_nprobe(cpu, nprobe)
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     for i in range(0, len(queries), batch):
         q = np.ascontiguousarray(queries[i:i + batch], dtype=np.float32)
-        lims, dist, ids = index.range_search(q, radius)
+        lims, dist, ids = _range_by_knn(index, q, radius, cpu=cpu) if knn else index.range_search(q, radius)
         owner = np.repeat(qgids[i:i + batch], np.diff(lims).astype(np.int64))
         keep = ids != owner
         a.append(owner[keep]); b.append(ids[keep]); s.append(dist[keep])
@@ -178,6 +215,14 @@ def candidates(index, queries: np.ndarray, qgids: np.ndarray, radius: float, npr
     return lo[first], hi[first], s[first].astype(np.float32)
 
 
+def _gpu_index(index):
+    """The index on every visible GPU (faiss-gpu, the `gpu` extra), else None."""
+    import faiss
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+        return None
+    return faiss.index_cpu_to_all_gpus(index)
+
+
 def rescore(store: VectorStore, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     out = np.empty(len(a), dtype=np.float32)
     for i in range(0, len(a), chunk):
@@ -185,14 +230,19 @@ def rescore(store: VectorStore, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 
     return out
 
 
+def _load_pq(job: SearchJob):
+    index = index_mod.load(job.index_dir, job.index_fp)[0]
+    return index, _gpu_index(index) if _device(job.cfg.device) == "cuda" else None
+
+
 def pq_shard(args: tuple) -> dict:
     job, index_no = args
     store = job.store()
     gids, vecs = store.shard(index_no)
-    index = _cached(("pq", str(job.index_dir), job.index_fp), lambda: index_mod.load(job.index_dir, job.index_fp)[0])
+    index, gpu = _cached(("pq", str(job.index_dir), job.index_fp), lambda: _load_pq(job))
     radius = job.cfg.threshold - job.cfg.margin
-    a, b, pq_score = candidates(index, np.asarray(vecs, dtype=np.float32).reshape(len(gids), -1), gids,
-                                radius, job.cfg.nprobe, job.cfg.query_batch)
+    a, b, pq_score = candidates(gpu or index, np.asarray(vecs, dtype=np.float32).reshape(len(gids), -1), gids,
+                                radius, job.cfg.nprobe, job.cfg.query_batch, knn=gpu is not None, cpu=index)
     sim = rescore(store, a, b)
     keep = sim >= job.floor
     out = _write_pairs(job, f"pq-{job.shards[index_no]}", a[keep], b[keep], sim[keep], pq_score=pq_score[keep])

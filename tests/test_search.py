@@ -56,3 +56,23 @@ def test_candidates_are_unique_and_ordered(tmp_path):
     a, b, _ = search.candidates(idx, store.get(gids), gids, 0.7, nprobe=4)
     assert np.all(a < b)
     assert len(set(zip(a.tolist(), b.tolist()))) == len(a)
+
+
+def test_growing_knn_gives_the_range_search_candidates(tmp_path):
+    """The GPU path (k-NN with k grown for queries whose k-th neighbour is still above the radius,
+    CPU range search past the largest k) finds exactly the range-search candidates; run on CPU."""
+    x, _ = clip_like(4000, 128, seed=6, max_group=300)      # groups far larger than the first k
+    store, gids = _embed_dir(tmp_path, x)
+    codec = index.choose_codec(4000, 128, m=16)
+    codec["train_size"] = 4000
+    idx, _ = index.build(store, {0: 2000, 1: 2000}, codec, seed=1)
+    x16 = store.get(gids)
+    want = search.candidates(idx, x16, gids, 0.8, nprobe=8)
+    for k_max in (2048, 64):                                 # 64: the CPU fallback takes over
+        lims, dist, ids = search._range_by_knn(idx, x16[:500], 0.8, k0=16, k_max=k_max, cpu=idx)
+        ref_lims, _, ref_ids = idx.range_search(x16[:500], 0.8)
+        assert np.array_equal(np.diff(lims), np.diff(ref_lims))
+        for i in range(500):
+            assert set(ids[lims[i]:lims[i + 1]].tolist()) == set(ref_ids[ref_lims[i]:ref_lims[i + 1]].tolist())
+    got = search.candidates(idx, x16, gids, 0.8, nprobe=8, knn=True)
+    assert all(np.array_equal(g, w) for g, w in zip(got[:2], want[:2])) and max(np.diff(ref_lims)) > 64
