@@ -4,7 +4,7 @@ export/webdataset/NNNNN.tar     kept samples resharded to export.rows_per_shard 
                                 every member (image, .txt, .json) byte-identical, in input order
 export/webdataset/NNNNN.parquet the input parquet's rows for the tar's samples, in the tar's order
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
-export/keep.parquet, remove.parquet   keys with group id, representative and similarity
+export/keep.parquet, remove.parquet   keys with group id, representative, similarity, removed_reason
 export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
                                 and the input parquet's other columns (formats: hf)
 export/subset.npy               DataComp-style sorted uid array (two uint64 halves of the 128-bit uid:

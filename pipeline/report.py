@@ -7,18 +7,20 @@ reports/pairs.parquet      verified duplicate edges: key_a, key_b, similarity, k
 reports/groups.parquet     groups of 2+ rows: group_id, size, representative_key, max/min_similarity
 reports/histogram.parquet  groups per group size; similarity.parquet: candidate-pair similarities
 reports/histogram.png      both, log-log sizes and the similarity distribution with the threshold
+reports/leaks.parquet      decontamination: eval_set, eval_key, key, url, caption, group_id, similarity
+samples.parquet's removed_reason says why a row is not kept: duplicate, or eval_leak (its group
+holds a near duplicate of an evaluation row: the whole group goes)
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import gallery
-from pathlib import Path
-
-from . import crossindex
+from . import crossindex, gallery
 from .io import read_json, write_json, write_parquet
 from .run import Run
 from .search import pair_files
