@@ -16,14 +16,16 @@ vectors; pairs with exact cosine >= threshold are written as search/<kind>/<name
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .index import ensure_ivfpq, refresh_marker
 from .io import Marker, read_json, write_bytes, write_json, write_parquet
-from .vectors import VectorStore
+from .vectors import StoreUnion, VectorStore
 
 
 class TargetError(RuntimeError):
@@ -35,8 +37,9 @@ def _runs(folder: Path) -> list[dict]:
     return read_json(path)["runs"] if path.exists() else []
 
 
-class Target:
-    """A built, registered index folder and the stored vectors of the rows it holds."""
+class Target(StoreUnion):
+    """A built, registered index folder and the stored vectors of the rows it holds (the rows of
+    `exclude_run` left out)."""
 
     def __init__(self, folder, model: str, exclude_run: str | Path | None = None):
         self.folder = Path(folder)
@@ -47,39 +50,21 @@ class Target:
         if meta.get("model") != model:
             raise TargetError(f"{self.folder}: built with model {meta.get('model')!r}, this run uses {model!r}; "
                               "vectors of different models cannot be compared")
-        skip = str(Path(exclude_run).resolve()) if exclude_run else None
-        self.runs = [r for r in _runs(self.folder) if r["run_dir"] != skip]
+        self.skip = str(Path(exclude_run).resolve()) if exclude_run else None
+        self.runs = [r for r in _runs(self.folder) if r["run_dir"] != self.skip]
+        super().__init__([VectorStore(Path(r["embed_dir"]), {int(k): v for k, v in r["shards"].items()})
+                          for r in self.runs])
+
+    @functools.cached_property
+    def registry(self):
+        """The registered rows (gid, key, group_id, text, run), read on first use only: search
+        tasks need the vectors, not the registry."""
         reg = pq.read_table(self.folder / "registry.parquet").to_pandas()
-        self.registry = reg[reg["run"] != skip].reset_index(drop=True) if skip else reg
-        self.stores = [VectorStore(Path(r["embed_dir"]), {int(k): v for k, v in r["shards"].items()})
-                       for r in self.runs]
-        self._owner = {i: s for s in self.stores for i in s.shards}
-
-    def shard_indexes(self) -> set[int]:
-        return set(self._owner)
-
-    def shard(self, index: int):
-        """(gids, fp16 vectors) of one registered shard (what index.build reads)."""
-        return self._owner[index].shard(index)
-
-    @property
-    def dim(self) -> int:
-        return self.stores[0].dim
+        return reg[reg["run"] != self.skip].reset_index(drop=True) if self.skip else reg
 
     def ensure_index(self) -> None:
         """Build the IVF-PQ index from the registered rows if the folder does not hold it yet."""
-        from .index import ensure_ivfpq
-        ensure_ivfpq(self.folder, self, {i: len(self.shard(i)[0]) for i in sorted(self._owner)})
-
-    def get(self, gids: np.ndarray) -> np.ndarray:
-        gids = np.asarray(gids, np.int64)
-        dim = next(iter(self.stores)).dim if self.stores else 0
-        out = np.empty((len(gids), dim), np.float32)
-        which = gids >> 32
-        for index in np.unique(which):
-            sel = np.nonzero(which == index)[0]
-            out[sel] = self._owner[int(index)].get(gids[sel])
-        return out
+        ensure_ivfpq(self.folder, self, {i: len(self.shard(i)[0]) for i in sorted(self.shard_indexes())})
 
     def index(self):
         import faiss
@@ -151,17 +136,15 @@ def pairs(run, kind: str, name: str | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else empty
 
 
-def register(run, rows: pa.Table, texts: list[str]) -> dict:
+def register(run, rows: pa.Table, keys: list[str], texts: list[str]) -> dict:
     """Make this run searchable by later runs: its own index folder, or, for an incremental run, the
     folder it searched against (rows added to index.faiss and the registry)."""
     import faiss
     cfg = run.cfg
     folder = Path(cfg.against) if cfg.against else run.dir("index")
-    ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{s.name}.parquet", columns=["gid", "key"])
-                               for s in run.shards]).to_pandas().set_index("gid")["key"]
     gids = rows["gid"].to_numpy()
     me = str(run.root.resolve())
-    new = pa.table({"gid": gids, "key": pa.array(ingest.reindex(gids).tolist(), pa.string()),
+    new = pa.table({"gid": gids, "key": pa.array(keys, pa.string()),
                     "group_id": rows["group_id"].to_numpy(), "text": pa.array(texts, pa.string()),
                     "run": pa.array([me] * len(gids), pa.string())})
     # a run's own index folder holds that run alone; an incremental run adds itself to the list
@@ -179,7 +162,6 @@ def register(run, rows: pa.Table, texts: list[str]) -> dict:
                 for i in range(0, len(sg), 65536):
                     index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
             write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
-            from .index import refresh_marker
             refresh_marker(folder)        # the index stays done for the run that built it
         entry["added"] = me
         new = pa.concat_tables([old, new])

@@ -30,7 +30,7 @@ from .io import write_parquet
 from .run import Run
 from .search import pair_files
 from .unionfind import UnionFind
-from .vectors import VectorStore
+from .vectors import StoreUnion, VectorStore
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray, chunk: int = 5_000_000) -> np.ndarray:
@@ -174,7 +174,7 @@ def run_stage(run: Run) -> dict:
                       "kind": pa.array(kind.tolist(), pa.string())})
     files = [write_parquet(out / "rows.parquet", rows), write_parquet(out / "edges.parquet", edges)]
     n_groups = int(len(np.unique(group_ids)))
-    registered = crossindex.register(run, rows, texts.tolist())
+    registered = crossindex.register(run, rows, keys.tolist(), texts.tolist())
     run.marker("group", "group").write(cfg.fingerprint("group"), files, rows=len(gids), groups=n_groups)
     stats = {"rows": len(gids), "groups": n_groups, "edges": len(lo_g), "seconds": round(time.time() - t0, 3),
              "registered": registered}
@@ -182,23 +182,6 @@ def run_stage(run: Run) -> dict:
         stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
                      earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))
     return stats
-
-
-class _Both:
-    """Vectors of this run's rows and of the earlier runs' rows, by gid."""
-
-    def __init__(self, store: VectorStore, target):
-        self.store, self.target, self.mine = store, target, set(store.shards)
-
-    def get(self, gids: np.ndarray) -> np.ndarray:
-        gids = np.asarray(gids, np.int64)
-        out = np.empty((len(gids), self.store.dim), np.float32)
-        here = np.isin(gids >> 32, list(self.mine))
-        if here.any():
-            out[here] = self.store.get(gids[here])
-        if (~here).any():
-            out[~here] = self.target.get(gids[~here])
-        return out
 
 
 def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray, store: VectorStore) -> dict:
@@ -222,4 +205,4 @@ def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray,
     group_ids, b = np.unique(old_group, return_inverse=True)
     sizes = target.registry.groupby("group_id").size()
     return {"group_ids": group_ids, "a": a.astype(np.int64), "b": b.astype(np.int64), "other": other,
-            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": _Both(store, target)}
+            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([store, *target.stores])}

@@ -26,7 +26,8 @@ from .run import Run
 from .search import pair_files
 
 
-def samples_table(run: Run) -> pd.DataFrame:
+def samples_table(run: Run) -> tuple[pd.DataFrame, pd.Series]:
+    """One row per input row, and gid -> key (with the earlier runs' rows for an incremental run)."""
     names = run.shard_names()
     ing = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet").to_pandas() for n in names],
                     ignore_index=True)
@@ -59,7 +60,7 @@ def samples_table(run: Run) -> pd.DataFrame:
     cols = ["key", "shard", "row", "gid", "uid", "url", "caption", "sha256", "status", "error", "group_id",
             "group_size", "is_representative", "is_duplicate", "is_leak", "removed_reason", "representative_key",
             "rep_similarity", "nearest_key", "nearest_similarity"]
-    return df[cols].sort_values("gid").reset_index(drop=True)
+    return df[cols].sort_values("gid").reset_index(drop=True), key_of
 
 
 def all_keys(run: Run, key_of: pd.Series) -> pd.Series:
@@ -116,9 +117,8 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases)."""
     out = run.root / "reports"
     cfg = run.cfg
-    df = samples_table(run)
+    df, key_of = samples_table(run)
     write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    key_of = all_keys(run, df.set_index("gid")["key"])
     edges = pq.read_table(run.dir("group") / "edges.parquet").to_pandas()
     pairs = pd.DataFrame({"key_a": edges["gid_a"].map(key_of), "key_b": edges["gid_b"].map(key_of),
                           "similarity": edges["similarity"], "kind": edges["kind"]})

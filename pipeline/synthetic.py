@@ -15,6 +15,27 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _owners(rng, n_src: int, n_dup: int, max_group: int, tail: float) -> np.ndarray:
+    """The source of each duplicate row: Zipf group sizes (most 1-3 copies, a few of thousands)."""
+    sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
+    owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
+    if len(owners) < n_dup:
+        owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
+    return owners
+
+
+def _write_meta(out, shard: int, rows: int) -> np.ndarray:
+    """metadata/metadata_NNNNN.parquet (key, gid) of one synthetic shard; returns its gids."""
+    import pyarrow as pa
+
+    from .io import write_parquet
+    name = f"{shard:05d}"
+    gids = (np.int64(shard) << 32) | np.arange(rows, dtype=np.int64)
+    write_parquet(out / "metadata" / f"metadata_{name}.parquet",
+                  pa.table({"key": [f"{name}{i:07d}" for i in range(rows)], "gid": gids}))
+    return gids
+
+
 def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed: int = 0,
               max_group: int = 50, tail: float = 2.3) -> tuple[np.ndarray, np.ndarray]:
     """(vectors float32 n x d unit-norm, source id per row: rows with equal ids are duplicates)."""
@@ -31,10 +52,7 @@ def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed:
     # duplicates: Zipf group sizes (most 1-3 copies, a few of thousands), copies at cosine
     # ~0.97-0.999 from their source
     n_dup = n - n_src
-    sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
-    owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
-    if len(owners) < n_dup:
-        owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
+    owners = _owners(rng, n_src, n_dup, max_group, tail)
     noise = rng.uniform(0.03, 0.25, (n_dup, 1)) * _unit(rng.standard_normal((n_dup, d)))
     dups = _unit(src[owners] + noise)
     x = np.concatenate([src, dups]).astype(np.float32)
@@ -63,18 +81,15 @@ def write_corpus(out, x: np.ndarray, source: np.ndarray, rows_per_shard: int = 1
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .io import write_npy, write_parquet
+    from .io import write_npy
     out = Path(out)
     names, gids_all = [], []
     for s, start in enumerate(range(0, len(x), rows_per_shard)):
         part = x[start:start + rows_per_shard]
         name = f"{s:05d}"
-        gids = (np.int64(s) << 32) | np.arange(len(part), dtype=np.int64)
         write_npy(out / "img_emb" / f"img_emb_{name}.npy", part.astype(np.float16))
-        write_parquet(out / "metadata" / f"metadata_{name}.parquet",
-                      pa.table({"key": [f"{name}{i:07d}" for i in range(len(part))], "gid": gids}))
+        gids_all.append(_write_meta(out, s, len(part)))
         names.append(name)
-        gids_all.append(gids)
     pq.write_table(pa.table({"gid": np.concatenate(gids_all), "source": source.astype(np.int64)}),
                    out / "ground_truth.parquet")
     return names
@@ -97,7 +112,6 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .io import write_parquet
     out = Path(out)
     rng = np.random.default_rng(seed)
     rank = min(rank, d)
@@ -108,11 +122,7 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
     topics = rng.standard_normal((n_topics, rank)).astype(np.float32)
     topic_of = rng.integers(0, n_topics, n_src)
     n_dup = n - n_src
-    sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
-    owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
-    if len(owners) < n_dup:
-        owners = np.concatenate([owners, rng.choice(n_src, n_dup - len(owners))])
-    del sizes
+    owners = _owners(rng, n_src, n_dup, max_group, tail)
     scale = rng.uniform(0.03, 0.25, n_dup).astype(np.float32)
     perm = rng.permutation(n)                 # output row p holds generated row perm[p]
     pos = np.empty(n, np.int64)
@@ -153,16 +163,13 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
             noise = scale[dj, None] * _unit(crng.standard_normal((len(dj), d), dtype=np.float32))
             scatter(_unit(src[owners[dj] - lo] + noise), pos[n_src + dj])
         del src
+    gids_all = []
     for s, (mm, t) in enumerate(zip(mms, tmps)):
         mm.flush()
         del mm
         mms[s] = None
         os.replace(t, emb / f"img_emb_{names[s]}.npy")
-        m = min(rows_per_shard, n - s * rows_per_shard)
-        gids = (np.int64(s) << 32) | np.arange(m, dtype=np.int64)
-        write_parquet(out / "metadata" / f"metadata_{names[s]}.parquet",
-                      pa.table({"key": [f"{names[s]}{i:07d}" for i in range(m)], "gid": gids}))
-    gids_all = np.concatenate([(np.int64(s) << 32) | np.arange(min(rows_per_shard, n - s * rows_per_shard),
-                                                                 dtype=np.int64) for s in range(n_shards)])
-    pq.write_table(pa.table({"gid": gids_all, "source": source.astype(np.int64)}), out / "ground_truth.parquet")
+        gids_all.append(_write_meta(out, s, min(rows_per_shard, n - s * rows_per_shard)))
+    pq.write_table(pa.table({"gid": np.concatenate(gids_all), "source": source.astype(np.int64)}),
+                   out / "ground_truth.parquet")
     return names

@@ -54,3 +54,30 @@ class VectorStore:
             order = np.argsort(pos, kind="stable")
             out[sel[order]] = sv[pos[order]]
         return out
+
+
+class StoreUnion:
+    """gid -> vector over the stores of several runs (each owns the shard numbers in its gids)."""
+
+    def __init__(self, stores: list[VectorStore]):
+        self.stores = stores
+        self._owner = {i: st for st in stores for i in st.shards}
+
+    def shard_indexes(self) -> set[int]:
+        return set(self._owner)
+
+    def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._owner[index].shard(index)
+
+    @property
+    def dim(self) -> int:
+        return self.stores[0].dim
+
+    def get(self, gids: np.ndarray) -> np.ndarray:
+        gids = np.asarray(gids, dtype=np.int64)
+        out = np.empty((len(gids), self.dim), dtype=np.float32)
+        which = gids >> 32
+        for index in np.unique(which):
+            sel = np.nonzero(which == index)[0]
+            out[sel] = self._owner[int(index)].get(gids[sel])
+        return out
