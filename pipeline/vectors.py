@@ -41,18 +41,17 @@ class VectorStore:
 
     def get(self, gids: np.ndarray) -> np.ndarray:
         """float32 vectors of the given gids, in the given order."""
-        gids = np.asarray(gids, dtype=np.int64)
-        out = np.empty((len(gids), self.dim), dtype=np.float32)
-        which = gids >> 32
-        for index in np.unique(which):
-            sel = np.nonzero(which == index)[0]
-            sg, sv = self.shard(int(index))
-            pos = np.searchsorted(sg, gids[sel])
-            if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids[sel]):
-                raise KeyError(f"shard {self.shards[int(index)]}: some gids have no vector")
-            # read in ascending row order (sequential pages of the memmap)
-            order = np.argsort(pos, kind="stable")
-            out[sel[order]] = sv[pos[order]]
+        return _by_shard(gids, self.dim, self._get_shard)
+
+    def _get_shard(self, index: int, gids: np.ndarray) -> np.ndarray:
+        sg, sv = self.shard(index)
+        pos = np.searchsorted(sg, gids)
+        if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids):
+            raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
+        # read in ascending row order (sequential pages of the memmap)
+        order = np.argsort(pos, kind="stable")
+        out = np.empty((len(gids), sv.shape[1]), dtype=np.float32)
+        out[order] = sv[pos[order]]
         return out
 
 
@@ -74,10 +73,16 @@ class StoreUnion:
         return self.stores[0].dim
 
     def get(self, gids: np.ndarray) -> np.ndarray:
-        gids = np.asarray(gids, dtype=np.int64)
-        out = np.empty((len(gids), self.dim), dtype=np.float32)
-        which = gids >> 32
-        for index in np.unique(which):
-            sel = np.nonzero(which == index)[0]
-            out[sel] = self._owner[int(index)].get(gids[sel])
-        return out
+        return _by_shard(gids, self.dim, lambda index, g: self._owner[index].get(g))
+
+
+def _by_shard(gids, dim: int, fetch) -> np.ndarray:
+    """float32 vectors of `gids` in the given order, fetched shard by shard (the shard number is
+    the high half of the gid): fetch(shard index, that shard's gids) -> their vectors."""
+    gids = np.asarray(gids, dtype=np.int64)
+    out = np.empty((len(gids), dim), dtype=np.float32)
+    which = gids >> 32
+    for index in np.unique(which):
+        sel = np.nonzero(which == index)[0]
+        out[sel] = fetch(int(index), gids[sel])
+    return out
