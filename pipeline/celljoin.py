@@ -22,8 +22,8 @@ import numpy as np
 
 def train_projection(sample: np.ndarray, r: int) -> np.ndarray:
     """(r, d) orthonormal rows spanning the top-r directions of the uncentred sample."""
-    x = np.asarray(sample, dtype=np.float64)
-    w, v = np.linalg.eigh(x.T @ x / max(len(x), 1))
+    x = np.asarray(sample, dtype=np.float32)
+    w, v = np.linalg.eigh((x.T @ x).astype(np.float64) / max(len(x), 1))
     return np.ascontiguousarray(v[:, ::-1][:, :r].T, dtype=np.float32)
 
 
@@ -35,11 +35,13 @@ def project(x: np.ndarray, proj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, np.sqrt(np.maximum(res2, 0.0)).astype(np.float32)
 
 
-def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 20) -> np.ndarray:
+def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 10) -> np.ndarray:
+    """Spherical k-means centroids (the cells). Cell balance only moves the join's cost, never its
+    result; 64 points a cell and 10 iterations were as balanced as 256 and 20 (bench-search)."""
     import faiss
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     km = faiss.Kmeans(z.shape[1], nlist, niter=niter, spherical=True, seed=seed,
-                      max_points_per_centroid=256, min_points_per_centroid=1, verbose=False)
+                      max_points_per_centroid=64, min_points_per_centroid=1, verbose=False)
     km.train(np.ascontiguousarray(zn, dtype=np.float32))
     return km.centroids.astype(np.float32)
 

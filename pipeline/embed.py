@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import preprocess_bytes
+from .images import crop_bytes
 from .ingest import exact_edges, read_images
 from .io import write_json, write_npy, write_parquet
 from .models import Embedder, Preprocess, preprocess_for
@@ -34,14 +34,15 @@ def read_rows(item: dict) -> list[dict]:
 
 
 def preprocess_batch(batch: dict, pp: Preprocess) -> dict:
-    """Decode + preprocess a batch; a row that fails keeps its place with zero pixels and a reason."""
+    """Decode, resize and crop a batch to uint8 pixels (the model actor normalises: a quarter of
+    the bytes to move); a row that fails keeps its place with zero pixels and a reason."""
     t0 = time.perf_counter()
     n = len(batch["gid"])
-    pixels = np.zeros((n, 3, pp.size, pp.size), dtype=np.float32)
+    pixels = np.zeros((n, pp.size, pp.size, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
     for i, data in enumerate(batch["data"]):
         try:
-            pixels[i] = preprocess_bytes(bytes(data), pp)
+            pixels[i] = crop_bytes(bytes(data), pp)
         except Exception as exc:  # any decoder error becomes the row's failure reason
             errors[i] = f"decode: {type(exc).__name__}: {exc}"
     return {"gid": np.asarray(batch["gid"], dtype=np.int64), "shard": np.asarray(batch["shard"]),

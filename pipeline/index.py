@@ -101,9 +101,11 @@ def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     (Path(out) / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
     files = []
     t0 = time.time()
-    xt = sample(store, counts, c.train_size, c.seed + 1)
+    # cells: about sqrt(n); k-means needs some 64 points a cell, the 128-d projection ~20k in all
+    n_cells = cells or max(1, int(math.sqrt(n)))
+    xt = sample(store, counts, min(c.train_size, max(20_000, 64 * n_cells)), c.seed + 1)
+    n_cells = min(n_cells, len(xt))
     proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
-    n_cells = cells or max(1, min(int(math.sqrt(n)), len(xt)))
     centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
     codec.update(cells=n_cells, proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3))

@@ -123,7 +123,9 @@ def build_model(spec: str, classifier: bool = False):
 
 
 class Embedder:
-    """Loads a spec once; embeds float32 NCHW batches into L2-normalised float32 vectors."""
+    """Loads a spec once; embeds batches into L2-normalised float32 vectors. A batch is either the
+    model's input (float32 NCHW, normalised) or uint8 NHWC pixels at the model's size, which are
+    moved as bytes and normalised on the model's device."""
 
     def __init__(self, spec: str, device: str | None = None, threads: int = 0):
         import torch
@@ -140,7 +142,12 @@ class Embedder:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         import torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self.device == "cuda":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = self._normalize(x)
             if self.device == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     feats = self.model(x)
@@ -148,3 +155,11 @@ class Embedder:
                 feats = self.model(x)
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
+
+    def _normalize(self, x):
+        """uint8 NHWC -> float32 NCHW with the spec's mean and std, on the model's device."""
+        import torch
+        pp = self.preprocess
+        mean = torch.tensor(pp.mean, device=x.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(pp.std, device=x.device).view(1, 3, 1, 1) * 255.0
+        return ((x.permute(0, 3, 1, 2).float() - mean) / std).contiguous()

@@ -48,6 +48,8 @@ class VectorStore:
         pos = np.searchsorted(sg, gids)
         if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids):
             raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
+        if len(pos) < 2 or np.all(pos[1:] >= pos[:-1]):   # already ascending (the search's gathers)
+            return sv[pos].astype(np.float32)
         # read in ascending row order (sequential pages of the memmap)
         order = np.argsort(pos, kind="stable")
         out = np.empty((len(gids), sv.shape[1]), dtype=np.float32)
@@ -82,6 +84,12 @@ def _by_shard(gids, dim: int, fetch) -> np.ndarray:
     gids = np.asarray(gids, dtype=np.int64)
     out = np.empty((len(gids), dim), dtype=np.float32)
     which = gids >> 32
+    if len(which) < 2 or np.all(which[1:] >= which[:-1]):   # grouped by shard: contiguous slices
+        edges = np.r_[0, np.nonzero(which[1:] != which[:-1])[0] + 1, len(gids)]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if hi > lo:
+                out[lo:hi] = fetch(int(which[lo]), gids[lo:hi])
+        return out
     for index in np.unique(which):
         sel = np.nonzero(which == index)[0]
         out[sel] = fetch(int(index), gids[sel])
