@@ -63,8 +63,10 @@ class EmbedActor:
         t0 = time.perf_counter()
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         vectors = np.zeros((len(ok), self.embedder.dim), dtype=np.float16)
-        if ok.any():
-            vectors[ok] = self.embedder(batch["pixels"][ok]).astype(np.float16)
+        if ok.all():
+            vectors[:] = self.embedder(batch["pixels"])
+        elif ok.any():
+            vectors[ok] = self.embedder(batch["pixels"][ok])
         return {"gid": batch["gid"], "shard": batch["shard"], "vector": vectors,
                 "error": batch["error"].astype(str), "t_read": batch["t_read"], "t_decode": batch["t_decode"],
                 "t_infer": np.full(len(ok), (time.perf_counter() - t0) / max(len(ok), 1))}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -26,14 +27,17 @@ import pyarrow.parquet as pq
 
 from . import crossindex
 from .ingest import exact_edges
-from .io import write_parquet
+from .io import parquet_writer, write_parquet
 from .run import Run
 from .search import pair_files
 from .unionfind import UnionFind
 from .vectors import StoreUnion, VectorStore
 
 
-def components(n: int, a: np.ndarray, b: np.ndarray, chunk: int = 5_000_000) -> np.ndarray:
+CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     """Component label per node (its smallest member), edges fed in bounded chunks."""
     return UnionFind(n).union_stream((a[i:i + chunk], b[i:i + chunk])
                                      for i in range(0, len(a), chunk)).labels()
@@ -56,10 +60,12 @@ def normalize_text(text) -> str:
     return " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
 
 
-def group(gids, rank, edges_a, edges_b, store: VectorStore, guard: float, max_rounds: int = 50):
-    """Labels (representative node index per node) and each node's similarity to its representative."""
+def group(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], store, guard: float,
+          max_rounds: int = 50):
+    """Labels (representative node index per node) and each node's similarity to its representative.
+    `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass."""
     n = len(gids)
-    labels = components(n, edges_a, edges_b)
+    labels = UnionFind(n).union_stream(edges()).labels()
     sim = np.ones(n, np.float32)
     for _ in range(max_rounds):
         rep = representatives(labels, rank)
@@ -71,15 +77,87 @@ def group(gids, rank, edges_a, edges_b, store: VectorStore, guard: float, max_ro
         if not bad.any():
             return rep, sim
         # regroup the split-off members among themselves, by edges inside their old component
-        keep = bad[edges_a] & bad[edges_b] & (labels[edges_a] == labels[edges_b])
         idx = np.nonzero(bad)[0]
         local = np.full(n, -1, np.int64)
         local[idx] = np.arange(len(idx))
-        sub = components(len(idx), local[edges_a[keep]], local[edges_b[keep]])
+        uf = UnionFind(len(idx))
+        for a, b in edges():
+            keep = bad[a] & bad[b] & (labels[a] == labels[b])
+            uf.union(local[a[keep]], local[b[keep]])
         labels = labels.copy()
-        labels[idx] = labels.max() + 1 + sub
+        labels[idx] = labels.max() + 1 + uf.labels()
     rep = representatives(labels, rank)
     return rep, sim
+
+
+class Edges:
+    """A run's verified edges, never all in memory: exact-byte edges (copy -> first copy), then
+    near pairs read pair file by pair file in chunks of CHUNK, then (incremental runs) edges to
+    earlier runs' rows. Node indexes are positions in `gids`; node n + k is earlier group k."""
+
+    def __init__(self, run: Run, gids: np.ndarray, texts: np.ndarray, exact: tuple, old: dict | None):
+        self.files = pair_files(run.dir("search"))
+        self.threshold = run.cfg.search.threshold
+        self.by_text = run.cfg.group.duplicate_key == "image+text"
+        self.gids, self.texts, self.old = gids, texts, old
+        self.ea, self.eb = exact
+        self.head = np.full(len(gids), -1, np.int64)   # a near pair equal to an exact edge is dropped
+        self.head[self.eb] = self.ea
+
+    def near(self):
+        """(lo, hi, similarity) node-index chunks of the near pairs at or above the threshold."""
+        for path in self.files:
+            for batch in pq.ParquetFile(path).iter_batches(CHUNK, columns=["gid_a", "gid_b", "similarity"]):
+                sim = batch.column(2).to_numpy()
+                sel = sim >= self.threshold
+                lo = np.searchsorted(self.gids, batch.column(0).to_numpy()[sel])
+                hi = np.searchsorted(self.gids, batch.column(1).to_numpy()[sel])
+                keep = self.head[hi] != lo
+                if self.by_text:   # the same picture under another text is not a duplicate
+                    keep &= self.texts[lo] == self.texts[hi]
+                yield lo[keep], hi[keep], sim[sel][keep].astype(np.float32)
+
+    def pairs(self):
+        """(a, b) chunks for union-find, the earlier groups' nodes included."""
+        n = len(self.gids)
+        for i in range(0, len(self.ea), CHUNK):
+            yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
+        for lo, hi, _ in self.near():
+            yield lo, hi
+        if self.old is not None:
+            yield self.old["a"], n + self.old["b"]
+
+    def scored(self):
+        """(node a, node b or -1, gid a, gid b, similarity, kind) chunks: every edge of the report."""
+        g = self.gids
+        for i in range(0, len(self.ea), CHUNK):
+            a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
+            yield a, b, g[a], g[b], np.ones(len(a), np.float32), "exact"
+        for lo, hi, sim in self.near():
+            yield lo, hi, g[lo], g[hi], sim, "near"
+        if self.old is not None:
+            a = self.old["a"]
+            yield a, np.full(len(a), -1, np.int64), g[a], self.old["other"], self.old["sim"], "near"
+
+
+class Nearest:
+    """Each node's most similar verified neighbour (ties: the smallest gid), updated chunk by chunk."""
+
+    def __init__(self, n: int):
+        self.gid = np.full(n, -1, np.int64)
+        self.sim = np.full(n, -np.inf, np.float32)
+
+    def update(self, node: np.ndarray, other: np.ndarray, sim: np.ndarray) -> None:
+        o = np.lexsort((other, -sim, node))
+        first = np.ones(len(o), bool)
+        first[1:] = node[o][1:] != node[o][:-1]
+        node, other, sim = node[o][first], other[o][first], sim[o][first]
+        better = (sim > self.sim[node]) | ((sim == self.sim[node]) & (other < self.gid[node]))
+        self.gid[node[better]], self.sim[node[better]] = other[better], sim[better]
+
+
+EDGE_SCHEMA = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
+                         ("kind", pa.string())])
 
 
 def run_stage(run: Run) -> dict:
@@ -100,83 +178,53 @@ def run_stage(run: Run) -> dict:
     if cfg.group.representative == "first":
         rank = np.arange(len(gids), dtype=np.int64)   # gids are sorted: input order
 
-    near = pa.concat_tables([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"],
-                                           filters=[("similarity", ">=", cfg.search.threshold)])
-                             for p in pair_files(run.dir("search"))])
-    na = np.searchsorted(gids, near["gid_a"].to_numpy())
-    nb = np.searchsorted(gids, near["gid_b"].to_numpy())
-    nsim = near["similarity"].to_numpy()
     by_text = cfg.group.duplicate_key == "image+text"
     texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object)
     if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
         sha = np.array(nodes["sha256"].to_pylist(), dtype=object)
-        ea, eb = exact_edges(sha + "\x00" + texts if by_text else sha)
+        exact = exact_edges(sha + "\x00" + texts if by_text else sha)
     else:
-        ea = eb = np.zeros(0, np.int64)
-    if by_text:   # the same picture under another text is not a duplicate
-        same = texts[na] == texts[nb]
-        na, nb, nsim = na[same], nb[same], nsim[same]
-    a = np.concatenate([ea, na]).astype(np.int64)
-    b = np.concatenate([eb, nb]).astype(np.int64)
-    sim = np.concatenate([np.ones(len(ea), np.float32), nsim]).astype(np.float32)
-    kind = np.array(["exact"] * len(ea) + ["near"] * len(na), dtype=object)
-    # one edge per pair; exact wins over near
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    order = np.lexsort((kind != "exact", hi, lo))
-    first = np.ones(len(order), bool)
-    first[1:] = (lo[order][1:] != lo[order][:-1]) | (hi[order][1:] != hi[order][:-1])
-    sel = order[first]
-    lo, hi, sim, kind = lo[sel], hi[sel], sim[sel], kind[sel]
+        exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
     store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
     n = len(gids)
     old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
+    edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
         all_gids = np.concatenate([gids, old["group_ids"]])
         all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
-        ga = np.concatenate([lo, old["a"]]); gb = np.concatenate([hi, n + old["b"]])
-        rep, rep_sim = group(all_gids, all_rank, ga, gb, old["store"], cfg.group.min_rep_similarity)
+        rep, rep_sim = group(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity)
         rep, rep_sim = rep[:n], rep_sim[:n]
         group_ids = all_gids[rep]
         earlier = old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)   # earlier members of the group
         size = np.bincount(rep, minlength=len(all_gids))[rep] + earlier
     else:
-        rep, rep_sim = group(gids, rank, lo, hi, store, cfg.group.min_rep_similarity)
+        rep, rep_sim = group(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity)
         group_ids = gids[rep]
         size = np.bincount(rep, minlength=n)[rep]
-    # nearest verified neighbour of each node
-    both_n = np.concatenate([lo, hi])
-    both_o = np.concatenate([gids[hi], gids[lo]])
-    both_s = np.concatenate([sim, sim])
-    if old is not None:
-        both_n = np.concatenate([both_n, old["a"]]); both_o = np.concatenate([both_o, old["other"]])
-        both_s = np.concatenate([both_s, old["sim"]])
-    o = np.lexsort((both_o, -both_s, both_n))
-    firsts = np.ones(len(o), bool)
-    firsts[1:] = both_n[o][1:] != both_n[o][:-1]
-    nearest = np.full(n, -1, np.int64)
-    nearest_sim = np.full(n, np.nan, np.float32)
-    nearest[both_n[o][firsts]] = both_o[o][firsts]
-    nearest_sim[both_n[o][firsts]] = both_s[o][firsts]
-    if old is not None:   # the edges to earlier runs' rows are part of this run's report
-        lo_g = np.concatenate([gids[lo], gids[old["a"]]]); hi_g = np.concatenate([gids[hi], old["other"]])
-        sim = np.concatenate([sim, old["sim"]])
-        kind = np.concatenate([kind, np.array(["near"] * len(old["a"]), object)])
-    else:
-        lo_g, hi_g = gids[lo], gids[hi]
 
+    # one pass more: each node's nearest verified neighbour, and every edge into edges.parquet
     out = run.dir("group")
+    nearest = Nearest(n)
+    n_edges = 0
+    with parquet_writer(out / "edges.parquet", EDGE_SCHEMA) as writer:
+        for a, b, ga, gb, sim, kind in edges.scored():
+            inside = b >= 0
+            nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
+                           np.concatenate([sim, sim[inside]]))
+            writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
+                                   "kind": pa.repeat(pa.scalar(kind), len(ga))}, schema=EDGE_SCHEMA))
+            n_edges += len(ga)
+    found = nearest.gid >= 0
     rows = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),
                      "is_representative": rep == np.arange(len(gids)), "rep_similarity": rep_sim,
-                     "nearest_gid": pa.array(nearest, mask=nearest < 0),
-                     "nearest_similarity": pa.array(nearest_sim, mask=np.isnan(nearest_sim))})
-    edges = pa.table({"gid_a": lo_g, "gid_b": hi_g, "similarity": sim,
-                      "kind": pa.array(kind.tolist(), pa.string())})
-    files = [write_parquet(out / "rows.parquet", rows), write_parquet(out / "edges.parquet", edges)]
+                     "nearest_gid": pa.array(nearest.gid, mask=~found),
+                     "nearest_similarity": pa.array(nearest.sim, mask=~found)})
+    files = [write_parquet(out / "rows.parquet", rows), out / "edges.parquet"]
     n_groups = int(len(np.unique(group_ids)))
     registered = crossindex.register(run, rows, keys.tolist(), texts.tolist())
     run.marker("group", "group").write(cfg.fingerprint("group"), files, rows=len(gids), groups=n_groups)
-    stats = {"rows": len(gids), "groups": n_groups, "edges": len(lo_g), "seconds": round(time.time() - t0, 3),
+    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "seconds": round(time.time() - t0, 3),
              "registered": registered}
     if old is not None:
         stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,21 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
 
 def write_parquet(path: Path, table: pa.Table) -> Path:
     return _atomic(path, lambda p: pq.write_table(table, p, compression="zstd"))
+
+
+@contextmanager
+def parquet_writer(path: Path, schema: pa.Schema):
+    """A parquet file written table by table (bounded memory), under its name only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            yield writer
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_npy(path: Path, array: np.ndarray) -> Path:

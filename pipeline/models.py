@@ -135,6 +135,7 @@ class Embedder:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(spec).to(self.device)
         self.preprocess = preprocess_for(spec)
+        self._pinned = None
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size, device=self.device)
             self.dim = int(self.model(probe).shape[-1])
@@ -143,8 +144,11 @@ class Embedder:
         import torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels))
-            if self.device == "cuda":
-                x = x.pin_memory()
+            if self.device == "cuda":   # through one reused pinned buffer (pinning anew is slow)
+                if self._pinned is None or self._pinned.shape[1:] != x.shape[1:] or len(self._pinned) < len(x) \
+                        or self._pinned.dtype != x.dtype:
+                    self._pinned = torch.empty(x.shape, dtype=x.dtype).pin_memory()
+                x = self._pinned[:len(x)].copy_(x)
             x = x.to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:
                 x = self._normalize(x)

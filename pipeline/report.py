@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import crossindex, gallery
-from .io import read_json, write_json, write_parquet
+from .io import parquet_writer, read_json, write_json, write_parquet
 from .run import Run
 from .search import pair_files
 
@@ -113,26 +113,76 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     tmp.replace(path)
 
 
+def _lookup(series: pd.Series):
+    """A vectorised series.get for int64 keys: f(keys) -> (values, found)."""
+    idx = series.index.to_numpy(np.int64)
+    order = np.argsort(idx, kind="stable")
+    idx, vals = idx[order], series.to_numpy()[order]
+
+    def get(keys: np.ndarray):
+        pos = np.minimum(np.searchsorted(idx, keys), max(len(idx) - 1, 0))
+        found = (idx[pos] == keys) if len(idx) else np.zeros(len(keys), bool)
+        return vals[pos] if len(idx) else np.empty(len(keys), vals.dtype), found
+    return get
+
+
+def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of: pd.Series):
+    """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
+    largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
+    key, group = _lookup(key_of), _lookup(group_of.astype(np.int64))
+    schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
+                        ("kind", pa.string())])
+    n, best = 0, pd.Series(dtype=np.float32)
+    with parquet_writer(out_path, schema) as writer:
+        for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
+            ga, gb = batch.column("gid_a").to_numpy(), batch.column("gid_b").to_numpy()
+            sim = batch.column("similarity").to_numpy()
+            (ka, fa), (kb, fb) = key(ga), key(gb)
+            writer.write(pa.table({"key_a": np.where(fa, ka, None), "key_b": np.where(fb, kb, None), "similarity": sim,
+                                   "kind": batch.column("kind")}, schema=schema))
+            (qa, fa), (qb, fb) = group(ga), group(gb)
+            same = fa & fb & (qa == qb)
+            if same.any():
+                part = pd.Series(sim[same]).groupby(qa[same]).max()
+                best = pd.concat([best, part]).groupby(level=0).max()
+            n += len(ga)
+    return n, best
+
+
+def _candidates(run: Run, lo: float, threshold: float, band: float):
+    """One pass over the search's pair files: (candidate pairs, similarity histogram counts, bins,
+    the gallery's borderline pairs: the closest to the threshold on each side, within `band`)."""
+    keep = gallery.BORDER_PAIRS // 2
+    bins = np.linspace(lo, 1.0, 51)
+    counts = np.zeros(50, np.int64)
+    n = 0
+    above = below = pd.DataFrame({"gid_a": np.zeros(0, np.int64), "gid_b": np.zeros(0, np.int64),
+                                  "similarity": np.zeros(0, np.float32)})
+    for path in pair_files(run.dir("search")):
+        for batch in pq.ParquetFile(path).iter_batches(1_000_000, columns=["gid_a", "gid_b", "similarity"]):
+            t = batch.to_pandas()
+            counts += np.histogram(t["similarity"].to_numpy(), bins=bins)[0]
+            n += len(t)
+            s = t["similarity"]
+            above = pd.concat([above, t[(s >= threshold) & (s < threshold + band)]]).nsmallest(keep, "similarity")
+            below = pd.concat([below, t[(s < threshold) & (s >= threshold - band)]]).nlargest(keep, "similarity")
+    return n, counts, bins, pd.concat([above, below], ignore_index=True)
+
+
 def run_stage(run: Run, stage_stats: dict) -> dict:
     """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases)."""
     out = run.root / "reports"
     cfg = run.cfg
     df, key_of = samples_table(run)
     write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    edges = pq.read_table(run.dir("group") / "edges.parquet").to_pandas()
-    pairs = pd.DataFrame({"key_a": edges["gid_a"].map(key_of), "key_b": edges["gid_b"].map(key_of),
-                          "similarity": edges["similarity"], "kind": edges["kind"]})
-    write_parquet(out / "pairs.parquet", pa.Table.from_pandas(pairs, preserve_index=False))
-
     ok = df[df["status"] == "ok"]
     grouped = ok.dropna(subset=["group_id"])
-    gid_to_group = grouped.set_index("gid")["group_id"]
-    edges["group_id"] = edges["gid_a"].map(gid_to_group)
-    same = edges[edges["group_id"] == edges["gid_b"].map(gid_to_group)]
+    n_pairs, max_sim = _pairs_report(run.dir("group") / "edges.parquet", out / "pairs.parquet", key_of,
+                                     grouped.set_index("gid")["group_id"])
     multi = grouped[grouped["group_size"] > 1]
     groups = multi.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"))
     groups["representative_key"] = groups.index.map(key_of)
-    groups["max_similarity"] = same.groupby("group_id")["similarity"].max().reindex(groups.index)
+    groups["max_similarity"] = max_sim.reindex(groups.index)
     groups = groups.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
     groups = groups[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
     write_parquet(out / "groups.parquet", pa.Table.from_pandas(groups, preserve_index=False))
@@ -141,12 +191,8 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values})
     size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
     write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
-    found = pd.concat([pq.read_table(p, columns=["gid_a", "gid_b", "similarity"]).to_pandas()
-                       for p in pair_files(run.dir("search"))]
-                      or [pd.DataFrame({"gid_a": [], "gid_b": [], "similarity": []})], ignore_index=True)
-    cand = found["similarity"].to_numpy()
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
-    counts, bins = np.histogram(cand, bins=50, range=(lo, 1.0))
+    n_cand, counts, bins, near = _candidates(run, lo, cfg.search.threshold, cfg.search.band or 0.03)
     sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
     write_parquet(out / "similarity.parquet", pa.Table.from_pandas(sim_hist, preserve_index=False))
 
@@ -173,8 +219,8 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
         "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(": ").str[:2]
                               .str.join(": ").value_counts().to_dict(),
         "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec["factory"],
-        "bytes_per_vector": codec["bytes_per_vector"], "candidate_pairs": int(len(cand)),
-        "verified_pairs": int(len(pairs)), "largest_groups": groups.head(10)[["representative_key", "size"]]
+        "bytes_per_vector": codec["bytes_per_vector"], "candidate_pairs": n_cand,
+        "verified_pairs": n_pairs, "largest_groups": groups.head(10)[["representative_key", "size"]]
         .to_dict("records"), "stage_seconds": {k: v.get("wall_s") for k, v in stage_stats.items()},
         # where the embed stage spent its worker time: which phase bounds the run
         "embed_phases_s": {k: stage_stats.get("embed", {}).get(k) for k in ("read_s", "decode_s", "infer_s", "write_s")},
@@ -188,8 +234,6 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
-    band = cfg.search.band or 0.03
-    near = found[(cand >= cfg.search.threshold - band) & (cand < cfg.search.threshold + band)]
     near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
                          "similarity": near["similarity"]})
     gallery.write(run, df, groups, near, summary, cfg.search.threshold, leaks=leaks)

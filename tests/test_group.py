@@ -36,12 +36,52 @@ def test_chaining_guard_splits_a_chain():
     gids = np.arange(6)
     a, b = np.arange(5), np.arange(1, 6)
     rank = np.arange(6)                              # node 0 is the preferred representative
-    rep, sim = group.group(gids, rank, a, b, _Store(vecs), guard=0.0)
+    rep, sim = group.group(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.0)
     assert len(set(rep.tolist())) == 1               # no guard: one chained component
-    rep, sim = group.group(gids, rank, a, b, _Store(vecs), guard=0.9)
+    rep, sim = group.group(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.9)
     assert len(set(rep.tolist())) > 1
     assert np.all(sim >= 0.9)                        # every member close to its representative
     assert rep[0] == 0 and rep[1] == 0
+
+
+def test_chunked_edges_give_the_same_groups_and_nearest_neighbours():
+    """group() and Nearest see the edges in chunks (bounded memory): any chunking, same result."""
+    rng = np.random.default_rng(3)
+    n = 300
+    centres = _unit(rng.normal(size=(12, 16)))
+    vecs = _unit(centres[rng.integers(0, 12, n)] + 0.25 * rng.normal(size=(n, 16)))
+    sims = vecs @ vecs.T
+    a, b = np.nonzero(np.triu(sims >= 0.9, 1))
+    s = sims[a, b].astype(np.float32)
+    rank = rng.permutation(n)
+    gids = np.arange(n) + (7 << 32)
+
+    def chunks(size):
+        return lambda: [(a[i:i + size], b[i:i + size]) for i in range(0, len(a), size)]
+    whole = group.group(gids, rank, chunks(len(a)), _GidStore(gids, vecs), 0.93)
+    parts = group.group(gids, rank, chunks(5), _GidStore(gids, vecs), 0.93)
+    assert len(set(whole[0].tolist())) > 12            # the guard split components
+    np.testing.assert_array_equal(whole[0], parts[0])
+    np.testing.assert_array_equal(whole[1], parts[1])
+
+    one, many = group.Nearest(n), group.Nearest(n)
+    node, other, sim = np.r_[a, b], np.r_[gids[b], gids[a]], np.r_[s, s]
+    one.update(node, other, sim)
+    for i in range(0, len(node), 11):
+        many.update(node[i:i + 11], other[i:i + 11], sim[i:i + 11])
+    np.testing.assert_array_equal(one.gid, many.gid)
+    best = np.where(np.eye(n, dtype=bool), -np.inf, np.where(sims >= 0.9, sims, -np.inf))
+    has = np.isfinite(best).any(axis=1)
+    assert (one.gid >= 0).tolist() == has.tolist()
+    np.testing.assert_allclose(one.sim[has], best[has].max(axis=1), rtol=1e-6)
+
+
+class _GidStore:
+    def __init__(self, gids, vecs):
+        self.gids, self.vecs = gids, vecs
+
+    def get(self, g):
+        return self.vecs[np.searchsorted(self.gids, g)]
 
 
 def test_caption_aware_duplicates(tmp_path):
