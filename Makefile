@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test browser bench-search bench-embed clean \
+.PHONY: help install demo test browser bench-search bench-embed bench-stages clean \
         cluster-up cluster-node submit cluster-status cluster-down
 
 help:  ## list the targets
@@ -38,6 +38,9 @@ bench-search: $(STAMP)  ## search benchmark: ratios vs exhaustive FAISS and SemD
 
 bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact-copy skipping (~5 min)
 	$(PY) -m bench.embed --rows 1500
+
+bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings; group/report vs BASELINE=rev (~10 min)
+	$(PY) -m bench.stages --rows 1000000 $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo

@@ -47,7 +47,8 @@ class InputConfig:
 @dataclass
 class EmbedConfig:
     model: str = "timm:tf_efficientnet_lite0"   # registry spec, see pipeline/models.py
-    batch_size: int = 32
+    batch_size: int = 0                          # rows per model batch; 0 = 256 where the cluster has
+                                                 # GPUs (halved on CUDA out-of-memory), else 32
     actors: int = 1                              # model actors in the pool
     threads: int = 0                             # torch threads per actor (0 = cpus of the actor)
     decode_cpus: float = 0.5                     # CPU request of each decode/preprocess task
@@ -57,8 +58,8 @@ class EmbedConfig:
             raise ConfigError(f"embed.model: {self.model!r} is not a registry spec like "
                               "'timm:tf_efficientnet_lite0', 'open_clip:ViT-B-32' or, for embeddings "
                               "input, 'precomputed:ViT-L-14'")
-        if self.batch_size < 1 or self.actors < 1:
-            raise ConfigError("embed.batch_size and embed.actors: must be >= 1")
+        if self.batch_size < 0 or self.actors < 1:
+            raise ConfigError("embed.batch_size: must be >= 0 (0 = automatic); embed.actors: must be >= 1")
 
 
 @dataclass

@@ -101,9 +101,9 @@ def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     (Path(out) / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
     files = []
     t0 = time.time()
-    # cells: about sqrt(n); k-means needs some 64 points a cell, the 128-d projection ~20k in all
+    # cells: about sqrt(n); k-means takes 100 points a cell (see train_cells), the projection >= 20k
     n_cells = cells or max(1, int(math.sqrt(n)))
-    xt = sample(store, counts, min(c.train_size, max(20_000, 64 * n_cells)), c.seed + 1)
+    xt = sample(store, counts, min(c.train_size, max(20_000, 100 * n_cells)), c.seed + 1)
     n_cells = min(n_cells, len(xt))
     proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
     centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)

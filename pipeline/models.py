@@ -136,11 +136,31 @@ class Embedder:
         self.model = build_model(spec).to(self.device)
         self.preprocess = preprocess_for(spec)
         self._pinned = None
+        self.max_batch = 0          # 0 = whole batches; set by the first CUDA out-of-memory error
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size, device=self.device)
             self.dim = int(self.model(probe).shape[-1])
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Vectors of a batch, run in slices of at most `max_batch` rows: on CUDA out-of-memory the
+        slice size halves (and stays halved), so the batch size settles to what the device holds."""
+        import torch
+        out, start = [], 0
+        while start < len(pixels):
+            step = min(self.max_batch or len(pixels), len(pixels) - start)
+            try:
+                out.append(self._forward(pixels[start:start + step]))
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                self.max_batch = step // 2
+                self._pinned = None
+                torch.cuda.empty_cache()
+                continue
+            start += step
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def _forward(self, pixels: np.ndarray) -> np.ndarray:
         import torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels))

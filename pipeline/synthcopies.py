@@ -71,7 +71,7 @@ def copy_scores(run, rows: pd.DataFrame, src: np.ndarray, copies: int, seed: int
         for _ in range(copies):
             pixels.append(preprocess_bytes(web_copy(images[sha], rng), emb.preprocess))
             owner.append(sha)
-    batch = max(1, run.cfg.embed.batch_size)
+    batch = run.cfg.embed.batch_size or 32
     vecs = np.concatenate([emb(np.stack(pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
     by_sha = {sha: vecs[np.asarray(owner) == sha] for sha in first["sha256"]}
     return np.stack([by_sha[sha] @ src[i] for i, sha in enumerate(rows["sha256"])])

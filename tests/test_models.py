@@ -73,3 +73,22 @@ def test_decode_failures_have_reasons():
         images.decode(b"")
     with pytest.raises(Exception):
         images.decode(b"\xff\xd8\xff\xe0 not really a jpeg")
+
+
+def test_batches_shrink_on_cuda_out_of_memory_and_keep_every_row():
+    """A batch the device cannot hold is run in halved slices, for good; no row is lost or reordered."""
+    import torch
+
+    class Picky(torch.nn.Module):            # stands in for a GPU that holds 3 images at a time
+        def forward(self, x):
+            if len(x) > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            return x.flatten(1)[:, :4] + 1.0
+
+    e = Embedder.__new__(Embedder)
+    e.model, e.device, e.dim, e._pinned, e.max_batch = Picky(), "cpu", 4, None, 0
+    x = np.random.default_rng(0).normal(size=(10, 3, 2, 2)).astype(np.float32)
+    got = e(x)
+    want = x.reshape(10, -1)[:, :4] + 1.0
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
+    assert e.max_batch == 2                  # 10 -> 5 -> 2, then kept

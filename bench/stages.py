@@ -1,0 +1,102 @@
+"""Stage benchmark: every stage's wall time and peak memory on a CLIP-like corpus given as
+released-style embeddings, and the group + report stages of another checkout side by side.
+
+    python -m bench.stages --rows 1000000 --baseline REV     # REV: a git revision to compare with
+
+The corpus (pipeline.synthetic.write_clip_like, clip-retrieval layout, duplicate groups of up to
+5,000 copies: tens of millions of verified pairs at 1 M rows) goes through `dedup2b run` one stage
+at a time (`dedup2b ingest`, `embed`, ... in order, local executor), each stage a process of its
+own under /usr/bin/time, so its peak RSS is its own. With --baseline, the same run folder is then
+grouped and reported again by the code of REV (git archive into a temporary folder), same box,
+same run. Writes bench/results/stages.json and stages.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.synthetic import write_clip_like
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("ingest", "embed", "index", "search", "group", "report")
+
+
+def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path) -> dict:
+    """One stage in its own process (the code under `code`): wall seconds and peak RSS in MB."""
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pipeline.cli", stage, "--input", str(corpus),
+           "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
+           "--threshold", "0.95", "--executor", "local"]
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
+    t0 = time.time()
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    secs = time.time() - t0
+    if done.returncode:
+        raise RuntimeError(f"{stage} ({code}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1)}
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of git revision `rev`, unpacked (never touching this checkout's index)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--baseline", default="", help="git revision whose group + report stages run beside ours")
+    ap.add_argument("--work", default="/tmp/dedup2b-bench-stages")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    corpus, run_dir = work / "corpus", work / "run"
+    write_clip_like(corpus, args.rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000)
+    ours: dict[str, dict] = {}
+    base: dict[str, dict] = {}
+    try:
+        for stage in STAGES:
+            ours[stage] = run_stage(stage, corpus, run_dir, REPO)
+            print(f"{stage:7s} ours {ours[stage]}", flush=True)
+        summary = json.loads((run_dir / "reports" / "summary.json").read_text())
+        if args.baseline:   # the same run folder, its group and report stages redone by REV's code
+            code = checkout(args.baseline, Path(tempfile.mkdtemp()) / "code")
+            for stage in ("group", "report"):
+                (run_dir / stage / "_done" / f"{stage}.json").unlink(missing_ok=True)
+                base[stage] = run_stage(stage, corpus, run_dir, code)
+                print(f"{stage:7s} {args.baseline} {base[stage]}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"| stage | wall s | peak RSS MB | {args.baseline or 'baseline'} wall s | peak RSS MB | RSS ratio |",
+             "|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        o, b = ours[stage], base.get(stage)
+        extra = (f"{b['seconds']} | {b['peak_rss_mb']} | {o['peak_rss_mb'] / b['peak_rss_mb']:.2f}" if b
+                 else " | | ")
+        lines.append(f"| {stage} | {o['seconds']} | {o['peak_rss_mb']} | {extra} |")
+    md = "\n".join(lines)
+    facts = {k: summary[k] for k in ("input_rows", "groups", "verified_pairs", "candidate_pairs")}
+    print(md, "\n", facts)
+    cmd = "python -m bench.stages " + " ".join(sys.argv[1:] if argv is None else argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "stages.json").write_text(json.dumps({"command": cmd, "date": time.strftime("%Y-%m-%d"),
+                                                     "cores": os.cpu_count(), "corpus": facts,
+                                                     "ours": ours, "baseline": base}, indent=2))
+    (RESULTS / "stages.md").write_text(f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}); "
+                                       f"corpus: {facts}\n\n{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
