@@ -34,7 +34,7 @@ def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path) -> dict:
     """One stage in its own process (the code under `code`): wall seconds and peak RSS in MB."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pipeline.cli", stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
-           "--threshold", "0.95", "--executor", "local"]
+           "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32"]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
     done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)

@@ -71,8 +71,9 @@ def group(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]
         rep = representatives(labels, rank)
         multi = np.nonzero(rep != np.arange(n))[0]
         sim = np.ones(n, np.float32)
-        if len(multi):
-            sim[multi] = np.einsum("ij,ij->i", store.get(gids[multi]), store.get(gids[rep[multi]]))
+        for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
+            m = multi[i:i + 65536]
+            sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[rep[m]]))
         bad = sim < guard
         if not bad.any():
             return rep, sim
