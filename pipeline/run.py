@@ -60,7 +60,7 @@ class Run:
         config = self.cfg.to_dict()
         if path.exists() and not fresh:
             old = read_json(path)
-            changed = [f for f in diff_fields(old.get("config", {}), config) if not f.startswith(("ray.", "export."))]
+            changed = [f for f in diff_fields(old.get("config", {}), config) if not f.startswith(RESUMABLE_FIELDS)]
             if changed:
                 raise StaleRunError(
                     f"{self.root}: this run directory was made with another config (changed: "
@@ -75,6 +75,10 @@ class Run:
                         "bytes": s.data.stat().st_size if s.data.exists() else None} for s in self.shards],
             "versions": _versions(),
         })
+
+
+# config fields a run may change between resumes: how the work runs, not what it outputs
+RESUMABLE_FIELDS = ("ray.", "export.", "embed.batch_size", "embed.actors", "embed.threads", "embed.decode_cpus")
 
 
 def _versions() -> dict[str, str]:

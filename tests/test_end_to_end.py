@@ -97,6 +97,10 @@ def test_rerun_resumes_and_refuses_a_changed_config(ray_run, ray_executor):
     changed = make_config(cfg.run_path.parent, cfg.input.path, search={"threshold": 0.9})
     with pytest.raises(StaleRunError, match="search.threshold"):
         run_pipeline(changed, ray_executor, log=lambda *_: None)
+    # how the work runs may change between resumes: nothing is redone
+    tuned = make_config(cfg.run_path.parent, cfg.input.path, embed={"batch_size": 5, "decode_cpus": 0.25})
+    stats = run_pipeline(tuned, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
+    assert stats["embed"]["shards"] == 0
 
 
 def test_local_executor_gives_the_same_groups_and_vectors(ray_run, tmp_path, monkeypatch):
