@@ -37,10 +37,9 @@ from .vectors import StoreUnion, VectorStore
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
 
 
-def components(n: int, a: np.ndarray, b: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
-    """Component label per node (its smallest member), edges fed in bounded chunks."""
-    return UnionFind(n).union_stream((a[i:i + chunk], b[i:i + chunk])
-                                     for i in range(0, len(a), chunk)).labels()
+def components(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Component label per node (its smallest member), edges fed as (a, b) chunks."""
+    return UnionFind(n).union_stream(chunks).labels()
 
 
 def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -65,7 +64,7 @@ def group(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]
     """Labels (representative node index per node) and each node's similarity to its representative.
     `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass."""
     n = len(gids)
-    labels = UnionFind(n).union_stream(edges()).labels()
+    labels = components(n, edges())
     sim = np.ones(n, np.float32)
     for _ in range(max_rounds):
         rep = representatives(labels, rank)
@@ -81,12 +80,12 @@ def group(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]
         idx = np.nonzero(bad)[0]
         local = np.full(n, -1, np.int64)
         local[idx] = np.arange(len(idx))
-        uf = UnionFind(len(idx))
-        for a, b in edges():
-            keep = bad[a] & bad[b] & (labels[a] == labels[b])
-            uf.union(local[a[keep]], local[b[keep]])
+        def inside(labels=labels):
+            for a, b in edges():
+                k = bad[a] & bad[b] & (labels[a] == labels[b])
+                yield local[a[k]], local[b[k]]
         labels = labels.copy()
-        labels[idx] = labels.max() + 1 + uf.labels()
+        labels[idx] = labels.max() + 1 + components(len(idx), inside())
     rep = representatives(labels, rank)
     return rep, sim
 

@@ -22,17 +22,24 @@ def shard_name(index: int) -> str:
     return f"{index:05d}"
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+@contextmanager
+def _published(path: Path):
+    """A temp name beside `path`; moved onto `path` when the block ends without error, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    with _published(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def write_parquet(path: Path, table: pa.Table) -> Path:
@@ -42,16 +49,8 @@ def write_parquet(path: Path, table: pa.Table) -> Path:
 @contextmanager
 def parquet_writer(path: Path, schema: pa.Schema):
     """A parquet file written table by table (bounded memory), under its name only once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            yield writer
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _published(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        yield writer
 
 
 def write_npy(path: Path, array: np.ndarray) -> Path:

@@ -51,7 +51,7 @@ def test_run_on_released_style_embeddings(tmp_path):
     xv /= np.linalg.norm(xv, axis=1, keepdims=True)
     from pipeline.group import components
     pairs = np.array(sorted(exhaustive_pairs(xv, 0.95)))
-    labels = components(len(ok), pairs[:, 0], pairs[:, 1])
+    labels = components(len(ok), [(pairs[:, 0], pairs[:, 1])])
     assert len(set(zip(labels.tolist(), ok.group_id.tolist()))) == len(set(labels.tolist())) == ok.group_id.nunique()
     keep = pq.read_table(cfg.run_path / "export" / "keep.parquet").to_pandas()
     assert len(keep) == s["kept"] and not (cfg.run_path / "export" / "webdataset").exists()

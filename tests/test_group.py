@@ -17,7 +17,7 @@ def _unit(v):
 
 
 def test_components_and_representative_rule():
-    labels = group.components(5, np.array([0, 3]), np.array([1, 4]))
+    labels = group.components(5, [(np.array([0, 3]), np.array([1, 4]))])
     assert labels[0] == labels[1] and labels[3] == labels[4] and len(set(labels)) == 3
     rank = np.array([1, 0, 2, 4, 3])                  # lower rank wins
     rep = group.representatives(labels, rank)
