@@ -110,6 +110,21 @@ def wait_http(url: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
+def wait_port(port: int, timeout: float) -> None:
+    """Until something listens on 127.0.0.1:port (a node's dashboard agent: the job server sends
+    a submitted job to one, and answers "No available agent" while none has started)."""
+    import socket
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+
 def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_cpus: int = 0,
        object_store_mb: int = 1024, resources: dict | None = None, timeout: float = 120) -> dict:
     """Start a head node (or reuse the one this temp dir already runs); returns the state."""
@@ -131,6 +146,7 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
     _write_state(temp_dir, state)
     try:
         wait_http(state["dashboard"] + "/api/version", timeout)
+        wait_port(port + 10, timeout)   # the head's dashboard agent (see _node_ports)
     except RuntimeError:
         down(temp_dir)
         raise
@@ -153,6 +169,7 @@ def add_node(temp_dir=DEFAULT_TEMP, name: str = "node_b", num_cpus: int = 1, obj
     state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
     state["nodes"].append(name)
     _write_state(temp_dir, state)
+    wait_port(state["port"] + 10 + k, timeout)   # its dashboard agent, which may run submitted jobs
     return state
 
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -92,11 +93,16 @@ def submit(state: dict, config: Path) -> str:
     cmd = [cluster.ray_cli(), "job", "submit", "--address", state["dashboard"], "--working-dir", str(ROOT),
            "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
            "python", "-m", "jobs.dedup", "--config", str(config)]
-    try:
-        out = subprocess.run(cmd, cwd=ROOT, env=cluster.cluster_env(state["temp_dir"]), capture_output=True,
-                             text=True, timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"job did not finish within {JOB_TIMEOUT}s:\n{(exc.stdout or b'')[-3000:]}")
+    for attempt in range(3):
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, env=cluster.cluster_env(state["temp_dir"]), capture_output=True,
+                                 text=True, timeout=JOB_TIMEOUT)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"job did not finish within {JOB_TIMEOUT}s:\n{(exc.stdout or b'')[-3000:]}")
+        # Ray's job server refuses a job ("try again later") until a node's agent has registered
+        if "No available agent" not in out.stderr:
+            break
+        time.sleep(5)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
     return out.stdout
 
