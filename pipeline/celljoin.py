@@ -80,12 +80,13 @@ def _upper(k: int) -> np.ndarray:
 
 
 def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
-              dense: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+              dense: float = 0.002) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
     and how many candidates passed the bound. `zr` is [z, |r|]: one product gives the bound
     z_i.z_j + |r_i||r_j|. Where the candidates fill more than `dense` of the block spanned by their
-    rows and columns (a duplicate group), the exact product of that sub-block is cheaper than
-    gathering pairs; rows and columns without a candidate are never multiplied."""
+    rows and columns, the exact product of that sub-block is cheaper than gathering pairs (on 2
+    cores a gathered pair costs ~4 us, a GEMM entry ~8 ns: break-even near 0.002); rows and
+    columns without a candidate are never multiplied."""
     out_i, out_j, out_s = [], [], []
     n_cand = 0
     n = len(zr)
@@ -102,10 +103,11 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
         if count > dense * len(rows) * len(cols):   # exact products of the candidate rows x columns only
             exact = x[s + rows] @ x[s + cols].T
             # exact >= threshold implies the bound passed (it is an upper bound): only i < j is left
-            ii, jj = np.nonzero(exact >= threshold)
-            i, j = rows[ii], cols[jj]
-            upper = j > i
-            i, j, sim = i[upper], j[upper], exact[ii[upper], jj[upper]]
+            keep = exact >= threshold
+            keep &= cols[None, :] > rows[:, None]
+            flat = np.flatnonzero(keep)             # flat indices: 4x faster than 2-D nonzero + gather
+            ii = flat // len(cols)
+            i, j, sim = rows[ii], cols[flat - ii * len(cols)], exact.ravel()[flat]
         else:
             i, j = np.nonzero(hit)
             sim = np.einsum("ij,ij->i", x[s + i], x[s + j])
@@ -155,6 +157,7 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
     cellsets = np.asarray(cellsets, dtype=np.int64).reshape(len(gids), -1)
     lo, hi = cells if cells is not None else (0, int(cellsets.max()) + 1)
     multi = (cellsets >= 0).sum(axis=1) > 1
+    ascending = bool(np.all(gids[1:] > gids[:-1]))
     member, col = np.nonzero((cellsets >= lo) & (cellsets < hi))
     cell_of = cellsets[member, col]
     order = np.lexsort((member, cell_of))
@@ -186,5 +189,7 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
             mine[both] = first_shared_cell(cellsets[i[both]], cellsets[j[both]]) == cell_of[c0]
             i, j, sim = i[mine], j[mine], sim[mine]
         ga, gb = gids[i], gids[j]
-        a.append(np.minimum(ga, gb)); b.append(np.maximum(ga, gb)); s.append(sim)
+        if not ascending:           # i < j already orders the pair when gids ascend with the rows
+            ga, gb = np.minimum(ga, gb), np.maximum(ga, gb)
+        a.append(ga); b.append(gb); s.append(sim)
     return np.concatenate(a), np.concatenate(b), np.concatenate(s), n_cand

@@ -90,7 +90,7 @@ class SearchConfig:
     band: float = 0.03          # pairs in [threshold - band, threshold) are kept as near misses
     cells: int = 0              # cell-join cells; 0 = about sqrt(rows)
     proj_dim: int = 128         # cell-join projection; 0 = full dimension
-    border: float = 0.03        # also put a vector in cells scoring within this of its best
+    border: float = 0.01        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most
     cells_per_task: int = 64    # cells joined by one task
     device: str = "auto"        # cell-join products: auto (CUDA when visible, else numpy), numpy, cpu, cuda

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+GATHER_CHUNK = 4096     # rows converted fp16 -> float32 at a time
+
 
 def emb_path(embed_dir: Path, shard: str) -> Path:
     return Path(embed_dir) / "img_emb" / f"img_emb_{shard}.npy"
@@ -41,20 +43,23 @@ class VectorStore:
 
     def get(self, gids: np.ndarray) -> np.ndarray:
         """float32 vectors of the given gids, in the given order."""
-        return _by_shard(gids, self.dim, self._get_shard)
+        return _by_shard(gids, self.dim, self._fill)
 
-    def _get_shard(self, index: int, gids: np.ndarray) -> np.ndarray:
+    def _fill(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
+        """out[k] = float32 vector of gids[k], all in shard `index`."""
         sg, sv = self.shard(index)
         pos = np.searchsorted(sg, gids)
         if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids):
             raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
-        if len(pos) < 2 or np.all(pos[1:] >= pos[:-1]):   # already ascending (the search's gathers)
-            return sv[pos].astype(np.float32)
-        # read in ascending row order (sequential pages of the memmap)
-        order = np.argsort(pos, kind="stable")
-        out = np.empty((len(gids), sv.shape[1]), dtype=np.float32)
-        out[order] = sv[pos[order]]
-        return out
+        # rows are read in ascending order (sequential pages of the memmap) and converted to float32
+        # a cache-sized chunk at a time: a whole-array fp16 gather + astype is 2-3x slower
+        order = None if len(pos) < 2 or np.all(pos[1:] >= pos[:-1]) else np.argsort(pos, kind="stable")
+        for s in range(0, len(pos), GATHER_CHUNK):
+            if order is None:
+                out[s:s + GATHER_CHUNK] = np.take(sv, pos[s:s + GATHER_CHUNK], axis=0)
+            else:
+                sel = order[s:s + GATHER_CHUNK]
+                out[sel] = np.take(sv, pos[sel], axis=0)
 
 
 class StoreUnion:
@@ -75,12 +80,12 @@ class StoreUnion:
         return self.stores[0].dim
 
     def get(self, gids: np.ndarray) -> np.ndarray:
-        return _by_shard(gids, self.dim, lambda index, g: self._owner[index].get(g))
+        return _by_shard(gids, self.dim, lambda index, g, out: self._owner[index]._fill(index, g, out))
 
 
-def _by_shard(gids, dim: int, fetch) -> np.ndarray:
-    """float32 vectors of `gids` in the given order, fetched shard by shard (the shard number is
-    the high half of the gid): fetch(shard index, that shard's gids) -> their vectors."""
+def _by_shard(gids, dim: int, fill) -> np.ndarray:
+    """float32 vectors of `gids` in the given order, read shard by shard (the shard number is
+    the high half of the gid): fill(shard index, that shard's gids, out) writes their vectors."""
     gids = np.asarray(gids, dtype=np.int64)
     out = np.empty((len(gids), dim), dtype=np.float32)
     which = gids >> 32
@@ -88,9 +93,11 @@ def _by_shard(gids, dim: int, fetch) -> np.ndarray:
         edges = np.r_[0, np.nonzero(which[1:] != which[:-1])[0] + 1, len(gids)]
         for lo, hi in zip(edges[:-1], edges[1:]):
             if hi > lo:
-                out[lo:hi] = fetch(int(which[lo]), gids[lo:hi])
+                fill(int(which[lo]), gids[lo:hi], out[lo:hi])
         return out
     for index in np.unique(which):
         sel = np.nonzero(which == index)[0]
-        out[sel] = fetch(int(index), gids[sel])
+        part = np.empty((len(sel), dim), dtype=np.float32)
+        fill(int(index), gids[sel], part)
+        out[sel] = part
     return out
