@@ -525,7 +525,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cells", type=int, default=0, help="0: about sqrt(rows), as the index stage")
     ap.add_argument("--rank", type=int, default=128, help="projection rank (search.proj_dim)")
-    ap.add_argument("--border", type=float, default=0.03)
+    ap.add_argument("--border", type=float, default=0.01, help="search.border's default")
     ap.add_argument("--max-cells", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--slack", type=float, default=0.004, help="bound slack for its fp16 rounding")
