@@ -22,6 +22,17 @@ def test_bound_is_lossless_inside_a_cell():
     np.testing.assert_allclose(sim, np.einsum("ij,ij->i", x[a], x[b]), atol=1e-6)
 
 
+@pytest.mark.parametrize("dense", [0.0, 0.002, 1.0])   # always block products, the default, always gathered
+def test_both_rescoring_paths_find_every_pair(dense):
+    x, _ = clip_like(3000, 128, seed=5, max_group=200)
+    x = x.astype(np.float16).astype(np.float32)
+    z, rn = celljoin.project(x, celljoin.train_projection(x, 16))
+    i, j, sim, cand = celljoin.join_cell(x, np.hstack([z, rn[:, None]]), 0.9, chunk=700, dense=dense)
+    assert set(zip(i.tolist(), j.tolist())) == exhaustive_pairs(x, 0.9)
+    assert len(i) == len(set(zip(i.tolist(), j.tolist()))) and np.all(i < j)
+    np.testing.assert_allclose(sim, np.einsum("ij,ij->i", x[i], x[j]), atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("cj")

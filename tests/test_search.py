@@ -76,3 +76,20 @@ def test_growing_knn_gives_the_range_search_candidates(tmp_path):
             assert set(ids[lims[i]:lims[i + 1]].tolist()) == set(ref_ids[ref_lims[i]:ref_lims[i + 1]].tolist())
     got = search.candidates(idx, x16, gids, 0.8, nprobe=8, knn=True)
     assert all(np.array_equal(g, w) for g, w in zip(got[:2], want[:2])) and max(np.diff(ref_lims)) > 64
+
+
+def test_vector_gather_in_any_order_equals_the_stored_rows(tmp_path, monkeypatch):
+    """VectorStore.get converts fp16 rows a chunk at a time, ascending or not, across shards."""
+    from pipeline import vectors
+    monkeypatch.setattr(vectors, "GATHER_CHUNK", 7)          # many chunks, and a ragged last one
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    store, gids = _embed_dir(tmp_path, x, shards=3)
+    ref = x.astype(np.float16).astype(np.float32)
+    rng = np.random.default_rng(1)
+    for pick in (np.arange(300), np.sort(rng.choice(300, 101, replace=False)), rng.permutation(300),
+                 rng.choice(300, 50)):                          # ascending, sparse, shuffled, repeats
+        assert np.array_equal(store.get(gids[pick]), ref[pick])
+    one = gids[rng.permutation(100)]                            # one shard, shuffled
+    assert np.array_equal(store.get(one), ref[(one & 0xFFFFFFFF).astype(int)])
+    with np.testing.assert_raises(KeyError):
+        store.get(np.array([gids[0] + 1000]))
