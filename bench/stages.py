@@ -1,14 +1,15 @@
 """Stage benchmark: every stage's wall time and peak memory on a CLIP-like corpus given as
-released-style embeddings, and the group + report stages of another checkout side by side.
+released-style embeddings, and chosen stages of another checkout side by side.
 
     python -m bench.stages --rows 1000000 --baseline REV     # REV: a git revision to compare with
+    python -m bench.stages --baseline REV --baseline-stages search,group,report
 
 The corpus (pipeline.synthetic.write_clip_like, clip-retrieval layout, duplicate groups of up to
 5,000 copies: tens of millions of verified pairs at 1 M rows) goes through `dedup2b run` one stage
 at a time (`dedup2b ingest`, `embed`, ... in order, local executor), each stage a process of its
 own under /usr/bin/time, so its peak RSS is its own. With --baseline, the same run folder is then
-grouped and reported again by the code of REV (git archive into a temporary folder), same box,
-same run. Writes bench/results/stages.json and stages.md.
+taken through --baseline-stages (default group, report) again by the code of REV (git archive into
+a temporary folder, REV's defaults), same box, same run. Writes bench/results/stages.json and stages.md.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ REPO = Path(__file__).resolve().parent.parent
 STAGES = ("ingest", "embed", "index", "search", "group", "report")
 
 
-def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path) -> dict:
+def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
     """One stage in its own process (the code under `code`): wall seconds and peak RSS in MB."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pipeline.cli", stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
-           "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32"]
+           "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
     done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
@@ -56,7 +57,8 @@ def checkout(rev: str, into: Path) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--baseline", default="", help="git revision whose group + report stages run beside ours")
+    ap.add_argument("--baseline", default="", help="git revision whose stages (--baseline-stages) run beside ours")
+    ap.add_argument("--baseline-stages", default="group,report", help="stages REV redoes on the same run folder")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-stages")
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -70,11 +72,12 @@ def main(argv=None) -> int:
             ours[stage] = run_stage(stage, corpus, run_dir, REPO)
             print(f"{stage:7s} ours {ours[stage]}", flush=True)
         summary = json.loads((run_dir / "reports" / "summary.json").read_text())
-        if args.baseline:   # the same run folder, its group and report stages redone by REV's code
+        if args.baseline:   # the same run folder, these stages redone by REV's code
             code = checkout(args.baseline, Path(tempfile.mkdtemp()) / "code")
-            for stage in ("group", "report"):
-                (run_dir / stage / "_done" / f"{stage}.json").unlink(missing_ok=True)
-                base[stage] = run_stage(stage, corpus, run_dir, code)
+            for stage in [s for s in STAGES if s in args.baseline_stages.split(",")]:
+                shutil.rmtree(run_dir / stage / "_done", ignore_errors=True)   # every unit runs again
+                # --fresh: REV's defaults may differ from ours; the stages they affect are redone
+                base[stage] = run_stage(stage, corpus, run_dir, code, ("--fresh",))
                 print(f"{stage:7s} {args.baseline} {base[stage]}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
