@@ -39,8 +39,8 @@ bench-search: $(STAMP)  ## search benchmark: ratios vs exhaustive FAISS and SemD
 bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact-copy skipping (~5 min)
 	$(PY) -m bench.embed --rows 1500
 
-bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings; group/report vs BASELINE=rev (~10 min)
-	$(PY) -m bench.stages --rows 1000000 $(if $(BASELINE),--baseline $(BASELINE))
+bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings; BASELINE_STAGES (group,report) vs BASELINE=rev (~10 min)
+	$(PY) -m bench.stages --rows 1000000 $(if $(BASELINE),--baseline $(BASELINE)) $(if $(BASELINE_STAGES),--baseline-stages $(BASELINE_STAGES))
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo
