@@ -113,39 +113,50 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     tmp.replace(path)
 
 
-def _lookup(series: pd.Series):
-    """A vectorised series.get for int64 keys: f(keys) -> (values, found)."""
-    idx = series.index.to_numpy(np.int64)
-    order = np.argsort(idx, kind="stable")
-    idx, vals = idx[order], series.to_numpy()[order]
+class _ByGid:
+    """Rows keyed by gid (a key per gid; a group id for the grouped ones), looked up a batch of
+    gids at a time with one binary search per gid."""
 
-    def get(keys: np.ndarray):
-        pos = np.minimum(np.searchsorted(idx, keys), max(len(idx) - 1, 0))
-        found = (idx[pos] == keys) if len(idx) else np.zeros(len(keys), bool)
-        return vals[pos] if len(idx) else np.empty(len(keys), vals.dtype), found
-    return get
+    def __init__(self, key_of: pd.Series, group_of: pd.Series):
+        order = np.argsort(key_of.index.to_numpy(np.int64), kind="stable")
+        self.gid = key_of.index.to_numpy(np.int64)[order]
+        self.key = pa.array(key_of.to_numpy()[order], pa.string())
+        self.group = group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64)  # -1: none
+
+    def find(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position, found) of each gid."""
+        if not len(self.gid):
+            return np.zeros(len(gids), np.int64), np.zeros(len(gids), bool)
+        pos = np.minimum(np.searchsorted(self.gid, gids), len(self.gid) - 1)
+        return pos, self.gid[pos] == gids
+
+    def keys(self, pos: np.ndarray, found: np.ndarray) -> pa.Array:
+        """Keys as an Arrow array (null where not found): no Python string objects."""
+        return self.key.take(pa.array(pos, mask=~found)) if len(self.gid) else pa.nulls(len(pos), pa.string())
+
+    def groups(self, pos: np.ndarray, found: np.ndarray) -> np.ndarray:
+        return np.where(found, self.group[pos] if len(self.gid) else -1, -1)
 
 
 def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of: pd.Series):
     """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
     largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
-    key, group = _lookup(key_of), _lookup(group_of.astype(np.int64))
+    rows = _ByGid(key_of, group_of)
     schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
                         ("kind", pa.string())])
     n, best = 0, pd.Series(dtype=np.float32)
     with parquet_writer(out_path, schema) as writer:
         for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
-            ga, gb = batch.column("gid_a").to_numpy(), batch.column("gid_b").to_numpy()
+            a, b = rows.find(batch.column("gid_a").to_numpy()), rows.find(batch.column("gid_b").to_numpy())
             sim = batch.column("similarity").to_numpy()
-            (ka, fa), (kb, fb) = key(ga), key(gb)
-            writer.write(pa.table({"key_a": np.where(fa, ka, None), "key_b": np.where(fb, kb, None), "similarity": sim,
+            writer.write(pa.table({"key_a": rows.keys(*a), "key_b": rows.keys(*b), "similarity": sim,
                                    "kind": batch.column("kind")}, schema=schema))
-            (qa, fa), (qb, fb) = group(ga), group(gb)
-            same = fa & fb & (qa == qb)
+            qa, qb = rows.groups(*a), rows.groups(*b)
+            same = (qa >= 0) & (qa == qb)
             if same.any():
                 part = pd.Series(sim[same]).groupby(qa[same]).max()
                 best = pd.concat([best, part]).groupby(level=0).max()
-            n += len(ga)
+            n += len(sim)
     return n, best
 
 
