@@ -84,6 +84,24 @@ class _GidStore:
         return self.vecs[np.searchsorted(self.gids, g)]
 
 
+def test_nearest_is_the_most_similar_neighbour_smallest_gid_on_ties():
+    """Nearest against a per-node brute force, with many tied similarities and improving chunks."""
+    rng = np.random.default_rng(4)
+    n, m = 200, 5000
+    node, other = rng.integers(0, n - 20, m), rng.integers(0, 10_000, m)
+    sim = rng.integers(0, 6, m).astype(np.float32) / 5          # six values: ties everywhere
+    near = group.Nearest(n)
+    for lo in range(0, m, 333):                                 # later chunks raise some nodes' best
+        near.update(node[lo:lo + 333], other[lo:lo + 333], sim[lo:lo + 333])
+    for v in range(n):
+        mine = node == v
+        if not mine.any():
+            assert near.gid[v] == -1 and near.sim[v] == -np.inf
+            continue
+        best = sim[mine].max()
+        assert near.sim[v] == best and near.gid[v] == other[mine][sim[mine] == best].min()
+
+
 def test_caption_aware_duplicates(tmp_path):
     """duplicate_key image+text: one picture under different questions is not a duplicate."""
     import io
