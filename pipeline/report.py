@@ -115,27 +115,25 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
 
 class _ByGid:
     """Rows keyed by gid (a key per gid; a group id for the grouped ones), looked up a batch of
-    gids at a time with one binary search per gid."""
+    gids at a time with one binary search per gid. Position len(gid) is the row of gids not
+    found: null key, no group."""
 
     def __init__(self, key_of: pd.Series, group_of: pd.Series):
         order = np.argsort(key_of.index.to_numpy(np.int64), kind="stable")
         self.gid = key_of.index.to_numpy(np.int64)[order]
-        self.key = pa.array(key_of.to_numpy()[order], pa.string())
-        self.group = group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64)  # -1: none
+        self.key = pa.concat_arrays([pa.array(key_of.to_numpy()[order], pa.string()), pa.nulls(1, pa.string())])
+        self.group = np.append(group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64), -1)
 
-    def find(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position, found) of each gid."""
-        if not len(self.gid):
-            return np.zeros(len(gids), np.int64), np.zeros(len(gids), bool)
-        pos = np.minimum(np.searchsorted(self.gid, gids), len(self.gid) - 1)
-        return pos, self.gid[pos] == gids
+    def find(self, gids: np.ndarray) -> np.ndarray:
+        """Position of each gid, len(gid) where it is not there."""
+        pos = np.searchsorted(self.gid, gids)
+        there = pos < len(self.gid)
+        there[there] = self.gid[pos[there]] == gids[there]
+        return np.where(there, pos, len(self.gid))
 
-    def keys(self, pos: np.ndarray, found: np.ndarray) -> pa.Array:
-        """Keys as an Arrow array (null where not found): no Python string objects."""
-        return self.key.take(pa.array(pos, mask=~found)) if len(self.gid) else pa.nulls(len(pos), pa.string())
-
-    def groups(self, pos: np.ndarray, found: np.ndarray) -> np.ndarray:
-        return np.where(found, self.group[pos] if len(self.gid) else -1, -1)
+    def keys(self, pos: np.ndarray) -> pa.Array:
+        """Keys as an Arrow array: no Python string objects."""
+        return self.key.take(pos)
 
 
 def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of: pd.Series):
@@ -149,9 +147,9 @@ def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of:
         for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
             a, b = rows.find(batch.column("gid_a").to_numpy()), rows.find(batch.column("gid_b").to_numpy())
             sim = batch.column("similarity").to_numpy()
-            writer.write(pa.table({"key_a": rows.keys(*a), "key_b": rows.keys(*b), "similarity": sim,
+            writer.write(pa.table({"key_a": rows.keys(a), "key_b": rows.keys(b), "similarity": sim,
                                    "kind": batch.column("kind")}, schema=schema))
-            qa, qb = rows.groups(*a), rows.groups(*b)
+            qa, qb = rows.group[a], rows.group[b]
             same = (qa >= 0) & (qa == qb)
             if same.any():
                 part = pd.Series(sim[same]).groupby(qa[same]).max()
