@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.gpu_embed import StampedStream, steady_state
-from pipeline import demo
-from pipeline.config import from_dict
-from pipeline.executor import RayExecutor
-from pipeline.images import preprocess_bytes
-from pipeline.models import Embedder
-from pipeline.pipeline import run_pipeline
+from dedup2b import demo
+from dedup2b.core.config import from_dict
+from dedup2b.core.executor import RayExecutor
+from dedup2b.lib.images import preprocess_bytes
+from dedup2b.lib.models import Embedder
+from dedup2b.driver import run_stages
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -76,7 +76,7 @@ def stage_run(model: str, rows: list[dict], work: Path, ex, batch: int) -> dict:
     cfg = from_dict({"input": {"path": str(shards)}, "run_dir": str(work / "run"),
                      "embed": {"model": model, "batch_size": batch}})
     stamped = StampedStream(ex, work / "model_ready")
-    stats = run_pipeline(cfg, stamped, stages=("ingest", "embed"), log=lambda *_: None)["embed"]
+    stats = run_stages(cfg, stamped, stages=("ingest", "embed"), log=lambda *_: None)["embed"]
     stats["images_per_s"] = round(len(rows) / stats["wall_s"], 2)
     stats["steady_images_per_s"] = round(steady_state(stamped.rows(), batch, cfg.embed.actors or 1)["embedded_img_s"], 2)
     return stats

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline import demo
-from pipeline.config import from_dict
-from pipeline.embed import EmbedActor, preprocess_batch
-from pipeline.executor import make_executor
-from pipeline.models import preprocess_for
-from pipeline.pipeline import run_pipeline
+from dedup2b import demo
+from dedup2b.core.config import from_dict
+from dedup2b.stages.embed import EmbedActor, preprocess_batch
+from dedup2b.core.executor import make_executor
+from dedup2b.lib.models import preprocess_for
+from dedup2b.driver import run_stages
 
 PHASES = ("read", "decode", "infer", "write")
 
@@ -273,7 +273,7 @@ def stage_run(args, shards: Path, ex, decode_cpus: float) -> dict:
                                "decode_cpus": decode_cpus}})
     stamped = StampedStream(ex, run_dir / "model_ready")
     with GpuBusy() as gpu:
-        stats = run_pipeline(cfg, stamped, stages=("ingest", "embed"), log=lambda line: print("  " + line))
+        stats = run_stages(cfg, stamped, stages=("ingest", "embed"), log=lambda line: print("  " + line))
     embed, rows = stats["embed"], stamped.rows()
     st = steady_state(rows, args.batch, args.actors)
     st["gpu_busy_pct"] = gpu.mean(st.pop("t0"), st.pop("t1"))

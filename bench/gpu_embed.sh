@@ -77,7 +77,10 @@ case "${1:-}" in
     OUT="${OUT:-bench/results/tmp/gpu_embed}"
     mkdir -p "$OUT"
     machine | tee "$OUT/machine.txt"
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the Ray workers import pipeline/ from here
+    # the package is not installed there: pipeline/ is importable as dedup2b through a link (the Ray
+    # workers inherit PYTHONPATH), and bench/ from the working dir
+    PKG="$(mkdir -p "$OUT/pkg" && cd "$OUT/pkg" && pwd)" && ln -sfn "$PWD/pipeline" "$PKG/dedup2b"
+    export PYTHONPATH="$PWD:$PKG${PYTHONPATH:+:$PYTHONPATH}"
     if [ -d "$WHEELS" ]; then install_wheels; fi
     python3 -m bench.gpu_embed --require-cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_embed.log" ;;
 esac

@@ -8,7 +8,7 @@ at most 10 minutes on one H200, with pair recall and precision measured against 
 
 100 M x 768 fp16 vectors are 154 GB, more than the GPU, the RAM or the disk hold, so the corpus is
 virtual: row i is a deterministic function of (seed, i), computed on the device for any rows in any
-order (`Corpus`). Its distribution follows pipeline.synthetic.clip_like: a shared mean direction,
+order (`Corpus`). Its distribution follows bench.corpora.clip_like: a shared mean direction,
 topics in a rank-96 subspace whose members sit at cosine ~0.8-0.93 (the hard negatives), a little
 full-rank noise, and Zipf duplicate groups (most 1-3 copies, the largest capped at --max-group)
 whose copies sit at cosine ~0.97-0.999 from their source. Vectors are rounded to fp16, as the
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.celljoin import train_projection
-from pipeline.synthetic import _owners
+from dedup2b.lib.celljoin import train_projection
+from bench.corpora import group_owners
 
 RESULTS = Path(__file__).parent / "results"
 _MASK64 = (1 << 64) - 1
@@ -106,12 +106,12 @@ class Corpus:
     Rows [0, n_src) are sources, rows [n_src, n) duplicates of `owner[i - n_src]`. A source is
     unit(0.9 mean + unit(low) + 0.08 unit(noise)) with low = its topic's centre plus a spread in
     the rank-`rank` topic subspace; a duplicate is unit(source + s unit(noise)), s ~ U(0.03, 0.25)
-    (pipeline.synthetic.clip_like's recipe). Per-row draws come from a counter hash of
+    (bench.corpora.clip_like's recipe). Per-row draws come from a counter hash of
     (seed, row, slot); the spread and the noise are signed sums of `terms` rows of fixed random
     banks (an embedding bag): gathers and elementwise work, no per-row matrix product, so a row
     comes out the same in any batch (`regeneration_difference` checks). Tables are built once on
     the device: topic centres (n / 40 x d fp32, 5.4 GB at 100 M rows), two banks of `bank` rows,
-    the owner of each duplicate (pipeline.synthetic's Zipf draw)."""
+    the owner of each duplicate (bench.corpora's Zipf draw)."""
 
     def __init__(self, n: int, d: int, device: torch.device, dup_frac: float = 0.3, rank: int = 96,
                  seed: int = 0, max_group: int = 2000, tail: float = 2.3, bank: int = 4096, terms: int = 8):
@@ -128,7 +128,7 @@ class Corpus:
         self.low_table = torch.cat([topics, spread])          # bag rows: topic centres, then spreads
         del topics
         self.noise_bank = _unit(torch.randn(bank, d, generator=g, device=device))
-        owners = _owners(np.random.default_rng(seed), self.n_src, n - self.n_src, max_group, tail)
+        owners = group_owners(np.random.default_rng(seed), self.n_src, n - self.n_src, max_group, tail)
         self.owner = torch.from_numpy(owners).to(device)
 
     def _draws(self, ids: torch.Tensor, first: int, count: int) -> torch.Tensor:

@@ -39,6 +39,8 @@ case "${1:-}" in
     OUT="${OUT:-bench/results/tmp/gpu_search}"
     mkdir -p "$OUT"
     machine | tee "$OUT/machine.txt"
+    PKG="$(mkdir -p "$OUT/pkg" && cd "$OUT/pkg" && pwd)" && ln -sfn "$PWD/pipeline" "$PKG/dedup2b"   # pipeline/ imports as dedup2b
+    export PYTHONPATH="$PWD:$PKG${PYTHONPATH:+:$PYTHONPATH}"
     if compgen -G "$WHEELS/*.whl" >/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
       export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"

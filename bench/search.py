@@ -3,7 +3,7 @@
     make bench-search                      # sizes 250k and 1M (about 15 min on 2 cores)
     python -m bench.search --sizes 250000  # any sizes
 
-Per size, on CLIP-like synthetic 768-d vectors (pipeline/synthetic.py) written in clip-retrieval
+Per size, on CLIP-like synthetic 768-d vectors (bench/corpora.py) written in clip-retrieval
 layout, same box, same run:
   ours       index stage (IVF-PQ + cell-join codec) + search stage on a local Ray (2 tasks)
   exhaustive FAISS IndexFlatIP range search at the threshold for a random sample of queries,
@@ -18,7 +18,7 @@ Writes bench/results/search.json and bench/results/search.md.
 
 --scale runs our method and the exhaustive sample (SemDeDup-style too while all vectors fit in
 about 12 GB of RAM) at sizes too big for RAM: the corpus is generated in bounded memory by
-pipeline.synthetic.write_clip_like, the exhaustive sample streams shard by shard. It writes
+bench.corpora.write_clip_like, the exhaustive sample streams shard by shard. It writes
 bench/results/search_scale.json/.md: the committed search.json sizes plus the new ones.
 """
 from __future__ import annotations
@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import index
-from pipeline.config import CodecConfig, RayConfig, SearchConfig
-from pipeline.executor import RayExecutor
-from pipeline.search import SearchJob, pair_files, search
-from pipeline.synthetic import clip_like, write_clip_like, write_corpus
-from pipeline.unionfind import UnionFind
-from pipeline.vectors import VectorStore
+from dedup2b.lib import codec as index
+from dedup2b.core.config import CodecConfig, RayConfig, SearchConfig
+from dedup2b.core.executor import RayExecutor
+from dedup2b.stages.search import SearchJob, find_pairs, pair_files
+from bench.corpora import clip_like, write_clip_like, write_corpus
+from dedup2b.lib.unionfind import UnionFind
+from dedup2b.core.vectors import VectorStore
 
 RESULTS = Path(__file__).parent / "results"
 THRESHOLD = 0.95
@@ -126,7 +126,7 @@ def run_ours(work: Path, shards: dict, store: VectorStore, ex, ivfpq: bool = Tru
     counted) and the cell-join search, timed: (codec, cell codec s, stats, search s)."""
     t0 = time.time()
     counts = {i: len(store.shard(i)[0]) for i in shards}
-    codec = index.build_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic",
+    codec, _ = index.train_all(store, counts, CodecConfig(train_size=100_000), work / "index", "bench", "synthetic",
                             ivfpq=ivfpq)
     index_s = codec["cells_train_s"]          # what the search needs: projection + cells
     print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec.get('train_s')}s, add {codec.get('add_s')}s; "
@@ -135,7 +135,7 @@ def run_ours(work: Path, shards: dict, store: VectorStore, ex, ivfpq: bool = Tru
                     SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
                     "bench", "bench-search")
     t0 = time.time()
-    stats = search(job, ex)
+    stats = find_pairs(job, ex)
     search_s = time.time() - t0
     print(f"   ours search {search_s:.0f}s pairs={stats['verified']:,} worker peak RSS "
           f"{stats['worker_peak_rss_mb']} MB", flush=True)

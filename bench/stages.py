@@ -4,7 +4,7 @@ released-style embeddings, and chosen stages of another checkout side by side.
     python -m bench.stages --rows 1000000 --baseline REV     # REV: a git revision to compare with
     python -m bench.stages --baseline REV --baseline-stages search,group,report
 
-The corpus (pipeline.synthetic.write_clip_like, clip-retrieval layout, duplicate groups of up to
+The corpus (bench.corpora.write_clip_like, clip-retrieval layout, duplicate groups of up to
 5,000 copies: tens of millions of verified pairs at 1 M rows) goes through `dedup2b run` one stage
 at a time (`dedup2b ingest`, `embed`, ... in order, local executor), each stage a process of its
 own under /usr/bin/time, so its peak RSS is its own. With --baseline, the same run folder is then
@@ -24,16 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.synthetic import write_clip_like
+from bench.corpora import write_clip_like
+from bench.equal_outputs import cli_module
+from dedup2b.stages import NAMES
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("ingest", "embed", "index", "search", "group", "report")
+STAGES = tuple(n for n in NAMES if n != "export")
 
 
 def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
     """One stage in its own process (the code under `code`): wall seconds and peak RSS in MB."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "pipeline.cli", stage, "--input", str(corpus),
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", cli_module(code), stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
            "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         for stage in STAGES:
             ours[stage] = run_stage(stage, corpus, run_dir, REPO)
             print(f"{stage:7s} ours {ours[stage]}", flush=True)
-        summary = json.loads((run_dir / "reports" / "summary.json").read_text())
+        summary = json.loads((run_dir / "report" / "summary.json").read_text())
         if args.baseline:   # the same run folder, these stages redone by REV's code
             code = checkout(args.baseline, Path(tempfile.mkdtemp()) / "code")
             for stage in [s for s in STAGES if s in args.baseline_stages.split(",")]:

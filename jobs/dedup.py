@@ -9,21 +9,20 @@ config are resolved against --base-dir (default: the current directory; a submit
 copy of the working dir, so pass the folder the outputs belong to). Paths may be fsspec URLs (see
 jobs/paths.py). Progress goes to stdout (`ray job logs --follow`): one line per finished shard task
 with the node that ran it, one per stage, then the summary. Which node ran how many tasks of each
-stage is kept in the run's `stage_stats.json` (`tasks_by_node`).
+stage is kept in the run's `stage_stats.json` (`tasks_by_node`, written by the driver).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from pipeline import config as config_mod
-from pipeline.executor import RayExecutor
-from pipeline.io import read_json, write_json
-from pipeline.pipeline import STAGES, run_pipeline
+from dedup2b.core import config as config_mod
+from dedup2b.core.executor import RayExecutor
+from dedup2b.driver import print_summary, run_stages
+from dedup2b.stages import NAMES
 
 from . import paths
 
@@ -48,42 +47,24 @@ def parser(prog: str = "jobs.dedup") -> argparse.ArgumentParser:
 
 
 def load_config(args) -> tuple[config_mod.RunConfig, list]:
-    data = config_mod.read_yaml(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            pass
-        config_mod.apply_overrides(data, {key: value})
-    uploads = paths.resolve(data, Path(args.base_dir).resolve(), args.stage_dir, log)
-    return config_mod.from_dict(data), uploads
+    """The run config, by the CLI's rule (config.build: --config, --set, defaults, relative paths
+    against --base-dir), with URL paths staged (paths.resolve)."""
+    uploads: list = []
+    base = Path(args.base_dir).resolve()
 
+    def stage_urls(data: dict) -> None:
+        if paths.is_url(data.get("run_dir") or "") and not data.get("index_dir"):
+            data["index_dir"] = data["run_dir"].rstrip("/") + "/index"   # uploaded with the run
+        uploads.extend(paths.resolve(data, base, args.stage_dir, log))
 
-def node_stats(run_path: Path, ex: RayExecutor) -> dict:
-    """Which node ran how many shard tasks of each stage, added to stage_stats.json."""
-    names = ex.node_names() if ex.tasks_by_node else {}
-    per_stage: dict[str, dict[str, int]] = {}
-    for desc, counts in ex.tasks_by_node.items():
-        stage = desc.split(":")[0].split()[0]
-        bucket = per_stage.setdefault(stage, {})
-        for node, n in counts.items():
-            bucket[names.get(node, node)] = bucket.get(names.get(node, node), 0) + n
-    path = run_path / "stage_stats.json"
-    if path.exists():
-        stats = read_json(path)
-        for stage, bucket in per_stage.items():
-            if bucket and stage in stats:
-                stats[stage]["tasks_by_node"] = bucket
-        write_json(path, stats)
-    return per_stage
+    return config_mod.build(args.config, args.set, base, prepare=stage_urls), uploads
 
 
 def run(args, stages: tuple[str, ...]) -> int:
     t0 = time.time()
     cfg, uploads = load_config(args)
     if args.build_demo:
-        from pipeline import demo
+        from dedup2b import demo
         log(f"[job] demo corpus: {demo.build(Path(cfg.input.path).parent)}")
     # torch is loaded before Ray starts its threads: loaded after them, in a submitted job's driver, it
     # sometimes aborted in MKL's start-up ("oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so")
@@ -104,18 +85,14 @@ def run(args, stages: tuple[str, ...]) -> int:
     try:
         log(f"[job] {'cluster' if cfg.ray.address else 'embedded Ray'}: {len(nodes)} node(s) "
             f"{', '.join(sorted(nodes.values()))}; run dir {cfg.run_path}; stages {','.join(stages)}")
-        try:
-            run_pipeline(cfg, ex, stages, fresh=args.fresh, log=log)
-        finally:
-            for stage, bucket in node_stats(cfg.run_path, ex).items():
-                if bucket:
-                    log(f"[nodes] {stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(bucket.items())))
+        stats = run_stages(cfg, ex, stages, fresh=args.fresh, log=log)
+        for stage, info in stats.items():
+            if stage in stages and info.get("tasks_by_node"):
+                log(f"[nodes] {stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["tasks_by_node"].items())))
     finally:
         ex.shutdown()
-    summary = cfg.run_path / "reports" / "summary.json"
-    if "report" in stages and summary.exists():
-        from pipeline.cli import print_summary
-        print_summary(cfg.run_path, json.loads(summary.read_text()), log=log)
+    if "report" in stages:
+        print_summary(cfg, log=log)
     for local_dir, url in uploads:
         paths.stage_out(local_dir, url, log)
     log(f"[job] done in {time.time() - t0:.1f}s")
@@ -124,12 +101,12 @@ def run(args, stages: tuple[str, ...]) -> int:
 
 def main(argv=None) -> int:
     ap = parser()
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    ap.add_argument("--stages", default=",".join(NAMES), help="comma-separated subset of " + ",".join(NAMES))
     args = ap.parse_args(argv)
     stages = tuple(s for s in args.stages.split(",") if s)
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in NAMES]
     if unknown:
-        ap.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        ap.error(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(NAMES)}")
     return run(args, stages)
 
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory):
     """The embedded demo corpus, built once per session."""
-    from pipeline import demo
+    from dedup2b import demo
     root = tmp_path_factory.mktemp("demo")
     shards = demo.build(root)
     return root, shards
@@ -20,15 +20,15 @@ def demo_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_executor():
     """One real local Ray for the session (2 CPUs, small object store, bound to 127.0.0.1)."""
-    from pipeline.config import RayConfig
-    from pipeline.executor import RayExecutor
+    from dedup2b.core.config import RayConfig
+    from dedup2b.core.executor import RayExecutor
     ex = RayExecutor(RayConfig(num_cpus=2, object_store_mb=400))
     yield ex
     ex.shutdown()
 
 
 def make_config(tmp_path, input_path, **sections):
-    from pipeline.config import from_dict
+    from dedup2b.core.config import from_dict
     data = {"input": {"path": str(input_path)}, "run_dir": str(tmp_path / "run")}
     data.update(sections)
     return from_dict(data)

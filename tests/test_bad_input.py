@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.executor import LocalExecutor, ShardFailed
-from pipeline.ingest import InputError
-from pipeline.pipeline import run_pipeline
+from dedup2b.core.executor import LocalExecutor, ShardFailed
+from dedup2b.sources.img2dataset import InputError
+from dedup2b.driver import run_stages
 
 from conftest import make_config
 
@@ -55,10 +55,10 @@ def _shard(folder, index, members, keys=None):
 
 def _run(tmp_path, folder):
     cfg = make_config(tmp_path, folder)
-    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
-    s = json.loads((cfg.run_path / "reports" / "summary.json").read_text())
+    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    s = json.loads((cfg.run_path / "report" / "summary.json").read_text())
     assert s["input_rows"] == s["kept"] + s["removed"] + s["failed"]
-    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     return s, samples.set_index("key")
 
 
@@ -99,11 +99,11 @@ def test_fatal_input_errors_name_the_file(tmp_path):
     _shard(tmp_path / "a", 0, [("k", "jpg", _img())])
     _shard(tmp_path / "a", 1, [("k", "jpg", _img())])                 # same key in two shards
     with pytest.raises(InputError, match="key 'k' appears in shard 00000 and shard 00001"):
-        run_pipeline(make_config(tmp_path / "ra", tmp_path / "a"), LocalExecutor(), log=lambda *_: None)
+        run_stages(make_config(tmp_path / "ra", tmp_path / "a"), LocalExecutor(), log=lambda *_: None)
     _shard(tmp_path / "b", 0, [("k", "jpg", _img())])
     (tmp_path / "b" / "00001.tar").write_bytes((tmp_path / "b" / "00000.tar").read_bytes())
     with pytest.raises(InputError, match="00001.tar without the .parquet sidecar"):
-        run_pipeline(make_config(tmp_path / "rb", tmp_path / "b"), LocalExecutor(), log=lambda *_: None)
+        run_stages(make_config(tmp_path / "rb", tmp_path / "b"), LocalExecutor(), log=lambda *_: None)
 
 
 
@@ -115,7 +115,7 @@ def test_a_failing_shard_is_named_and_the_rest_is_kept(tmp_path, ray_executor):
     cfg = make_config(tmp_path / "rc", tmp_path / "c", ray={"max_retries": 1})
     with pytest.raises(ShardFailed, match=r"(?s)Rerunning the same command is safe.*shard 00001.*"
                                           r"00001.tar: unreadable tar"):
-        run_pipeline(cfg, ray_executor, log=lambda *_: None)
+        run_stages(cfg, ray_executor, log=lambda *_: None)
     assert (cfg.run_path / "ingest" / "_done" / "00000.json").exists()     # the good shard is kept
     assert not (cfg.run_path / "ingest" / "_done" / "00001.json").exists()
 
@@ -134,4 +134,4 @@ def test_non_utf8_caption_and_absolute_member_name(tmp_path):
         tar.addfile(info, io.BytesIO(b"abc"))
     pq.write_table(pa.table({"key": ["evil"]}), folder / "00000.parquet")
     with pytest.raises(ShardFailed, match="unsafe member name '/etc/evil.jpg'"):
-        run_pipeline(make_config(tmp_path / "r2", folder), LocalExecutor(), log=lambda *_: None)
+        run_stages(make_config(tmp_path / "r2", folder), LocalExecutor(), log=lambda *_: None)

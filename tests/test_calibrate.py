@@ -9,11 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import audit, calibrate
-from pipeline.cli import main
-from pipeline.executor import LocalExecutor
-from pipeline.pipeline import STAGES, run_pipeline
-from pipeline.vectors import VectorStore
+from dedup2b.quality import audit, calibrate
+from dedup2b.cli import main
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.driver import run_stages
+from dedup2b.stages import NAMES
+from dedup2b.core.vectors import VectorStore
 
 from conftest import make_config
 
@@ -22,7 +23,7 @@ from conftest import make_config
 def demo_run(tmp_path_factory, demo_corpus):
     root, shards = demo_corpus
     cfg = make_config(tmp_path_factory.mktemp("calibrate"), shards)
-    run_pipeline(cfg, LocalExecutor(), stages=STAGES[:-1], log=lambda *_: None)
+    run_stages(cfg, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
     return cfg, root
 
 
@@ -38,7 +39,7 @@ def calibrated(demo_run):
 def true_pair_precision(cfg, truth_path, t: float) -> float:
     """Exhaustive: of all pairs of ok rows whose stored vectors have cosine >= t, the share the demo's
     ground truth puts in one cluster."""
-    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     ok = samples[samples.status == "ok"]
     run = calibrate.open_run(cfg.run_path)
     vecs = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards}).get(ok.gid.to_numpy())
@@ -68,7 +69,7 @@ def test_recommended_threshold_is_as_precise_as_printed(demo_run, calibrated):
 def test_outputs_table_and_summary_entry(demo_run, calibrated):
     cfg, _ = demo_run
     result, lines = calibrated
-    rep = cfg.run_path / "reports"
+    rep = cfg.run_path / "calibration"
     for name in ("calibration.parquet", "calibration.png", "calibration.json", "audit_pairs.parquet"):
         assert (rep / name).stat().st_size > 0, name
     table = pq.read_table(rep / "calibration.parquet").to_pandas()
@@ -78,27 +79,29 @@ def test_outputs_table_and_summary_entry(demo_run, calibrated):
     assert syn.recall.is_monotonic_decreasing and (syn.precision_lo <= syn.precision + 1e-9).all()
     assert syn.n.iloc[0] == 151 and syn.copies.iloc[0] == 151 * 3          # every ok row of the demo
     assert json.loads((rep / "calibration.json").read_text()) == result
-    summary = json.loads((rep / "summary.json").read_text())
-    entry = summary["calibration"]
+    entry = result["summary"]
     assert entry["threshold"] == cfg.search.threshold
     assert entry["estimated_precision"] == result["estimated_precision"]
     assert entry["recommended_threshold"] == result["recommended_threshold"]
     assert any("<- recommended" in line for line in lines) and any("<- run" in line for line in lines)
-    # the report stage's done marker still holds (it records output sizes), and a report rerun keeps the entry
-    assert calibrate.open_run(cfg.run_path).marker("report", "report").valid(cfg.fingerprint("report"))
-    run_pipeline(cfg, LocalExecutor(), stages=("report",), log=lambda *_: None)
-    assert json.loads((rep / "summary.json").read_text())["calibration"] == entry
+    # calibrate writes its own folder alone: the report's summary and done marker are untouched, so a
+    # report rerun has nothing to redo and the calibration stays
+    run = calibrate.open_run(cfg.run_path)
+    assert "calibration" not in json.loads((cfg.run_path / "report" / "summary.json").read_text())
+    assert run.marker("report", "report").valid(run.fingerprint("report"))
+    run_stages(cfg, LocalExecutor(), stages=("report",), log=lambda *_: None)
+    assert json.loads((rep / "calibration.json").read_text())["summary"] == entry
 
 
 def test_audit_rechecks_flagged_pairs_and_follows_labels(demo_run, tmp_path):
     cfg, root = demo_run
-    rep = cfg.run_path / "reports"
+    rep = cfg.run_path / "report"
     shutil.copy(rep / "pairs.parquet", tmp_path / "pairs.parquet")
     samples = pq.read_table(rep / "samples.parquet").to_pandas()
     run = calibrate.open_run(cfg.run_path)
     store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
     t = cfg.search.threshold
-    rows, out = audit.run_audit(tmp_path, samples, store, t, 200, seed=0)
+    rows, out = audit.run_audit(tmp_path / "pairs.parquet", tmp_path, samples, store, t, 200, seed=0)
     assert out["pairs"] == 200 and out["confirmed"] == 200 and out["precision"] == 1.0
     assert 0.97 < out["ci95"][0] < 1.0
     sample = pq.read_table(tmp_path / "audit_pairs.parquet").to_pandas()
@@ -107,7 +110,7 @@ def test_audit_rechecks_flagged_pairs_and_follows_labels(demo_run, tmp_path):
 
     # human labels: a quarter of the sampled pairs judged not duplicates
     labels = sample[["key_a", "key_b"]].assign(is_duplicate=np.arange(len(sample)) % 4 != 0)
-    _, out = audit.run_audit(tmp_path, samples, store, t, 200, seed=0, labels=labels)
+    _, out = audit.run_audit(tmp_path / "pairs.parquet", tmp_path, samples, store, t, 200, seed=0, labels=labels)
     lab = out["labels"]
     assert lab["pairs"] == 200 and lab["duplicates"] == 150 and lab["precision"] == 0.75
     assert lab["ci95"][0] < 0.75 < lab["ci95"][1] < 0.85
@@ -118,11 +121,11 @@ def test_audit_rechecks_flagged_pairs_and_follows_labels(demo_run, tmp_path):
     ok = samples[samples.status == "ok"]
     a, b = ok.groupby("group_id").head(1).key.iloc[:2]
     extra = pd.DataFrame({"key_a": [a, "x"], "key_b": [b, "y"], "is_duplicate": [True, None]})
-    _, out = audit.run_audit(tmp_path, samples, store, t, 200, seed=0, labels=pd.concat([labels, extra]))
+    _, out = audit.run_audit(tmp_path / "pairs.parquet", tmp_path, samples, store, t, 200, seed=0, labels=pd.concat([labels, extra]))
     assert out["labels"]["precision"] == 0.75 and out["labels"]["recall"] == pytest.approx(150 / 151, abs=1e-4)
 
     # cluster labels (the demo's ground truth): every sampled pair is a true copy
-    _, out = audit.run_audit(tmp_path, samples, store, t, 200, seed=0,
+    _, out = audit.run_audit(tmp_path / "pairs.parquet", tmp_path, samples, store, t, 200, seed=0,
                              labels=audit.read_labels(root / "ground_truth.parquet"))
     assert out["labels"]["precision"] == 1.0
 
@@ -145,9 +148,9 @@ def test_cli_is_deterministic_and_reads_a_labels_file(demo_run, tmp_path, capsys
     assert main(args + ["--labels", str(labels)]) == 0
     out = capsys.readouterr().out
     assert "threshold  precision" in out and "labels: 40 flagged pairs labelled, 40 of them duplicates" in out
-    first = pq.read_table(copy / "reports" / "calibration.parquet").to_pandas()
+    first = pq.read_table(copy / "calibration" / "calibration.parquet").to_pandas()
     assert main(args + ["--labels", str(labels)]) == 0
-    assert first.equals(pq.read_table(copy / "reports" / "calibration.parquet").to_pandas())
+    assert first.equals(pq.read_table(copy / "calibration" / "calibration.parquet").to_pandas())
     assert main(["calibrate", "--run-dir", str(tmp_path / "nothing")]) == 2
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"a": [1]}), bad)

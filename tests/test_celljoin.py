@@ -3,12 +3,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import celljoin, index
-from pipeline.config import CodecConfig, SearchConfig
-from pipeline.executor import LocalExecutor, ShardFailed
-from pipeline.search import SearchJob, pair_files, search
-from pipeline.synthetic import clip_like, exhaustive_pairs, write_corpus
-from pipeline.vectors import VectorStore
+from dedup2b.lib import celljoin
+
+from dedup2b.lib import codec as index
+from dedup2b.core.config import CodecConfig, SearchConfig
+from dedup2b.core.executor import LocalExecutor, ShardFailed
+from dedup2b.stages.search import SearchJob, find_pairs, pair_files
+from bench.corpora import clip_like, exhaustive_pairs, write_corpus
+from dedup2b.core.vectors import VectorStore
 
 
 def test_bound_is_lossless_inside_a_cell():
@@ -41,7 +43,7 @@ def corpus(tmp_path_factory):
     shards = {i: n for i, n in enumerate(names)}
     store = VectorStore(root / "embed", shards)
     counts = {i: len(store.shard(i)[0]) for i in shards}
-    index.build_all(store, counts, CodecConfig(train_size=8000), root / "index", "fp-index", "synthetic",
+    index.train_all(store, counts, CodecConfig(train_size=8000), root / "index", "fp-index", "synthetic",
                     cells=40, proj_dim=64)
     gids = np.concatenate([store.shard(i)[0] for i in shards])
     xs = store.get(gids)
@@ -66,7 +68,7 @@ def _pairs(out, threshold=0.95):
 def test_sharded_and_resumed_search_equals_brute_force(corpus, tmp_path):
     root, shards, truth = corpus
     job = _job(root, shards, tmp_path / "s")
-    stats = search(job, LocalExecutor())
+    stats = find_pairs(job, LocalExecutor())
     assert stats["shards"] == 3 and stats["blocks"] == 5
     found = _pairs(job.out_dir)
     assert len(truth) > 1000 and found <= truth
@@ -74,7 +76,7 @@ def test_sharded_and_resumed_search_equals_brute_force(corpus, tmp_path):
     # lose one block's output: only that block is redone, with the same result
     victim = pair_files(job.out_dir)[2]
     victim.unlink()
-    again = search(job, LocalExecutor())
+    again = find_pairs(job, LocalExecutor())
     assert again["shards"] == 0 and again["blocks"] == 1
     assert _pairs(job.out_dir) == found
 
@@ -82,7 +84,7 @@ def test_sharded_and_resumed_search_equals_brute_force(corpus, tmp_path):
 def test_pq_method_finds_the_same_pairs(corpus, tmp_path):
     root, shards, truth = corpus
     job = _job(root, shards, tmp_path / "p", method="pq", margin=0.3, nprobe=16)
-    search(job, LocalExecutor())
+    find_pairs(job, LocalExecutor())
     found = _pairs(job.out_dir)
     assert found <= truth and len(found) / len(truth) >= 0.95
 
@@ -90,8 +92,8 @@ def test_pq_method_finds_the_same_pairs(corpus, tmp_path):
 def test_ray_workers_give_the_same_pairs(corpus, tmp_path, ray_executor):
     root, shards, _ = corpus
     local, remote = _job(root, shards, tmp_path / "l"), _job(root, shards, tmp_path / "r")
-    search(local, LocalExecutor())
-    search(remote, ray_executor)
+    find_pairs(local, LocalExecutor())
+    find_pairs(remote, ray_executor)
     assert _pairs(local.out_dir, 0.0) == _pairs(remote.out_dir, 0.0)
 
 
@@ -99,8 +101,8 @@ def test_stale_index_is_refused(corpus, tmp_path):
     root, shards, _ = corpus
     job = SearchJob(root / "embed", shards, root / "index", tmp_path / "x", SearchConfig(threshold=0.95),
                     "another-fingerprint", "fp")
-    with pytest.raises(ShardFailed, match="(?s)IndexError_.*fingerprint"):
-        search(job, LocalExecutor())
+    with pytest.raises(ShardFailed, match="(?s)IndexMismatch.*fingerprint"):
+        find_pairs(job, LocalExecutor())
 
 
 def test_torch_path_gives_the_numpy_pairs():

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from jobs import cluster, paths
-from pipeline import config as config_mod
-from pipeline.pipeline import run_pipeline
+from dedup2b.core import config as config_mod
+from dedup2b.driver import run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 300
@@ -84,7 +84,7 @@ def job_config(tmp_path_factory, demo_corpus):
 @pytest.fixture(scope="module")
 def embedded_run(job_config, ray_executor):
     cfg = config_mod.from_dict(yaml.safe_load(job_config("embedded")[0].read_text()))
-    run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    run_stages(cfg, ray_executor, log=lambda *_: None)
     return cfg.run_path
 
 
@@ -109,10 +109,10 @@ def submit(state: dict, config: Path) -> str:
 
 def assert_same_reports(a: Path, b: Path) -> None:
     for name in ("samples", "pairs", "groups"):
-        ta = pq.read_table(a / "reports" / f"{name}.parquet").to_pandas()
-        tb = pq.read_table(b / "reports" / f"{name}.parquet").to_pandas()
+        ta = pq.read_table(a / "report" / f"{name}.parquet").to_pandas()
+        tb = pq.read_table(b / "report" / f"{name}.parquet").to_pandas()
         pd.testing.assert_frame_equal(ta, tb, check_exact=True, obj=name)
-    sa, sb = (json.loads((p / "reports" / "summary.json").read_text()) for p in (a, b))
+    sa, sb = (json.loads((p / "report" / "summary.json").read_text()) for p in (a, b))
     for key in TIMING:
         sa.pop(key, None), sb.pop(key, None)
     assert sa == sb

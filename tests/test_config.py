@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, diff_fields, from_dict, load
+from dedup2b.core.config import ConfigError, diff_fields, from_dict, load
+from dedup2b.stages import FIELDS
 
 
 def test_unknown_key_is_named():
@@ -26,8 +27,8 @@ def test_fingerprint_tracks_only_relevant_fields():
     base = {"input": {"path": "x"}, "run_dir": "r"}
     a = from_dict(base)
     b = from_dict({**base, "search": {"threshold": 0.9}})
-    assert a.fingerprint("embed") == b.fingerprint("embed")
-    assert a.fingerprint("search") != b.fingerprint("search")
+    assert a.fingerprint(FIELDS["embed"]) == b.fingerprint(FIELDS["embed"])
+    assert a.fingerprint(FIELDS["search"]) != b.fingerprint(FIELDS["search"])
     assert "search.threshold" in diff_fields(a.to_dict(), b.to_dict())
 
 
@@ -36,3 +37,26 @@ def test_yaml_load_with_overrides(tmp_path):
     p.write_text("input: {path: /data}\nrun_dir: /tmp/r\ncodec: {nlist: 64}\n")
     cfg = load(p, {"search.margin": 0.2})
     assert cfg.codec.nlist == 64 and cfg.search.margin == 0.2
+
+
+def test_cli_and_jobs_build_the_same_config(tmp_path, monkeypatch):
+    """One config path: the same YAML (relative paths, no run_dir or index_dir) and the same --set
+    give the same config, paths included, through `dedup2b run` and through `jobs.dedup`."""
+    import argparse
+
+    from dedup2b import cli
+    from jobs import dedup as job
+    (tmp_path / "data").mkdir()
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("input: {path: data}\nsearch: {threshold: 0.9}\n")
+    monkeypatch.chdir(tmp_path)
+    sets = ["codec.nlist=64", "export.formats=[\"keep\"]"]
+    args = argparse.Namespace(config=str(yaml), set=sets, input=None, model=None, threshold=None, run_dir=None,
+                              index_dir=None, input_format=None)
+    a = cli.build_config(args)
+    b, uploads = job.load_config(argparse.Namespace(config=str(yaml), set=sets, base_dir=".", stage_dir=None))
+    assert a.to_dict() == b.to_dict() and uploads == []
+    assert a.run_path == tmp_path / "reports" / "data" and a.index_path == tmp_path / "indexes" / "data"
+    assert a.input.path == str(tmp_path / "data") and a.codec.nlist == 64 and a.export.formats == ["keep"]
+    with pytest.raises(ConfigError, match="--set"):
+        cli.build_config(argparse.Namespace(**{**vars(args), "set": ["codec.nlist"]}))

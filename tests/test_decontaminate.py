@@ -5,8 +5,8 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import demo
-from pipeline.cli import main
+from dedup2b import demo
+from dedup2b.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -29,24 +29,24 @@ def split(tmp_path_factory):
 
 def test_every_planted_leak_is_removed_and_reported(split):
     root, truth, _ = split
-    samples = pq.read_table(root / "run" / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(root / "run" / "report" / "samples.parquet").to_pandas()
     ok = samples[samples.status == "ok"]
     eval_keys = set(pq.read_table(root / "eval" / "00003.parquet")["key"].to_pylist())
     eval_clusters = set(truth[list(eval_keys)].dropna())
     planted = set(ok.key[ok.key.map(truth).isin(eval_clusters)])
     assert planted and ok.removed_reason.eq("eval_leak").sum() == len(planted)
     assert set(ok.key[ok.removed_reason == "eval_leak"]) == planted
-    leaks = pq.read_table(root / "run" / "reports" / "leaks.parquet").to_pandas()
+    leaks = pq.read_table(root / "run" / "report" / "leaks.parquet").to_pandas()
     assert set(leaks.eval_key) <= eval_keys and set(leaks.key) <= planted
-    assert (leaks.similarity >= json.loads((root / "run" / "reports" / "summary.json").read_text())["threshold"]).all()
+    assert (leaks.similarity >= json.loads((root / "run" / "report" / "summary.json").read_text())["threshold"]).all()
     assert all(truth[a] == truth[b] for a, b in zip(leaks.key, leaks.eval_key))   # each leak is a true copy
     # the export holds none of them; the invariant still holds
     keep = set(pq.read_table(root / "run" / "export" / "keep.parquet")["key"].to_pylist())
     assert not keep & planted and keep == set(ok.key[ok.removed_reason.isna()])
-    summary = json.loads((root / "run" / "reports" / "summary.json").read_text())
+    summary = json.loads((root / "run" / "report" / "summary.json").read_text())
     assert summary["invariant_holds"] and summary["removed_by_reason"]["eval_leak"] == len(planted)
     assert summary["eval_leaks"]["eval-eval"]["eval_items_leaked"] == leaks.eval_key.nunique()
-    page = (root / "run" / "reports" / "index.html").read_text()
+    page = (root / "run" / "report" / "index.html").read_text()
     assert 'id="leaks"' in page and "Evaluation-set leaks" in page
 
 

@@ -6,11 +6,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import from_dict
-from pipeline.embeddings import InputError
-from pipeline.executor import LocalExecutor, ShardFailed
-from pipeline.pipeline import run_pipeline
-from pipeline.synthetic import clip_like, exhaustive_pairs
+from dedup2b.core.config import from_dict
+from dedup2b.sources.embeddings import InputError
+from dedup2b.core.executor import LocalExecutor, ShardFailed
+from dedup2b.driver import run_stages
+from bench.corpora import clip_like, exhaustive_pairs
 
 
 def _write(folder, x, names=("0000", "0001"), meta_rows=None):
@@ -39,17 +39,17 @@ def test_run_on_released_style_embeddings(tmp_path):
     _write(tmp_path / "emb", x)
     cfg = _cfg(tmp_path, tmp_path / "emb")
     assert cfg.search.threshold == 0.95
-    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
-    s = json.loads((cfg.run_path / "reports" / "summary.json").read_text())
+    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    s = json.loads((cfg.run_path / "report" / "summary.json").read_text())
     assert s["input_rows"] == 3000 and s["failed"] == 2 and s["invariant_holds"]
-    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     assert set(samples.loc[samples.status == "failed", "error"]) == {"vector: non-finite values", "vector: zero norm"}
     assert samples.key.iloc[0] == "0000_0000000" and samples.uid.str.len().eq(32).all()
     # groups equal the components of exhaustive search at the threshold
     ok = samples[samples.status == "ok"].reset_index(drop=True)
     xv = x.astype(np.float32)[ok.row + 1500 * (ok.shard == "0001")]
     xv /= np.linalg.norm(xv, axis=1, keepdims=True)
-    from pipeline.group import components
+    from dedup2b.stages.group import components
     pairs = np.array(sorted(exhaustive_pairs(xv, 0.95)))
     labels = components(len(ok), [(pairs[:, 0], pairs[:, 1])])
     assert len(set(zip(labels.tolist(), ok.group_id.tolist()))) == len(set(labels.tolist())) == ok.group_id.nunique()
@@ -61,16 +61,16 @@ def test_row_count_mismatch_names_both_files(tmp_path):
     x, _ = clip_like(100, 32, seed=1)
     _write(tmp_path / "emb", x, names=("0000",), meta_rows=99)
     with pytest.raises(InputError, match="img_emb_0000.npy: 100 vectors but .*metadata_0000.parquet has 99"):
-        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+        run_stages(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
 
 
 def test_norms_off_one_need_renormalize(tmp_path):
     x, _ = clip_like(200, 32, seed=2)
     _write(tmp_path / "emb", 3 * x, names=("0000",))
     with pytest.raises(ShardFailed, match="(?s)shard 0000.*renormalize"):
-        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+        run_stages(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
     cfg = _cfg(tmp_path / "b", tmp_path / "emb", renormalize=True)
-    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
+    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
     v = np.load(cfg.run_path / "embed" / "img_emb" / "img_emb_0000.npy").astype(np.float32)
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=2e-3)
 
@@ -81,24 +81,24 @@ def test_dimensions_must_agree(tmp_path):
     np.save(tmp_path / "emb" / "img_emb" / "img_emb_0001.npy", np.ones((3, 16), np.float16))
     pq.write_table(pa.table({"url": ["a", "b", "c"]}), tmp_path / "emb" / "metadata" / "metadata_0001.parquet")
     with pytest.raises(InputError, match="dimensions differ"):
-        run_pipeline(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
+        run_stages(_cfg(tmp_path, tmp_path / "emb"), LocalExecutor(), log=lambda *_: None)
 
 
 def test_model_spec_must_match_the_format(tmp_path):
-    from pipeline.config import ConfigError
+    from dedup2b.core.config import ConfigError
     with pytest.raises(ConfigError, match="precomputed"):
         from_dict({"input": {"path": "x", "format": "embeddings"}, "run_dir": "r"})
 
 
 def test_cli_runs_released_embeddings_and_exports_chosen_formats(tmp_path):
     """`dedup2b run --input-format embeddings`, then `dedup2b export --format keep` on the same run."""
-    from pipeline.cli import main
+    from dedup2b.cli import main
     x, _ = clip_like(1200, 64, seed=5, max_group=20)
     _write(tmp_path / "emb", x.astype(np.float16))
     run = tmp_path / "cli"
     assert main(["run", "--input", str(tmp_path / "emb"), "--input-format", "embeddings", "--executor", "local",
                  "--run-dir", str(run), "--index-dir", str(tmp_path / "idx")]) == 0
-    summary = json.loads((run / "reports" / "summary.json").read_text())
+    summary = json.loads((run / "report" / "summary.json").read_text())
     assert summary["invariant_holds"] and summary["input_rows"] == 1200 and summary["removed"] > 0
     (run / "export" / "keep.parquet").unlink()
     assert main(["export", "--input", str(tmp_path / "emb"), "--input-format", "embeddings", "--executor", "local",

@@ -8,10 +8,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import demo
-from pipeline.executor import LocalExecutor
-from pipeline.pipeline import STAGES, run_pipeline, status
-from pipeline.run import StaleRunError
+from dedup2b import demo
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.driver import run_stages, status
+from dedup2b.stages import NAMES
+from dedup2b.core.run import StaleRunError
 
 from conftest import make_config
 
@@ -26,19 +27,19 @@ def ray_run(tmp_path_factory, demo_corpus, ray_executor):
     root, shards = demo_corpus
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = make_config(tmp, shards, export={"rows_per_shard": 10})
-    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    stats = run_stages(cfg, ray_executor, log=lambda *_: None)
     return cfg, stats, root
 
 
 def test_groups_match_ground_truth(ray_run):
     cfg, stats, root = ray_run
-    scores = demo.score(root / "ground_truth.parquet", cfg.run_path / "reports" / "samples.parquet")
+    scores = demo.score(root / "ground_truth.parquet", cfg.run_path / "report" / "samples.parquet")
     assert scores["precision"] >= 0.95 and scores["recall"] >= 0.95, scores
 
 
 def test_report_files_and_invariant(ray_run):
     cfg, stats, _ = ray_run
-    rep = cfg.run_path / "reports"
+    rep = cfg.run_path / "report"
     for name in ("samples.parquet", "pairs.parquet", "groups.parquet", "histogram.parquet",
                  "histogram.png", "summary.json", "similarity.parquet"):
         assert (rep / name).stat().st_size > 0, name
@@ -62,7 +63,7 @@ def test_report_files_and_invariant(ray_run):
 
 def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
     cfg, _, _ = ray_run
-    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     kept = set(samples.loc[(samples.status == "ok") & ~samples.is_duplicate.fillna(True).astype(bool), "key"])
     exported = {}
     src = {}
@@ -79,7 +80,7 @@ def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
     subset = np.load(cfg.run_path / "export" / "subset.npy", allow_pickle=False)
     assert len(subset) == len(kept) and np.all(np.sort(subset, order=["hi", "lo"]) == subset)
     # a DataComp-style lookup: searchsorted of every row's uid in subset.npy selects the kept rows
-    from pipeline.export import uid128
+    from dedup2b.stages.export import uid128
     ok = samples[samples.status == "ok"]
     uids = uid128(ok.uid.tolist())
     pos = np.minimum(np.searchsorted(subset, uids), len(subset) - 1)
@@ -88,43 +89,43 @@ def test_export_holds_exactly_the_kept_rows_byte_identical(ray_run):
 
 def test_rerun_resumes_and_refuses_a_changed_config(ray_run, ray_executor):
     cfg, _, _ = ray_run
-    before = (cfg.run_path / "reports" / "samples.parquet").read_bytes()
-    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    before = (cfg.run_path / "report" / "samples.parquet").read_bytes()
+    stats = run_stages(cfg, ray_executor, log=lambda *_: None)
     assert stats["ingest"]["shards"] == 0 and stats["embed"]["shards"] == 0 and stats["search"]["shards"] == 0
-    assert pq.read_table(io.BytesIO(before)).equals(pq.read_table(cfg.run_path / "reports" / "samples.parquet"))
+    assert pq.read_table(io.BytesIO(before)).equals(pq.read_table(cfg.run_path / "report" / "samples.parquet"))
     st = status(cfg.run_path)
     assert st["embed"] == {"done": 2, "pending": 0}
     changed = make_config(cfg.run_path.parent, cfg.input.path, search={"threshold": 0.9})
     with pytest.raises(StaleRunError, match="search.threshold"):
-        run_pipeline(changed, ray_executor, log=lambda *_: None)
+        run_stages(changed, ray_executor, log=lambda *_: None)
     # how the work runs may change between resumes: nothing is redone
     tuned = make_config(cfg.run_path.parent, cfg.input.path, embed={"batch_size": 5, "decode_cpus": 0.25})
-    stats = run_pipeline(tuned, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
+    stats = run_stages(tuned, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
     assert stats["embed"]["shards"] == 0
 
 
 def test_local_executor_gives_the_same_groups_and_vectors(ray_run, tmp_path, monkeypatch):
     """Also with the group stage streaming its edges in chunks of 7 (every pass multi-chunk); that
     group output equals the one of a single chunk, column by column."""
-    from pipeline import group
+    from dedup2b.stages import group
     monkeypatch.setattr(group, "CHUNK", 7)
     cfg, _, _ = ray_run
     local = make_config(tmp_path, cfg.input.path)
-    run_pipeline(local, LocalExecutor(), stages=STAGES[:-1], log=lambda *_: None)
-    a = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
-    b = pq.read_table(local.run_path / "reports" / "samples.parquet").to_pandas()
+    run_stages(local, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
+    a = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
+    b = pq.read_table(local.run_path / "report" / "samples.parquet").to_pandas()
     assert (a.group_id.fillna(-1) == b.group_id.fillna(-1)).all()
     chunked = {n: pq.read_table(local.run_path / "group" / n) for n in ("rows.parquet", "edges.parquet")}
     assert chunked["edges.parquet"].num_rows > 7 * 3
     (local.run_path / "group" / "_done" / "group.json").unlink()
     monkeypatch.setattr(group, "CHUNK", 10**9)
-    run_pipeline(local, LocalExecutor(), stages=("group",), log=lambda *_: None)
+    run_stages(local, LocalExecutor(), stages=("group",), log=lambda *_: None)
     for name, table in chunked.items():
         assert table.equals(pq.read_table(local.run_path / "group" / name)), name
     # deterministic reports: same pairs and groups, whatever executed them
     for name in ("pairs.parquet", "groups.parquet", "histogram.parquet"):
-        ta = pq.read_table(cfg.run_path / "reports" / name).to_pandas()
-        tb = pq.read_table(local.run_path / "reports" / name).to_pandas()
+        ta = pq.read_table(cfg.run_path / "report" / name).to_pandas()
+        tb = pq.read_table(local.run_path / "report" / name).to_pandas()
         assert ta.drop(columns=[c for c in ta if "similarity" in c]).equals(
             tb.drop(columns=[c for c in tb if "similarity" in c])), name
     for name in ("00000", "00001"):
@@ -138,7 +139,7 @@ def test_keys_stay_aligned_with_vectors_through_repartitioning(ray_run, ray_exec
     every key must still get its own image's vector."""
     cfg, _, _ = ray_run
     odd = make_config(tmp_path, cfg.input.path, embed={"batch_size": 7, "actors": 2})
-    run_pipeline(odd, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
+    run_stages(odd, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
     for name in ("00000", "00001"):
         meta_a = pq.read_table(cfg.run_path / "embed" / "metadata" / f"metadata_{name}.parquet").to_pandas()
         meta_b = pq.read_table(odd.run_path / "embed" / "metadata" / f"metadata_{name}.parquet").to_pandas()
@@ -150,14 +151,14 @@ def test_keys_stay_aligned_with_vectors_through_repartitioning(ray_run, ray_exec
 
 def test_lost_shard_output_is_redone_and_downstream_recomputed(ray_run, ray_executor):
     cfg, _, _ = ray_run
-    before = pq.read_table(cfg.run_path / "reports" / "samples.parquet")
+    before = pq.read_table(cfg.run_path / "report" / "samples.parquet")
     (cfg.run_path / "embed" / "img_emb" / "img_emb_00001.npy").unlink()   # a lost output file
     (cfg.run_path / "search" / ".00000.parquet.dead.tmp").write_bytes(b"partial")  # a killed write
-    stats = run_pipeline(cfg, ray_executor, log=lambda *_: None)
+    stats = run_stages(cfg, ray_executor, log=lambda *_: None)
     assert stats["embed"]["shards"] == 1                   # only the damaged shard is re-embedded
     assert stats["search"]["shards"] == 2                  # the rebuilt index invalidates all searches
     assert not (cfg.run_path / "search" / ".00000.parquet.dead.tmp").exists()
-    assert before.equals(pq.read_table(cfg.run_path / "reports" / "samples.parquet"))
+    assert before.equals(pq.read_table(cfg.run_path / "report" / "samples.parquet"))
 
 
 def test_exact_copies_are_embedded_once_and_share_the_vector(ray_run):
@@ -180,7 +181,7 @@ def test_exact_copies_are_embedded_once_and_share_the_vector(ray_run):
 def test_hf_parquet_export_embeds_the_original_image_bytes(ray_run):
     import json as _json
     cfg, _, _ = ray_run
-    samples = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    samples = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     kept = samples[(samples.status == "ok") & ~samples.is_duplicate.fillna(True).astype(bool)]
     parts = sorted((cfg.run_path / "export" / "hf").glob("*.parquet"))
     table = pq.read_table(parts[0])
@@ -203,7 +204,7 @@ def test_html_report_renders_in_headless_chromium(ray_run, tmp_path):
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.skip("Debian's chromium is not installed (make test installs it where apt can)")
-    page = cfg.run_path / "reports" / "index.html"
+    page = cfg.run_path / "report" / "index.html"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
              "--virtual-time-budget=5000"]
@@ -211,14 +212,14 @@ def test_html_report_renders_in_headless_chromium(ray_run, tmp_path):
     body = re.search(r'<body data-images="(\d+)" data-loaded="(\d+)"', dom)
     assert body, "the page's load handler did not run"
     assert int(body.group(1)) > 20 and body.group(1) == body.group(2)      # every thumbnail decoded
-    groups = pq.read_table(cfg.run_path / "reports" / "groups.parquet").num_rows
+    groups = pq.read_table(cfg.run_path / "report" / "groups.parquet").num_rows
     assert dom.count('class="group"') == min(groups, 40) > 0
     assert 'id="borderline"' in dom
     shot = tmp_path / "report.png"
     subprocess.run([exe, *flags, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 20_000
-    top = pq.read_table(cfg.run_path / "reports" / "top_groups.parquet").to_pandas()
+    top = pq.read_table(cfg.run_path / "report" / "top_groups.parquet").to_pandas()
     assert top["size"].is_monotonic_decreasing and set(top.columns) >= {"representative_key", "size", "url", "caption"}
 
 

@@ -1,6 +1,7 @@
 import numpy as np
 
-from pipeline import group
+from dedup2b.lib.unionfind import exact_edges
+from dedup2b.stages import group
 
 
 class _Store:
@@ -25,7 +26,7 @@ def test_components_and_representative_rule():
 
 
 def test_exact_edges_link_equal_hashes():
-    a, b = group.exact_edges(np.array(["x", "y", "x", "x"], dtype=object))
+    a, b = exact_edges(np.array(["x", "y", "x", "x"], dtype=object))
     assert sorted(zip(a.tolist(), b.tolist())) == [(0, 2), (0, 3)]
 
 
@@ -36,9 +37,9 @@ def test_chaining_guard_splits_a_chain():
     gids = np.arange(6)
     a, b = np.arange(5), np.arange(1, 6)
     rank = np.arange(6)                              # node 0 is the preferred representative
-    rep, sim = group.group(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.0)
+    rep, sim = group.group_nodes(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.0)
     assert len(set(rep.tolist())) == 1               # no guard: one chained component
-    rep, sim = group.group(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.9)
+    rep, sim = group.group_nodes(gids, rank, lambda: [(a, b)], _Store(vecs), guard=0.9)
     assert len(set(rep.tolist())) > 1
     assert np.all(sim >= 0.9)                        # every member close to its representative
     assert rep[0] == 0 and rep[1] == 0
@@ -58,8 +59,8 @@ def test_chunked_edges_give_the_same_groups_and_nearest_neighbours():
 
     def chunks(size):
         return lambda: [(a[i:i + size], b[i:i + size]) for i in range(0, len(a), size)]
-    whole = group.group(gids, rank, chunks(len(a)), _GidStore(gids, vecs), 0.93)
-    parts = group.group(gids, rank, chunks(5), _GidStore(gids, vecs), 0.93)
+    whole = group.group_nodes(gids, rank, chunks(len(a)), _GidStore(gids, vecs), 0.93)
+    parts = group.group_nodes(gids, rank, chunks(5), _GidStore(gids, vecs), 0.93)
     assert len(set(whole[0].tolist())) > 12            # the guard split components
     np.testing.assert_array_equal(whole[0], parts[0])
     np.testing.assert_array_equal(whole[1], parts[1])
@@ -113,8 +114,8 @@ def test_caption_aware_duplicates(tmp_path):
     from PIL import Image
 
     from conftest import make_config
-    from pipeline.executor import LocalExecutor
-    from pipeline.pipeline import run_pipeline
+    from dedup2b.core.executor import LocalExecutor
+    from dedup2b.driver import run_stages
 
     assert group.normalize_text("  What  COLOUR is\tthe cat?\u00a0") == "what colour is the cat?"
     buf = io.BytesIO()
@@ -136,10 +137,10 @@ def test_caption_aware_duplicates(tmp_path):
     groups = {}
     for mode in ("image", "image+text"):
         cfg = make_config(tmp_path / mode.replace("+", "_"), folder, group={"duplicate_key": mode})
-        run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
-        s = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas().set_index("key")
+        run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+        s = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas().set_index("key")
         groups[mode] = s.group_id
-        assert json.loads((cfg.run_path / "reports" / "summary.json").read_text())["invariant_holds"]
+        assert json.loads((cfg.run_path / "report" / "summary.json").read_text())["invariant_holds"]
     assert groups["image"].nunique() == 1                               # one picture, four rows
     t = groups["image+text"]
     assert t["a"] == t["b"] == t["d"] and t["c"] != t["a"]              # same normalised text only

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import demo
-from pipeline.executor import LocalExecutor
-from pipeline.pipeline import run_pipeline
+from dedup2b import demo
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.driver import run_stages
 
 from conftest import make_config
 
@@ -69,8 +69,8 @@ def test_img2dataset_output_through_the_pipeline(tmp_path, http_server):
                    check=True, env=env, timeout=300, capture_output=True)
     assert (out / "00000.tar").exists() and (out / "00000.parquet").exists()
     cfg = make_config(tmp_path, out)
-    run_pipeline(cfg, LocalExecutor(), log=lambda *_: None)
-    s = pq.read_table(cfg.run_path / "reports" / "samples.parquet").to_pandas()
+    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    s = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     assert len(s) == len(urls)
     assert (s.status == "failed").sum() == 1 and s.loc[s.status == "failed", "url"].iloc[0].endswith("missing.jpg")
     ok = s[s.status == "ok"]

@@ -6,11 +6,11 @@ import faiss
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import demo
-from pipeline.config import from_dict
-from pipeline.crossindex import TargetError
-from pipeline.executor import LocalExecutor
-from pipeline.pipeline import run_pipeline
+from dedup2b import demo
+from dedup2b.core.config import from_dict
+from dedup2b.lib.registry import TargetError
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.driver import run_stages
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,10 @@ def _kept(root, rule, name):
 def _runs(root, shards, rule):
     ex = LocalExecutor()
     quiet = dict(log=lambda *_: None)
-    run_pipeline(_cfg(root, shards, "all", rule), ex, **quiet)
-    run_pipeline(_cfg(root, root / "a", "inc1", rule), ex, **quiet)
+    run_stages(_cfg(root, shards, "all", rule), ex, **quiet)
+    run_stages(_cfg(root, root / "a", "inc1", rule), ex, **quiet)
     before = (root / rule / "inc1" / "export" / "keep.parquet").read_bytes()
-    stats = run_pipeline(_cfg(root, root / "b", "inc2", rule, against=str(root / rule / "idx" / "inc1")), ex, **quiet)
+    stats = run_stages(_cfg(root, root / "b", "inc2", rule, against=str(root / rule / "idx" / "inc1")), ex, **quiet)
     return before, stats
 
 
@@ -52,15 +52,15 @@ def test_two_increments_keep_exactly_the_all_at_once_rows(parts):
     assert (root / "first" / "inc1" / "export" / "keep.parquet").read_bytes() == before
     assert stats["group"]["earlier_groups_grown"] > 0 and stats["group"]["rows_joining_earlier_groups"] > 0
     idx = root / "first" / "idx" / "inc1"
-    registry = pq.read_table(idx / "registry.parquet")
-    assert registry.num_rows == faiss.read_index(str(idx / "index.faiss")).ntotal
-    all_ok = pq.read_table(root / "first" / "all" / "reports" / "samples.parquet").to_pandas()
+    registry = pq.read_table(idx / "registry" / "registry.parquet")
+    assert registry.num_rows == faiss.read_index(str(idx / "registry" / "index.faiss")).ntotal
+    all_ok = pq.read_table(root / "first" / "all" / "report" / "samples.parquet").to_pandas()
     assert registry.num_rows == int((all_ok.status == "ok").sum())
     # grown groups: rows of the second increment sit in groups whose representative is an earlier row
-    s2 = pq.read_table(root / "first" / "inc2" / "reports" / "samples.parquet").to_pandas()
-    s1 = pq.read_table(root / "first" / "inc1" / "reports" / "samples.parquet").to_pandas()
+    s2 = pq.read_table(root / "first" / "inc2" / "report" / "samples.parquet").to_pandas()
+    s1 = pq.read_table(root / "first" / "inc1" / "report" / "samples.parquet").to_pandas()
     assert s2.representative_key.isin(set(s1.key)).sum() == stats["group"]["rows_joining_earlier_groups"]
-    summary = json.loads((root / "first" / "inc2" / "reports" / "summary.json").read_text())
+    summary = json.loads((root / "first" / "inc2" / "report" / "summary.json").read_text())
     assert summary["rows_joining_earlier_groups"] == stats["group"]["rows_joining_earlier_groups"]
     assert summary["invariant_holds"]
     # the same partition into groups as the all-at-once run
@@ -70,9 +70,9 @@ def test_two_increments_keep_exactly_the_all_at_once_rows(parts):
 
     # a rerun of the increment is a no-op: the registry and index are not extended twice
     ex = LocalExecutor()
-    run_pipeline(_cfg(root, root / "b", "inc2", "first", against=str(idx)), ex, log=lambda *_: None)
-    assert pq.read_table(idx / "registry.parquet").num_rows == registry.num_rows
-    assert faiss.read_index(str(idx / "index.faiss")).ntotal == registry.num_rows
+    run_stages(_cfg(root, root / "b", "inc2", "first", against=str(idx)), ex, log=lambda *_: None)
+    assert pq.read_table(idx / "registry" / "registry.parquet").num_rows == registry.num_rows
+    assert faiss.read_index(str(idx / "registry" / "index.faiss")).ntotal == registry.num_rows
 
 
 def test_quality_rule_keeps_one_row_per_group_and_never_touches_earlier_rows(parts):
@@ -85,11 +85,11 @@ def test_quality_rule_keeps_one_row_per_group_and_never_touches_earlier_rows(par
 def test_an_increment_must_continue_the_shard_numbering(parts, tmp_path):
     root, shards = parts
     idx = root / "first" / "idx" / "inc1"
-    if not (idx / "registry.parquet").exists():
-        run_pipeline(_cfg(root, root / "a", "inc1", "first"), LocalExecutor(), log=lambda *_: None)
+    if not (idx / "registry" / "registry.parquet").exists():
+        run_stages(_cfg(root, root / "a", "inc1", "first"), LocalExecutor(), log=lambda *_: None)
     with pytest.raises(TargetError, match="shard numbers"):
-        run_pipeline(from_dict({"input": {"path": str(root / "a")}, "run_dir": str(tmp_path / "again"),
+        run_stages(from_dict({"input": {"path": str(root / "a")}, "run_dir": str(tmp_path / "again"),
                                 "against": str(idx)}), LocalExecutor(), log=lambda *_: None)
     with pytest.raises(TargetError, match="no registry"):
-        run_pipeline(from_dict({"input": {"path": str(root / "b")}, "run_dir": str(tmp_path / "x"),
+        run_stages(from_dict({"input": {"path": str(root / "b")}, "run_dir": str(tmp_path / "x"),
                                 "against": str(tmp_path)}), LocalExecutor(), log=lambda *_: None)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
+from dedup2b.sources import img2dataset as ingest
 
 
 def test_demo_shards_ingest(demo_corpus):

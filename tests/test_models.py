@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import images
-from pipeline.models import Embedder, build_model, parse_spec, preprocess_for
+from dedup2b.lib import images
+from dedup2b.lib.models import Embedder, build_model, parse_spec, preprocess_for
 
 
 def _photo(name):

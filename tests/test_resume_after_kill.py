@@ -35,6 +35,6 @@ def test_killed_driver_resumes_to_identical_reports(demo_corpus, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[embed] shards=1" in again.stdout            # only the unfinished shard is redone
     for name in ("samples.parquet", "pairs.parquet", "groups.parquet"):
-        a = pq.read_table(tmp_path / "clean" / "reports" / name)
-        b = pq.read_table(killed / "reports" / name)
+        a = pq.read_table(tmp_path / "clean" / "report" / name)
+        b = pq.read_table(killed / "report" / name)
         assert a.equals(b), name

@@ -3,9 +3,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import index, search
-from pipeline.synthetic import clip_like, exhaustive_pairs
-from pipeline.vectors import VectorStore, emb_path, meta_path
+from dedup2b.lib import codec as index
+
+from dedup2b.stages import search
+from bench.corpora import clip_like, exhaustive_pairs
+from dedup2b.core.vectors import VectorStore, emb_path, meta_path
 
 
 def _embed_dir(tmp_path, x, shards=2):
@@ -80,7 +82,7 @@ def test_growing_knn_gives_the_range_search_candidates(tmp_path):
 
 def test_vector_gather_in_any_order_equals_the_stored_rows(tmp_path, monkeypatch):
     """VectorStore.get converts fp16 rows a chunk at a time, ascending or not, across shards."""
-    from pipeline import vectors
+    from dedup2b.core import vectors
     monkeypatch.setattr(vectors, "GATHER_CHUNK", 7)          # many chunks, and a ragged last one
     x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
     store, gids = _embed_dir(tmp_path, x, shards=3)

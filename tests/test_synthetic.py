@@ -1,8 +1,8 @@
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.synthetic import write_clip_like
-from pipeline.vectors import VectorStore
+from bench.corpora import write_clip_like
+from dedup2b.core.vectors import VectorStore
 
 
 def _load(root, names):

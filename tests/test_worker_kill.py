@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 
-from pipeline import index
-from pipeline.config import CodecConfig, SearchConfig
-from pipeline.executor import LocalExecutor
-from pipeline.search import SearchJob, pair_files, search
-from pipeline.synthetic import clip_like, write_corpus
-from pipeline.vectors import VectorStore
+from dedup2b.lib import codec as index
+from dedup2b.core.config import CodecConfig, SearchConfig
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.stages.search import SearchJob, find_pairs, pair_files
+from bench.corpora import clip_like, write_corpus
+from dedup2b.core.vectors import VectorStore
 
 
 def _pairs(out):
@@ -43,17 +43,17 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
     shards = dict(enumerate(names))
     store = VectorStore(tmp_path / "embed", shards)
     counts = {i: len(store.shard(i)[0]) for i in shards}
-    index.build_all(store, counts, CodecConfig(train_size=20000), tmp_path / "index", "fp", "syn", cells=64, proj_dim=64)
+    index.train_all(store, counts, CodecConfig(train_size=20000), tmp_path / "index", "fp", "syn", cells=64, proj_dim=64)
 
     def job(out):
         return SearchJob(tmp_path / "embed", shards, tmp_path / "index", out,
                          SearchConfig(threshold=0.95, cells_per_task=4), "fp", "fp-s")
-    search(job(tmp_path / "plain"), LocalExecutor())
+    find_pairs(job(tmp_path / "plain"), LocalExecutor())
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first, args=("ray::_call_with_env", stop, killed))
     killer.start()
     try:
-        search(job(tmp_path / "killed"), ray_executor)
+        find_pairs(job(tmp_path / "killed"), ray_executor)
     finally:
         stop.set()
         killer.join()
@@ -63,16 +63,16 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
 
 def test_embed_survives_a_killed_model_actor(tmp_path, demo_corpus, ray_executor):
     from conftest import make_config
-    from pipeline.pipeline import run_pipeline
+    from dedup2b.driver import run_stages
     _, shards = demo_corpus
     plain = make_config(tmp_path / "plain", shards)
-    run_pipeline(plain, LocalExecutor(), stages=("ingest", "embed"), log=lambda *_: None)
+    run_stages(plain, LocalExecutor(), stages=("ingest", "embed"), log=lambda *_: None)
     cfg = make_config(tmp_path / "killed", shards)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first, args=("MapBatches(EmbedActor)", stop, killed, 2.0))
     killer.start()
     try:
-        run_pipeline(cfg, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
+        run_stages(cfg, ray_executor, stages=("ingest", "embed"), log=lambda *_: None)
     finally:
         stop.set()
         killer.join()

@@ -20,11 +20,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import celljoin
-from . import index as index_mod
-from .config import SearchConfig
-from .io import Marker, write_parquet
-from .vectors import VectorStore
+from ..core.config import SearchConfig
+from ..core.io import Marker, write_parquet
+from ..core.run import Run
+from ..core.vectors import VectorStore
+from ..lib import celljoin
+from ..lib import codec as index_mod
+from ..lib import registry
+
+NAME = "search"
+FIELDS = ("input", "embed.model", "codec", "search", "against", "decontaminate")
 
 _CACHE: dict = {}
 
@@ -251,15 +256,14 @@ def pq_shard(args: tuple) -> dict:
 
 
 def run_pq(job: SearchJob, ex) -> dict:
-    store = job.store()
-    index_mod.ensure_ivfpq(job.index_dir, store, {i: len(store.shard(i)[0]) for i in sorted(job.shards)})
     todo = [(job, i) for i in sorted(job.shards) if not job.done(f"pq-{job.shards[i]}")]
     results = ex.map(pq_shard, todo, desc="search: pq", num_cpus=1)
     return {"shards": len(todo), "candidates": sum(r["candidates"] for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results)}
 
 
-def search(job: SearchJob, ex) -> dict:
+def find_pairs(job: SearchJob, ex) -> dict:
+    """Every pair at or above the job's floor, by the configured method, resumable per unit."""
     t0 = time.time()
     for stale in (job.out_dir / "pairs").glob("*.parquet") if (job.out_dir / "pairs").exists() else []:
         prefix = "cells-" if job.cfg.method == "cells" else "pq-"
@@ -270,18 +274,38 @@ def search(job: SearchJob, ex) -> dict:
     return stats
 
 
-def run_stage(run, ex) -> dict:
-    from . import crossindex
-    job = SearchJob(run.dir("embed"), {s.index: s.name for s in run.shards}, run.dir("index"),
-                    run.dir("search"), run.cfg.search, run.cfg.fingerprint("index"),
-                    run.cfg.fingerprint("search"))
-    stats = search(job, ex)
-    cross = []
-    if run.cfg.against:          # incremental: new rows against the rows of earlier runs
-        cross.append(("against", Path(run.cfg.against)))
-    cross += [("leaks", Path(p)) for p in run.cfg.decontaminate.eval]   # rows against evaluation sets
-    for kind, folder in cross:
-        got = crossindex.search(run, ex, folder, kind, folder.name)
-        stats[f"{kind}_{folder.name}"] = got
-        stats["shards"] = stats.get("shards", 0) + got["shards"]
-    return stats
+def search_job(run: Run) -> SearchJob:
+    return SearchJob(run.embed_dir(), {s.index: s.name for s in run.shards}, run.dir("index"),
+                     run.dir(NAME), run.cfg.search, run.fingerprint("index"), run.fingerprint(NAME))
+
+
+def cross_targets(run: Run) -> list[tuple[str, Path]]:
+    """(kind, index folder) of the other runs' indexes this run is searched against: `against`
+    (incremental) and each evaluation set (decontamination)."""
+    cross = [("against", Path(run.cfg.against))] if run.cfg.against else []
+    return cross + [("leaks", Path(p)) for p in run.cfg.decontaminate.eval]
+
+
+def units(run: Run) -> list[Marker]:
+    job = search_job(run)
+    if job.cfg.method == "pq":
+        own = [f"pq-{s.name}" for s in run.shards]
+    else:
+        own = [f"assign-{s.name}" for s in run.shards]
+        centroids = job.index_dir / "centroids.npy"
+        if centroids.exists():
+            n_cells = len(np.load(centroids, mmap_mode="r", allow_pickle=False))
+            own += [f"cells-{lo:06d}" for lo in range(0, n_cells, job.cfg.cells_per_task)]
+    out = [run.marker(NAME, u) for u in own]
+    for kind, folder in cross_targets(run):
+        out += [Marker(run.cross_dir(kind), f"{folder.name}-{s.name}") for s in run.shards]
+    return out
+
+
+def run(run: Run, ex, stats: dict) -> dict:
+    out = find_pairs(search_job(run), ex)
+    for kind, folder in cross_targets(run):    # new rows against earlier runs' rows / evaluation sets
+        got = registry.cross_search(run, ex, folder, kind, folder.name)
+        out[f"{kind}_{folder.name}"] = got
+        out["shards"] = out.get("shards", 0) + got["shards"]
+    return out

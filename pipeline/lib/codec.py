@@ -1,11 +1,10 @@
-"""train + index: the cell-join codec, and a FAISS codec ([OPQ] -> IVF -> PQ, inner product)
-chosen by rule, trained once on a seeded sample, every vector added with its global id.
-Writes to the index folder:
-  projection.npy, centroids.npy   the cell-join codec (see celljoin.py)
+"""The codecs an index folder holds: the cell-join codec (projection + cells, see celljoin.py) and
+a FAISS IVF-PQ codec ([OPQ] -> IVF -> PQ, inner product) chosen by rule from the row count, the
+dimension and a bytes/vector budget, trained once on a seeded sample, every vector added with its
+global id. Files (written by their callers, see stages/index.py and stages/register.py):
+  projection.npy, centroids.npy   the cell-join codec
   codec.json       factory string, dimension, model spec, fingerprint, bytes per vector
-  index.faiss      the populated IVF-PQ index (read memory-mapped by search workers); built by the
-                   index stage for search.method pq, otherwise on first use (an incremental run or
-                   decontamination searching against this folder): the cell join does not need it
+  index.faiss      a populated IVF-PQ index (read memory-mapped by search workers)
 """
 from __future__ import annotations
 
@@ -15,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Marker, read_json, write_bytes, write_json, write_npy
-from .run import Run
-from .vectors import VectorStore
+from ..core.io import read_json, write_bytes, write_json, write_npy
+from ..core.vectors import VectorStore
 
 
-class IndexError_(RuntimeError):
+class IndexMismatch(RuntimeError):
     """The index on disk does not belong to this run (foreign or stale)."""
 
 
@@ -90,15 +88,17 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
     return index, {"train_s": round(train_s, 3), "train_rows": len(xt), "add_s": round(time.time() - t0 - train_s, 3)}
 
 
-def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
-              cells: int = 0, proj_dim: int = 128, ivfpq: bool = True) -> dict:
-    """Train and write what search needs: the cell-join codec, and the IVF-PQ index when `ivfpq`
-    (else only its codec is chosen and recorded; `ensure_ivfpq` builds it on first use)."""
+def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
+              cells: int = 0, proj_dim: int = 128, ivfpq: bool = True) -> tuple[dict, list[Path]]:
+    """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
+    IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
+    runs has it built from the registered rows on first use). Returns codec.json and the files."""
     from . import celljoin
+    out = Path(out)
     n = sum(counts.values())
     codec = choose_codec(n, store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq, c.bytes_per_vector)
     codec.update(train_size=c.train_size, seed=c.seed, model=model, fingerprint=fp, ntotal=0)
-    (Path(out) / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
+    (out / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
     files = []
     t0 = time.time()
     # cells: about sqrt(n); k-means takes 100 points a cell (see train_cells), the projection >= 20k
@@ -109,66 +109,32 @@ def build_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
     codec.update(cells=n_cells, proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3))
-    write_json(out / "codec.json", codec)
     if ivfpq:
-        codec = ensure_ivfpq(out, store, counts)
-    files.append(out / "codec.json")
-    Marker(out, "index").write(fp, files, rows=n)
-    return codec
+        codec = write_ivfpq(out / "index.faiss", store, counts, codec)
+        files.append(out / "index.faiss")
+    files.append(write_json(out / "codec.json", codec))
+    return codec, files
 
 
-def ensure_ivfpq(folder, store, counts: dict[int, int]) -> dict:
-    """The IVF-PQ index of `folder`, built from `store` with the codec recorded in codec.json if it
-    is not there yet (the cell join does not need it; `search.method: pq`, incremental runs and
-    decontamination do). Returns the updated codec.json."""
+def write_ivfpq(path: Path, store, counts: dict[int, int], codec: dict) -> dict:
+    """Build the IVF-PQ index of `codec` from `store`'s vectors and write it to `path`; returns
+    codec with its size and timings."""
     import faiss
-    folder = Path(folder)
-    codec = read_json(folder / "codec.json")
-    if (folder / "index.faiss").exists():
-        return codec
     index, timing = build(store, counts, codec, codec.get("seed", 0))
-    write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
-    codec.update(ntotal=int(index.ntotal), bytes_per_vector=int(faiss.extract_index_ivf(index).code_size) + 8,
-                 **timing)
-    write_json(folder / "codec.json", codec)
-    refresh_marker(folder)
-    return codec
-
-
-def refresh_marker(folder) -> None:
-    """Re-record the index stage's outputs after index.faiss / codec.json changed on purpose (built
-    on first use, or extended by an incremental run), so the stage stays done for its run."""
-    done = Marker(folder, "index")
-    info = done.read()
-    if info:
-        extra = {k: v for k, v in info.items() if k not in ("fingerprint", "outputs")}
-        done.write(info["fingerprint"], [Path(p) for p in info["outputs"]], **extra)
-
-
-def run_stage(run: Run) -> dict:
-    if not run.pending("index", ["index"]):
-        return {"skipped": True}
-    t0 = time.time()
-    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
-    counts = {s.index: Marker(run.dir("embed"), s.name).read()["rows"] for s in run.shards}
-    counts = {k: v for k, v in counts.items() if v}
-    if not counts:
-        raise RuntimeError("index: no embedded rows (every row failed?)")
-    codec = build_all(store, counts, run.cfg.codec, run.dir("index"), run.cfg.fingerprint("index"),
-                      run.cfg.embed.model, run.cfg.search.cells, run.cfg.search.proj_dim,
-                      ivfpq=run.cfg.search.method == "pq")
-    codec["seconds"] = round(time.time() - t0, 3)
-    return codec
+    write_bytes(path, faiss.serialize_index(index).tobytes())
+    return {**codec, "ntotal": int(index.ntotal), **timing,
+            "bytes_per_vector": int(faiss.extract_index_ivf(index).code_size) + 8}
 
 
 def check(folder, fingerprint: str | None = None) -> dict:
     """The codec.json of this product's index; refuses a foreign or stale index before it is read."""
+    folder = Path(folder)
     meta_path = folder / "codec.json"
     if not meta_path.exists():
-        raise IndexError_(f"{folder}: no codec.json; not an index built by dedup2b")
+        raise IndexMismatch(f"{folder}: no codec.json; not an index built by dedup2b")
     meta = read_json(meta_path)
     if fingerprint and meta.get("fingerprint") != fingerprint:
-        raise IndexError_(f"{folder}: index fingerprint {meta.get('fingerprint')} != this run's "
+        raise IndexMismatch(f"{folder}: index fingerprint {meta.get('fingerprint')} != this run's "
                           f"{fingerprint} (built with another model/codec/input); rebuild it")
     return meta
 
@@ -176,6 +142,7 @@ def check(folder, fingerprint: str | None = None) -> dict:
 def load(folder, fingerprint: str | None = None, mmap: bool = True):
     """Open this product's index (checked first, see `check`)."""
     import faiss
+    folder = Path(folder)
     meta = check(folder, fingerprint)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     return faiss.read_index(str(folder / "index.faiss"), flags), meta

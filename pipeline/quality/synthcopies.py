@@ -15,10 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
+from ..core.vectors import VectorStore
+from ..lib.images import decode, preprocess_bytes
 from .audit import wilson
-from .images import decode, preprocess_bytes
-from .ingest import read_images
-from .vectors import VectorStore
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 
@@ -50,20 +49,19 @@ def sample_rows(run, samples: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     # rows of the same group with the same bytes: flagged at any threshold (one shared vector)
     same = ok.groupby(["group_id", "sha256"])["gid"].size().rename("exact_copies") - 1
     rows = rows.join(same, on=["group_id", "sha256"])
-    members = pd.concat([pq.read_table(run.dir("ingest") / f"{s}.parquet", columns=["gid", "member"]).to_pandas()
-                         for s in run.shard_names()])
+    members = run.ingest_table(columns=["gid", "member"]).to_pandas()
     return rows.merge(members, on="gid", how="left").reset_index(drop=True)
 
 
 def copy_scores(run, rows: pd.DataFrame, src: np.ndarray, copies: int, seed: int, log=print) -> np.ndarray:
     """(rows x copies) cosine of each copy to its row's stored vector; rows with equal bytes share copies."""
-    from .models import Embedder
+    from ..lib.models import Embedder
     emb = Embedder(run.cfg.embed.model, threads=run.cfg.embed.threads)
     first = rows.drop_duplicates("sha256")
     images: dict[str, bytes] = {}
     for shard in run.shards:
         want = first[first["shard"] == shard.name]
-        images.update(read_images(str(shard.data), dict(zip(want["member"], want["sha256"]))))
+        images.update(run.source.read_images(shard, dict(zip(want["member"], want["sha256"]))))
     log(f"calibrate: embedding {copies} copies of {len(first)} distinct images with {run.cfg.embed.model}")
     pixels, owner = [], []
     for i, sha in enumerate(first["sha256"]):

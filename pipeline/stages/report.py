@@ -1,13 +1,14 @@
-"""report: the parquet reports, the histograms and summary.json (DESIGN.md §4).
+"""report: the parquet reports, the histograms, summary.json and the HTML report (DESIGN.md §4),
+all in the run's report/ folder.
 
-reports/samples.parquet    one row per input row: key, shard, row, url, caption, sha256, status,
+report/samples.parquet     one row per input row: key, shard, row, url, caption, sha256, status,
                            error, group_id, group_size, is_representative, is_duplicate,
                            representative_key, nearest_key, nearest_similarity
-reports/pairs.parquet      verified duplicate edges: key_a, key_b, similarity, kind (exact|near)
-reports/groups.parquet     groups of 2+ rows: group_id, size, representative_key, max/min_similarity
-reports/histogram.parquet  groups per group size; similarity.parquet: candidate-pair similarities
-reports/histogram.png      both, log-log sizes and the similarity distribution with the threshold
-reports/leaks.parquet      decontamination: eval_set, eval_key, key, url, caption, group_id, similarity
+report/pairs.parquet       verified duplicate edges: key_a, key_b, similarity, kind (exact|near)
+report/groups.parquet      groups of 2+ rows: group_id, size, representative_key, max/min_similarity
+report/histogram.parquet   groups per group size; similarity.parquet: candidate-pair similarities
+report/histogram.png       both, log-log sizes and the similarity distribution with the threshold
+report/leaks.parquet       decontamination: eval_set, eval_key, key, url, caption, group_id, similarity
 samples.parquet's removed_reason says why a row is not kept: duplicate, or eval_leak (its group
 holds a near duplicate of an evaluation row: the whole group goes)
 """
@@ -20,20 +21,24 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import crossindex, gallery
-from .io import parquet_writer, read_json, write_json, write_parquet
-from .run import Run
-from .search import pair_files
+from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
+from ..core.run import Run
+from ..lib import gallery, registry
+
+NAME = "report"
+FIELDS = ("input", "embed.model", "codec", "search", "group", "against", "decontaminate")
+
+
+def units(run: Run) -> list[Marker]:
+    return [run.marker(NAME, NAME)]
 
 
 def samples_table(run: Run) -> tuple[pd.DataFrame, pd.Series]:
     """One row per input row, and gid -> key (with the earlier runs' rows for an incremental run)."""
     names = run.shard_names()
-    ing = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet").to_pandas() for n in names],
-                    ignore_index=True)
-    failed = pd.concat([pq.read_table(run.dir("embed") / "failed" / f"{n}.parquet").to_pandas()
-                        for n in names], ignore_index=True)
-    rows = pq.read_table(run.dir("group") / "rows.parquet").to_pandas()
+    ing = pd.concat([pq.read_table(run.ingest_file(n)).to_pandas() for n in names], ignore_index=True)
+    failed = pd.concat([pq.read_table(run.failed_file(n)).to_pandas() for n in names], ignore_index=True)
+    rows = pq.read_table(run.group_rows_file()).to_pandas()
     if len(failed):
         err = ing["gid"].map(failed.set_index("gid")["error"])
         ing.loc[err.notna(), "status"] = "failed"
@@ -50,7 +55,7 @@ def samples_table(run: Run) -> tuple[pd.DataFrame, pd.Series]:
     df["representative_key"] = df["group_id"].map(key_of)
     df["nearest_key"] = df["nearest_gid"].map(key_of)
     # decontamination: a row near an evaluation item leaks it; its whole group is removed
-    leaked = set(crossindex.pairs(run, "leaks")["gid"].to_pylist())
+    leaked = set(registry.pairs(run, "leaks")["gid"].to_pylist())
     df["is_leak"] = (ok & df["gid"].isin(leaked)).astype("boolean")
     df.loc[~ok, "is_leak"] = pd.NA
     leak_groups = set(df.loc[df["is_leak"].fillna(False).astype(bool), "group_id"].dropna())
@@ -67,7 +72,7 @@ def all_keys(run: Run, key_of: pd.Series) -> pd.Series:
     """gid -> key of this run's rows and, for an incremental run, of the earlier runs' rows."""
     if not run.cfg.against:
         return key_of
-    reg = crossindex.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
+    reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
     return pd.concat([key_of, reg.set_index("gid")["key"]])
 
 
@@ -76,8 +81,8 @@ def leaks_table(run: Run, df: pd.DataFrame) -> pd.DataFrame:
     parts = []
     for folder in run.cfg.decontaminate.eval:
         folder = Path(folder)
-        got = crossindex.pairs(run, "leaks", folder.name).to_pandas()
-        reg = crossindex.Target(folder, run.cfg.embed.model, run.root).registry.set_index("gid")
+        got = registry.pairs(run, "leaks", folder.name).to_pandas()
+        reg = registry.Target(folder, run.cfg.embed.model, run.root).registry.set_index("gid")
         parts.append(pd.DataFrame({"eval_set": folder.name, "eval_key": got["other_gid"].map(reg["key"]),
                                    "gid": got["gid"], "similarity": got["similarity"]}))
     cols = ["eval_set", "eval_key", "key", "url", "caption", "group_id", "similarity"]
@@ -167,7 +172,7 @@ def _candidates(run: Run, lo: float, threshold: float, band: float):
     n = 0
     above = below = pd.DataFrame({"gid_a": np.zeros(0, np.int64), "gid_b": np.zeros(0, np.int64),
                                   "similarity": np.zeros(0, np.float32)})
-    for path in pair_files(run.dir("search")):
+    for path in run.pair_files():
         for batch in pq.ParquetFile(path).iter_batches(1_000_000, columns=["gid_a", "gid_b", "similarity"]):
             t = batch.to_pandas()
             counts += np.histogram(t["similarity"].to_numpy(), bins=bins)[0]
@@ -178,15 +183,15 @@ def _candidates(run: Run, lo: float, threshold: float, band: float):
     return n, counts, bins, pd.concat([above, below], ignore_index=True)
 
 
-def run_stage(run: Run, stage_stats: dict) -> dict:
+def run(run: Run, ex, stage_stats: dict) -> dict:
     """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases)."""
-    out = run.root / "reports"
+    out = run.report_dir()
     cfg = run.cfg
     df, key_of = samples_table(run)
     write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
     ok = df[df["status"] == "ok"]
     grouped = ok.dropna(subset=["group_id"])
-    n_pairs, max_sim = _pairs_report(run.dir("group") / "edges.parquet", out / "pairs.parquet", key_of,
+    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
                                      grouped.set_index("gid")["group_id"])
     multi = grouped[grouped["group_size"] > 1]
     groups = multi.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"))
@@ -237,15 +242,12 @@ def run_stage(run: Run, stage_stats: dict) -> dict:
     }
     if not summary["invariant_holds"]:
         raise AssertionError(f"invariant broken: input {n_in} != kept {kept} + removed {removed} + failed {n_failed}")
-    from .calibrate import summary_entry   # after `dedup2b calibrate`: the threshold's estimated precision
-    if (cal := summary_entry(out, cfg.search.threshold, cfg.embed.model)) is not None:
-        summary["calibration"] = cal
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
     near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
                          "similarity": near["similarity"]})
     gallery.write(run, df, groups, near, summary, cfg.search.threshold, leaks=leaks)
-    path = write_json(out / "summary.json", summary)
-    run.marker("report", "report").write(cfg.fingerprint("report"), [path], rows=n_in)
+    path = write_json(run.summary_file(), summary)
+    run.marker(NAME, NAME).write(run.fingerprint(NAME), [path], rows=n_in)
     return summary

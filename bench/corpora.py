@@ -15,7 +15,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _owners(rng, n_src: int, n_dup: int, max_group: int, tail: float) -> np.ndarray:
+def group_owners(rng, n_src: int, n_dup: int, max_group: int, tail: float) -> np.ndarray:
     """The source of each duplicate row: Zipf group sizes (most 1-3 copies, a few of thousands)."""
     sizes = np.minimum(rng.zipf(tail, n_dup), max_group)
     owners = np.repeat(rng.choice(n_src, len(sizes)), sizes)[:n_dup]
@@ -28,7 +28,7 @@ def _write_meta(out, shard: int, rows: int) -> np.ndarray:
     """metadata/metadata_NNNNN.parquet (key, gid) of one synthetic shard; returns its gids."""
     import pyarrow as pa
 
-    from .io import write_parquet
+    from dedup2b.core.io import write_parquet
     name = f"{shard:05d}"
     gids = (np.int64(shard) << 32) | np.arange(rows, dtype=np.int64)
     write_parquet(out / "metadata" / f"metadata_{name}.parquet",
@@ -52,7 +52,7 @@ def clip_like(n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed:
     # duplicates: Zipf group sizes (most 1-3 copies, a few of thousands), copies at cosine
     # ~0.97-0.999 from their source
     n_dup = n - n_src
-    owners = _owners(rng, n_src, n_dup, max_group, tail)
+    owners = group_owners(rng, n_src, n_dup, max_group, tail)
     noise = rng.uniform(0.03, 0.25, (n_dup, 1)) * _unit(rng.standard_normal((n_dup, d)))
     dups = _unit(src[owners] + noise)
     x = np.concatenate([src, dups]).astype(np.float32)
@@ -81,7 +81,7 @@ def write_corpus(out, x: np.ndarray, source: np.ndarray, rows_per_shard: int = 1
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .io import write_npy
+    from dedup2b.core.io import write_npy
     out = Path(out)
     names, gids_all = [], []
     for s, start in enumerate(range(0, len(x), rows_per_shard)):
@@ -122,7 +122,7 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
     topics = rng.standard_normal((n_topics, rank)).astype(np.float32)
     topic_of = rng.integers(0, n_topics, n_src)
     n_dup = n - n_src
-    owners = _owners(rng, n_src, n_dup, max_group, tail)
+    owners = group_owners(rng, n_src, n_dup, max_group, tail)
     scale = rng.uniform(0.03, 0.25, n_dup).astype(np.float32)
     perm = rng.permutation(n)                 # output row p holds generated row perm[p]
     pos = np.empty(n, np.int64)

@@ -19,7 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .ingest import SCHEMA, InputError, Shard, content_uid, make_gid
+from .base import SCHEMA, InputError, Shard, content_uid, make_gid
+
+FORMAT = "embeddings"
+HAS_IMAGES = False    # vectors only: nothing to decode, nothing to copy on export
 
 _NPY_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 CHUNK = 65536
@@ -87,7 +90,9 @@ def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tupl
     return unit, ok, errors
 
 
-def ingest_shard(shard: Shard, renormalize: bool, tolerance: float) -> pa.Table:
+def ingest_shard(shard: Shard, cfg) -> pa.Table:
+    """`cfg`: the run's InputConfig (renormalize, norm_tolerance)."""
+    renormalize, tolerance = cfg.renormalize, cfg.norm_tolerance
     meta = pq.read_table(shard.parquet)
     x = open_vectors(shard)
     if meta.num_rows != len(x):
@@ -109,8 +114,9 @@ def ingest_shard(shard: Shard, renormalize: bool, tolerance: float) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def unit_vectors(shard: Shard, ok_rows: np.ndarray, renormalize: bool, tolerance: float) -> np.ndarray:
+def unit_vectors(shard: Shard, ok_rows: np.ndarray, cfg) -> np.ndarray:
     """fp16 unit vectors of the ok rows, read chunk by chunk from the memory-mapped npy."""
+    renormalize, tolerance = cfg.renormalize, cfg.norm_tolerance
     x = open_vectors(shard)
     parts = []
     for s in range(0, len(x), CHUNK):

@@ -1,12 +1,12 @@
 """The pair audit: sample flagged pairs, re-check them, report precision with a Wilson 95 % interval.
 
-vectors  up to `pairs` near-duplicate pairs from reports/pairs.parquet, drawn uniformly (seeded);
+vectors  up to `pairs` near-duplicate pairs from report/pairs.parquet, drawn uniformly (seeded);
          each pair's cosine is recomputed from the stored vectors; confirmed = still >= threshold.
 labels   with a labels file: a parquet of human labels, either key pairs
          (key_a, key_b, is_duplicate) or clusters (key, cluster: rows of one cluster are copies).
          Pair labels: precision over the labelled pairs the run flags (same group), recall over the
          labelled duplicates. Cluster labels: precision over the audit sample.
-The sample is written to reports/audit_pairs.parquet (key_a, key_b, similarity, recheck,
+The sample is written to calibration/audit_pairs.parquet (key_a, key_b, similarity, recheck,
 is_duplicate): fill is_duplicate by hand and pass the file back as --labels.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import write_parquet
+from ..core.io import write_parquet
 
 # fp16 vectors stored, fp32 products: a pair verified at the threshold may recompute a hair below it
 TOLERANCE = 1e-3
@@ -55,10 +55,11 @@ def read_labels(path) -> pd.DataFrame:
                      f"or key, cluster (cluster labels); found {sorted(cols)}")
 
 
-def run_audit(reports: Path, samples: pd.DataFrame, store, threshold: float, pairs: int, seed: int,
+def run_audit(pairs_file: Path, out_dir: Path, samples: pd.DataFrame, store, threshold: float, pairs: int, seed: int,
               labels=None) -> tuple[list[dict], dict]:
-    """Audit rows for calibration.parquet and a summary dict; writes reports/audit_pairs.parquet."""
-    flagged = pq.read_table(reports / "pairs.parquet").to_pandas()
+    """Audit rows for calibration.parquet and a summary dict, from the report's pairs.parquet;
+    writes out_dir/audit_pairs.parquet."""
+    flagged = pq.read_table(pairs_file).to_pandas()
     gid = samples[samples["status"] == "ok"].set_index("key")["gid"]
     # near pairs between this run's rows (an incremental run also reports pairs with earlier runs' rows)
     flagged = flagged[(flagged["kind"] == "near") & flagged["key_a"].isin(gid.index)
@@ -80,7 +81,7 @@ def run_audit(reports: Path, samples: pd.DataFrame, store, threshold: float, pai
         r = rows[-1]
         out["labels"] = {"pairs": r["n"], "duplicates": r["confirmed"], "precision": _r(r["precision"]),
                          "ci95": [_r(r["precision_lo"]), _r(r["precision_hi"])], "recall": _r(r["recall"])}
-    write_parquet(reports / "audit_pairs.parquet", pa.Table.from_pandas(sample, preserve_index=False))
+    write_parquet(Path(out_dir) / "audit_pairs.parquet", pa.Table.from_pandas(sample, preserve_index=False))
     return rows, out
 
 

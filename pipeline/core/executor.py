@@ -10,7 +10,8 @@ embedded local Ray (bound to 127.0.0.1) or on the cluster at `address`.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -154,6 +155,17 @@ class RayExecutor:
                             num_cpus=0 if gpus else model_cpus, num_gpus=gpus)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
+    def node_counts(self) -> dict[str, int]:
+        """Shard tasks per node (by readable name) since the last call: the driver adds them to
+        each stage's stats (`tasks_by_node`)."""
+        names = self.node_names() if self.tasks_by_node else {}
+        out: dict[str, int] = {}
+        for counts in self.tasks_by_node.values():
+            for node, n in counts.items():
+                out[names.get(node, node)] = out.get(names.get(node, node), 0) + n
+        self.tasks_by_node = {}
+        return out
+
     def shutdown(self) -> None:
         import ray
         if self._started and ray.is_initialized():
@@ -197,12 +209,12 @@ def make_executor(kind: str, cfg: RayConfig | None = None):
     raise ValueError(f"executor {kind!r}: expected 'ray' or 'local'")
 
 
-def batched(items: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for x in items:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
+@contextmanager
+def open_executor(kind: str, cfg: RayConfig | None = None):
+    """An executor of `kind` for the length of a block, shut down at its end (error or not)."""
+    ex = make_executor(kind, cfg)
+    try:
+        yield ex
+    finally:
+        ex.shutdown()
+

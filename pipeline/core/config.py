@@ -40,8 +40,9 @@ class InputConfig:
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("input.path: required (a folder of img2dataset shards or embeddings)")
-        if self.format not in ("img2dataset", "embeddings"):
-            raise ConfigError(f"input.format: unknown format {self.format!r}; known: img2dataset, embeddings")
+        from ..sources import SOURCES
+        if self.format not in SOURCES:
+            raise ConfigError(f"input.format: unknown format {self.format!r}; known: {', '.join(SOURCES)}")
 
 
 @dataclass
@@ -161,7 +162,7 @@ class RayConfig:
 
 @dataclass
 class DecontaminateConfig:
-    eval: list[str] = field(default_factory=list)   # index folders of evaluation sets (see crossindex.py)
+    eval: list[str] = field(default_factory=list)   # index folders of evaluation sets (see lib/registry.py)
 
     def validate(self) -> None:
         if isinstance(self.eval, str):
@@ -175,7 +176,8 @@ class DecontaminateConfig:
 class RunConfig:
     input: InputConfig = field(default_factory=InputConfig)
     run_dir: str = ""
-    index_dir: str = ""          # default: <run_dir>/index
+    index_dir: str = ""          # the run's index folder; the CLI, jobs and API default it to
+                                 # indexes/<run name> (resolve_paths); left empty: <run_dir>/index
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -215,29 +217,20 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    # Which config sections change each stage's outputs (a stage also inherits its inputs').
-    STAGE_FIELDS = {
-        "ingest": ("input",),
-        "embed": ("input", "embed.model"),
-        "index": ("input", "embed.model", "codec", "search.cells", "search.proj_dim"),
-        "search": ("input", "embed.model", "codec", "search", "against", "decontaminate"),
-        "group": ("input", "embed.model", "codec", "search", "group", "against", "decontaminate"),
-        "report": ("input", "embed.model", "codec", "search", "group", "against", "decontaminate"),
-        "export": ("input", "embed.model", "codec", "search", "group", "export", "against", "decontaminate"),
-    }
-
-    def stage_view(self, stage: str) -> dict[str, Any]:
+    def stage_view(self, fields: tuple[str, ...]) -> dict[str, Any]:
+        """The values of the dotted config fields a stage's outputs depend on."""
         full = self.to_dict()
         view: dict[str, Any] = {}
-        for name in self.STAGE_FIELDS[stage]:
+        for name in fields:
             node: Any = full
             for part in name.split("."):
                 node = node[part]
             view[name] = node
         return view
 
-    def fingerprint(self, stage: str) -> str:
-        blob = json.dumps(self.stage_view(stage), sort_keys=True).encode()
+    def fingerprint(self, fields: tuple[str, ...]) -> str:
+        """Hash of those fields' values: stored in a stage's done markers (see stages.STAGES' FIELDS)."""
+        blob = json.dumps(self.stage_view(fields), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -286,6 +279,67 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     return from_dict(apply_overrides(read_yaml(path), overrides or {}))
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: JSON where it parses (numbers, booleans, lists), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set FIELD=VALUE` items -> {dotted field: value}."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. search.threshold=0.9")
+        key, value = item.split("=", 1)
+        out[key] = parse_value(value)
+    return out
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The one rule every front door (CLI, Ray jobs, the Python API) applies, in place: relative
+    local paths are taken against `base`; run_dir defaults to base/reports/<input folder name>;
+    index_dir to base/indexes/<run name>. URLs (scheme://) are left to the caller."""
+    def local(p: str) -> str:
+        if p.startswith("file://"):
+            p = p[len("file://"):]
+        if "://" in p or not p:
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+    inp = data.setdefault("input", {}) or {}
+    data["input"] = inp
+    if inp.get("path"):
+        inp["path"] = local(inp["path"])
+    if not data.get("run_dir"):
+        data["run_dir"] = str(base / "reports" / (Path(inp.get("path") or "run").name or "run"))
+    data["run_dir"] = local(data["run_dir"])
+    if not data.get("index_dir"):
+        data["index_dir"] = str(base / "indexes" / Path(data["run_dir"]).name)
+    data["index_dir"] = local(data["index_dir"])
+    for key in ("against",):
+        if data.get(key):
+            data[key] = local(data[key])
+    dec = data.get("decontaminate") or {}
+    if dec.get("eval"):
+        dec["eval"] = [local(p) for p in ([dec["eval"]] if isinstance(dec["eval"], str) else dec["eval"])]
+    return data
+
+
+def build(config: str | Path | None = None, sets: list[str] | None = None, base: str | Path = ".",
+          overrides: dict[str, Any] | None = None, prepare=None) -> RunConfig:
+    """A RunConfig from an optional YAML file, --set items and named overrides (in that order of
+    precedence, lowest first), paths resolved against `base` (resolve_paths). `prepare(data)`, when
+    given, rewrites the raw dict first (the Ray jobs stage URL paths there)."""
+    data = read_yaml(config) if config else {}
+    apply_overrides(data, parse_sets(sets))
+    apply_overrides(data, overrides or {})
+    if prepare is not None:
+        prepare(data)
+    return from_dict(resolve_paths(data, Path(base).resolve()))
 
 
 def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -18,10 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def shard_name(index: int) -> str:
-    return f"{index:05d}"
-
-
 @contextmanager
 def _published(path: Path):
     """A temp name beside `path`; moved onto `path` when the block ends without error, else removed."""
@@ -102,6 +98,3 @@ class Marker:
             return False
         return all(Path(p).exists() and Path(p).stat().st_size == size
                    for p, size in info.get("outputs", {}).items())
-
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""ingest: img2dataset shards -> one table per shard with a stable key, a global id and a sha256.
+"""Input source: img2dataset shards -> one ingest table per shard, and the shards' images.
 
 Reads NNNNN.parquet (every row img2dataset tried, failed ones included) and NNNNN.tar
 (KEY.jpg|png|webp + KEY.txt + KEY.json). Writes ingest/NNNNN.parquet with one row per input row:
@@ -10,63 +10,17 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid
+
+FORMAT = "img2dataset"
+HAS_IMAGES = True     # the embed stage decodes them; export copies their original bytes
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SHARD_RE = re.compile(r"^(\d+)\.parquet$")
-
-SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("row", pa.int64()), ("gid", pa.int64()),
-    ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("member", pa.string()), ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-    ("nbytes", pa.int64()), ("uid", pa.string()),
-])
-
-
-def as_text(value) -> str | None:
-    """Captions and urls as str; bytes that are not UTF-8 are decoded with U+FFFD replacements."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", errors="replace")
-    return None if value is None else str(value)
-
-
-def content_uid(url, caption) -> str:
-    """A 128-bit content uid (hex) from url + caption: survives reordering and re-sharding."""
-    return hashlib.blake2b(f"{url}\t{caption}".encode(), digest_size=16).hexdigest()
-
-
-class InputError(ValueError):
-    """An input file is missing or malformed; the message names the file."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    name: str          # zero-padded, as the input names it
-    parquet: Path      # img2dataset's NNNNN.parquet, or clip-retrieval's metadata_NNNNN.parquet
-    data: Path         # img2dataset's NNNNN.tar, or clip-retrieval's img_emb_NNNNN.npy
-
-
-def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(head, copy) index pairs: every row whose hash equals an earlier row's, linked to the first
-    such row (stable: "first" follows the input order). Used to group exact copies and to embed
-    each distinct image once."""
-    order = np.argsort(sha, kind="stable")
-    s = sha[order]
-    start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
-    head = np.repeat(order[start], np.diff(np.r_[start, len(s)]))
-    keep = head != order
-    return head[keep], order[keep]
-
-
-def make_gid(shard_index: int, row: int) -> int:
-    return (shard_index << 32) | row
-
 
 def list_shards(folder: str | Path) -> list[Shard]:
     folder = Path(folder)
@@ -84,17 +38,6 @@ def list_shards(folder: str | Path) -> list[Shard]:
         raise InputError(f"{folder}: {', '.join(orphans)} without the .parquet sidecar img2dataset "
                          "writes; restore it or move the tar out of the input folder")
     return shards
-
-
-def check_unique_keys(tables: dict[str, pa.Table]) -> None:
-    """Keys identify rows in reports and keep-lists: the same key in two shards is an input error."""
-    seen: dict[str, str] = {}
-    for name, t in tables.items():
-        for key in t["key"].to_pylist():
-            if key in seen and seen[key] != name:
-                raise InputError(f"key {key!r} appears in shard {seen[key]} and shard {name}; "
-                                 "keys must be unique across the input")
-            seen[key] = name
 
 
 def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
@@ -115,7 +58,11 @@ def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
     return out
 
 
-def ingest_shard(shard: Shard) -> pa.Table:
+def validate(shards: list[Shard]) -> None:
+    """Per-shard problems surface as failed rows or an InputError while each shard is ingested."""
+
+
+def ingest_shard(shard: Shard, cfg=None) -> pa.Table:
     """The ingest table of one shard (pure: reads inputs, returns a table)."""
     if not shard.data.exists():
         raise InputError(f"{shard.data}: tar missing beside {shard.parquet.name}")
@@ -154,7 +101,12 @@ def ingest_shard(shard: Shard) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-def read_images(tar_path: str, wanted: dict[str, int]) -> list[tuple[int, bytes]]:
+def read_images(shard: Shard, wanted: dict) -> list[tuple[object, bytes]]:
+    """(value, image bytes) for the wanted member names of a shard (name -> value), in tar order."""
+    return read_tar_members(str(shard.data), wanted)
+
+
+def read_tar_members(tar_path: str, wanted: dict) -> list[tuple[object, bytes]]:
     """(value, image bytes) for the wanted member names (name -> value, e.g. a gid), in tar order."""
     out = []
     with tarfile.open(tar_path, "r:*") as tar:

@@ -56,3 +56,15 @@ class UnionFind:
         """Component label of every node: its component's smallest node index."""
         self.compress()
         return self.parent
+
+
+def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(head, copy) index pairs: every row whose hash equals an earlier row's, linked to the first
+    such row (stable: "first" follows the input order). Used to group exact copies and to embed
+    each distinct image once."""
+    order = np.argsort(sha, kind="stable")
+    s = sha[order]
+    start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]
+    head = np.repeat(order[start], np.diff(np.r_[start, len(s)]))
+    keep = head != order
+    return head[keep], order[keep]

@@ -25,13 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import crossindex
-from .ingest import exact_edges
-from .io import parquet_writer, write_parquet
-from .run import Run
-from .search import pair_files
-from .unionfind import UnionFind
-from .vectors import StoreUnion, VectorStore
+from ..core.io import Marker, parquet_writer, write_parquet
+from ..core.run import Run
+from ..core.vectors import StoreUnion, VectorStore, meta_path
+from ..lib import registry
+from ..lib.unionfind import UnionFind, exact_edges
+
+NAME = "group"
+FIELDS = ("input", "embed.model", "codec", "search", "group", "against", "decontaminate")
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
@@ -59,7 +60,7 @@ def normalize_text(text) -> str:
     return " ".join(unicodedata.normalize("NFKC", text or "").casefold().split())
 
 
-def group(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], store, guard: float,
+def group_nodes(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], store, guard: float,
           max_rounds: int = 50):
     """Labels (representative node index per node) and each node's similarity to its representative.
     `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass."""
@@ -96,7 +97,7 @@ class Edges:
     earlier runs' rows. Node indexes are positions in `gids`; node n + k is earlier group k."""
 
     def __init__(self, run: Run, gids: np.ndarray, texts: np.ndarray, exact: tuple, old: dict | None):
-        self.files = pair_files(run.dir("search"))
+        self.files = run.pair_files()
         self.threshold = run.cfg.search.threshold
         self.by_text = run.cfg.group.duplicate_key == "image+text"
         self.gids, self.texts, self.old = gids, texts, old
@@ -161,14 +162,18 @@ EDGE_SCHEMA = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similar
                          ("kind", pa.string())])
 
 
-def run_stage(run: Run) -> dict:
-    if not run.pending("group", ["group"]):
+def units(run: Run) -> list[Marker]:
+    return [run.marker(NAME, NAME)]
+
+
+def run(run: Run, ex, stats: dict) -> dict:
+    if not run.pending(NAME, [NAME]):
         return {"skipped": True}
     t0 = time.time()
     cfg = run.cfg
-    ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{n}.parquet") for n in run.shard_names()])
-    embedded = pa.concat_tables([pq.read_table(run.dir("embed") / "metadata" / f"metadata_{n}.parquet",
-                                               columns=["gid"]) for n in run.shard_names()])
+    ingest = run.ingest_table()
+    embedded = pa.concat_tables([pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])
+                                 for n in run.shard_names()])
     nodes = ingest.filter(pc.is_in(ingest["gid"], embedded["gid"])).sort_by("gid")
     gids = nodes["gid"].to_numpy()
     pixels = (nodes["width"].fill_null(0).to_numpy() * nodes["height"].fill_null(0).to_numpy()).astype(np.int64)
@@ -187,28 +192,27 @@ def run_stage(run: Run) -> dict:
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
-    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+    store = run.vectors()
     n = len(gids)
     old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
     edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
         all_gids = np.concatenate([gids, old["group_ids"]])
         all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
-        rep, rep_sim = group(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity)
+        rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity)
         rep, rep_sim = rep[:n], rep_sim[:n]
         group_ids = all_gids[rep]
         earlier = old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)   # earlier members of the group
         size = np.bincount(rep, minlength=len(all_gids))[rep] + earlier
     else:
-        rep, rep_sim = group(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity)
+        rep, rep_sim = group_nodes(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity)
         group_ids = gids[rep]
         size = np.bincount(rep, minlength=n)[rep]
 
     # one pass more: each node's nearest verified neighbour, and every edge into edges.parquet
-    out = run.dir("group")
     nearest = Nearest(n)
     n_edges = 0
-    with parquet_writer(out / "edges.parquet", EDGE_SCHEMA) as writer:
+    with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
         for a, b, ga, gb, sim, kind in edges.scored():
             inside = b >= 0
             nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
@@ -221,12 +225,10 @@ def run_stage(run: Run) -> dict:
                      "is_representative": rep == np.arange(len(gids)), "rep_similarity": rep_sim,
                      "nearest_gid": pa.array(nearest.gid, mask=~found),
                      "nearest_similarity": pa.array(nearest.sim, mask=~found)})
-    files = [write_parquet(out / "rows.parquet", rows), out / "edges.parquet"]
+    files = [write_parquet(run.group_rows_file(), rows), run.group_edges_file()]
     n_groups = int(len(np.unique(group_ids)))
-    registered = crossindex.register(run, rows, keys.tolist(), texts.tolist())
-    run.marker("group", "group").write(cfg.fingerprint("group"), files, rows=len(gids), groups=n_groups)
-    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "seconds": round(time.time() - t0, 3),
-             "registered": registered}
+    run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
+    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "seconds": round(time.time() - t0, 3)}
     if old is not None:
         stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
                      earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))
@@ -237,8 +239,8 @@ def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray,
     """Verified edges from this run's rows to earlier runs' rows, as edges to one node per earlier group."""
     import pandas as pd
     cfg = run.cfg
-    target = crossindex.Target(cfg.against, cfg.embed.model, run.root)
-    cross = crossindex.pairs(run, "against", Path(cfg.against).name).to_pandas()
+    target = registry.Target(cfg.against, cfg.embed.model, run.root)
+    cross = registry.pairs(run, "against", Path(cfg.against).name).to_pandas()
     reg = target.registry.set_index("gid")
     clash = set(target.registry["key"]) & set(keys.tolist())
     if clash:

@@ -1,9 +1,9 @@
 """The HTML report: a static, self-contained gallery that opens from disk.
 
-reports/index.html        summary figures, the histogram, the largest groups (page 1) and the
+report/index.html         summary figures, the histogram, the largest groups (page 1) and the
                           borderline pairs just above and just below the threshold
-reports/groups_N.html     further pages of groups, GROUPS_PER_PAGE each
-reports/top_groups.parquet  the most-duplicated groups: representative key, size, url, caption
+report/groups_N.html      further pages of groups, GROUPS_PER_PAGE each
+report/top_groups.parquet   the most-duplicated groups: representative key, size, url, caption
 Thumbnails are small JPEGs inlined as data URIs, read by key from the input tars.
 """
 from __future__ import annotations
@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .ingest import read_images
-from .io import write_bytes, write_parquet
+from ..core.io import write_bytes, write_parquet
 
 GROUPS_PER_PAGE = 40
 MAX_PAGES = 10
@@ -31,13 +29,13 @@ def _thumbs(run, members: pd.DataFrame, px: int = 128) -> dict[int, str]:
     """gid -> data URI of a thumbnail, reading only the wanted members of each tar."""
     from PIL import Image
     out: dict[int, str] = {}
-    if run.cfg.input.format != "img2dataset" or members.empty:
+    if not run.source.HAS_IMAGES or members.empty:
         return out
     for shard in run.shards:
         want = members[members["shard"] == shard.name]
         if want.empty:
             continue
-        for gid, data in read_images(str(shard.data), dict(zip(want["member"], want["gid"]))):
+        for gid, data in run.source.read_images(shard, dict(zip(want["member"], want["gid"]))):
             try:
                 img = Image.open(io.BytesIO(data)).convert("RGB")
                 img.thumbnail((px, px))
@@ -79,10 +77,9 @@ def _page(title: str, body: str) -> bytes:
 
 def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataFrame, summary: dict,
           threshold: float, leaks: pd.DataFrame | None = None) -> list[Path]:
-    out = run.root / "reports"
+    out = run.report_dir()
     ok = samples[samples["status"] == "ok"]
-    ingest = pd.concat([pq.read_table(run.dir("ingest") / f"{n}.parquet", columns=["gid", "member"]).to_pandas()
-                        for n in run.shard_names()])
+    ingest = run.ingest_table(columns=["gid", "member"]).to_pandas()
     ok = ok.merge(ingest, on="gid", how="left")
     reps = ok[ok["is_representative"].astype(bool)].set_index("group_id")
     top = groups.head(GROUPS_PER_PAGE * MAX_PAGES).copy()

@@ -1,39 +1,46 @@
-"""Searching a run's rows against another run's built index: the shared step of incremental
-dedup (`dedup2b run --against NAME`) and evaluation-set decontamination (`dedup2b decontaminate`).
+"""A built index that later runs search against: the shared step of incremental dedup
+(`dedup2b run --against NAME`) and evaluation-set decontamination (`dedup2b decontaminate`).
 
-Every run leaves its index folder searchable by later runs. Beside codec.json (and index.faiss,
-built from the registered rows on first use):
+An index folder (index_dir) holds the index stage's codecs (codec.json, projection.npy,
+centroids.npy) and, written by the register stage alone, registry/:
   registry.parquet   every row the index holds: gid, key, group_id, text (normalised caption), run
   runs.json          the runs whose vectors it holds: run dir, embed dir, shards {index: name}
-An incremental run extends the folder it searched: its rows are added to index.faiss (encoded with
-the trained codec) and to the registry. Rows of the run itself are never read back as "old" rows,
-so a rerun after a crash does not match a run against its own rows.
+  index.faiss        the IVF-PQ index of every registered row, once an incremental run extended it
+An incremental run extends the folder it searched: its rows are added to registry/index.faiss
+(encoded with the trained codec) and to the registry. Rows of the run itself are never read back
+as "old" rows, so a rerun after a crash does not match a run against its own rows.
 
 Cross search (per query shard, resumable): IVF-PQ range search of the shard's vectors with radius
 threshold - margin, then every candidate re-scored exactly against the target's stored fp16
 vectors; pairs with exact cosine >= threshold are written as search/<kind>/<name>-NNNNN.parquet
-(gid = query row, other_gid = target row, similarity).
+(gid = query row, other_gid = target row, similarity). When the target holds no index.faiss yet,
+the searching run builds it into its own search/targets/NAME.faiss (never into the target).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .index import ensure_ivfpq, refresh_marker
-from .io import Marker, read_json, write_bytes, write_json, write_parquet
-from .vectors import StoreUnion, VectorStore
+from ..core.io import Marker, read_json, write_bytes, write_json, write_parquet
+from ..core.vectors import StoreUnion, VectorStore
+from . import codec as codec_lib
 
 
 class TargetError(RuntimeError):
     """The index searched against is missing, foreign, or made with another model."""
 
 
+def registry_dir(folder) -> Path:
+    return Path(folder) / "registry"
+
+
 def _runs(folder: Path) -> list[dict]:
-    path = folder / "runs.json"
+    path = registry_dir(folder) / "runs.json"
     return read_json(path)["runs"] if path.exists() else []
 
 
@@ -43,8 +50,12 @@ class Target(StoreUnion):
 
     def __init__(self, folder, model: str, exclude_run: str | Path | None = None):
         self.folder = Path(folder)
-        if not (self.folder / "registry.parquet").exists():
-            raise TargetError(f"{self.folder}: no registry.parquet; build it first with a full "
+        if not (registry_dir(self.folder) / "registry.parquet").exists():
+            if (self.folder / "registry.parquet").exists():
+                raise TargetError(f"{self.folder}: an index written by an earlier dedup2b (registry.parquet "
+                                  "beside codec.json; this version keeps it in registry/): rebuild it with "
+                                  "`dedup2b run` into a new --index-dir")
+            raise TargetError(f"{self.folder}: no registry/registry.parquet; build it first with a full "
                               "`dedup2b run` whose --index-dir is this folder")
         meta = read_json(self.folder / "codec.json")
         if meta.get("model") != model:
@@ -59,16 +70,28 @@ class Target(StoreUnion):
     def registry(self):
         """The registered rows (gid, key, group_id, text, run), read on first use only: search
         tasks need the vectors, not the registry."""
-        reg = pq.read_table(self.folder / "registry.parquet").to_pandas()
+        reg = pq.read_table(registry_dir(self.folder) / "registry.parquet").to_pandas()
         return reg[reg["run"] != self.skip].reset_index(drop=True) if self.skip else reg
 
-    def ensure_index(self) -> None:
-        """Build the IVF-PQ index from the registered rows if the folder does not hold it yet."""
-        ensure_ivfpq(self.folder, self, {i: len(self.shard(i)[0]) for i in sorted(self.shard_indexes())})
+    def version(self) -> str:
+        """A digest of the registered runs: a copy of the index built for another version is stale."""
+        path = registry_dir(self.folder) / "runs.json"
+        return hashlib.sha256(path.read_bytes() + (self.skip or "").encode()).hexdigest()[:16]
 
-    def index(self):
-        import faiss
-        return faiss.read_index(str(self.folder / "index.faiss"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    def index_file(self, run) -> Path:
+        """The target's IVF-PQ index: its registry's, else one this run built of the registered rows
+        (search/targets/NAME.faiss, marked with the registry's version)."""
+        own = registry_dir(self.folder) / "index.faiss"
+        if own.exists():
+            return own
+        path = run.target_index_file(self.folder.name)
+        done = Marker(path.parent, self.folder.name)
+        if not done.valid(self.version()):
+            codec = read_json(self.folder / "codec.json")
+            counts = {i: len(self.shard(i)[0]) for i in sorted(self.shard_indexes())}
+            codec_lib.write_ivfpq(path, self, counts, codec)
+            done.write(self.version(), [path])
+        return path
 
 
 def check_against(run) -> None:
@@ -84,12 +107,12 @@ def check_against(run) -> None:
 
 def search_shard(job: dict) -> dict:
     """Pairs (query row, target row) with exact cosine >= threshold for one query shard."""
-    import faiss
     out_dir, unit = Path(job["out_dir"]), job["unit"]
+    import faiss
     target = Target(job["target"], job["model"], job["run_dir"])
     store = VectorStore(Path(job["embed_dir"]), {job["index"]: job["shard"]})
     gids, vecs = store.shard(job["index"])
-    index = target.index()
+    index = faiss.read_index(job["index_file"], faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     faiss.extract_index_ivf(index).nprobe = job["nprobe"]
     own = target.shard_indexes()
     qa, qb = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -112,15 +135,16 @@ def search_shard(job: dict) -> dict:
     return {"candidates": len(a), "pairs": int(ok.sum())}
 
 
-def search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
+def cross_search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
     """Cross-search every shard of `run` against `target_folder`; pairs under search/<kind>/."""
     cfg = run.cfg
-    Target(target_folder, cfg.embed.model, run.root).ensure_index()   # fails early, naming the folder
-    out_dir = run.dir("search") / kind
-    fp = cfg.fingerprint("search")
+    target = Target(target_folder, cfg.embed.model, run.root)   # fails early, naming the folder
+    index_file = target.index_file(run)
+    out_dir = run.cross_dir(kind)
+    fp = run.fingerprint("search")
     jobs = [{"target": str(target_folder), "model": cfg.embed.model, "run_dir": str(run.root),
-             "embed_dir": str(run.dir("embed")), "index": s.index, "shard": s.name, "out_dir": str(out_dir),
-             "unit": f"{name}-{s.name}", "fp": fp, "threshold": cfg.search.threshold,
+             "embed_dir": str(run.embed_dir()), "index": s.index, "shard": s.name, "out_dir": str(out_dir),
+             "unit": f"{name}-{s.name}", "fp": fp, "threshold": cfg.search.threshold, "index_file": str(index_file),
              "margin": cfg.search.margin, "nprobe": cfg.search.nprobe}
             for s in run.shards if not Marker(out_dir, f"{name}-{s.name}").valid(fp)]
     results = ex.map(search_shard, jobs, desc=f"search: {kind} {name}", num_cpus=1)
@@ -129,7 +153,7 @@ def search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
 
 
 def pairs(run, kind: str, name: str | None = None) -> pa.Table:
-    folder = run.dir("search") / kind
+    folder = run.cross_dir(kind)
     files = sorted(folder.glob(f"{name + '-' if name else ''}*.parquet")) if folder.exists() else []
     empty = pa.table({"gid": pa.array([], pa.int64()), "other_gid": pa.array([], pa.int64()),
                       "similarity": pa.array([], pa.float32())})
@@ -137,34 +161,36 @@ def pairs(run, kind: str, name: str | None = None) -> pa.Table:
 
 
 def register(run, rows: pa.Table, keys: list[str], texts: list[str]) -> dict:
-    """Make this run searchable by later runs: its own index folder, or, for an incremental run, the
-    folder it searched against (rows added to index.faiss and the registry)."""
+    """Make this run searchable by later runs: the registry of its own index folder, or, for an
+    incremental run, of the folder it searched against (rows added to index.faiss and the registry).
+    Writes only run.dir("register"); returns its stats and the files written."""
     import faiss
     cfg = run.cfg
-    folder = Path(cfg.against) if cfg.against else run.dir("index")
+    out = run.dir("register")
     gids = rows["gid"].to_numpy()
     me = str(run.root.resolve())
     new = pa.table({"gid": gids, "key": pa.array(keys, pa.string()),
                     "group_id": rows["group_id"].to_numpy(), "text": pa.array(texts, pa.string()),
                     "run": pa.array([me] * len(gids), pa.string())})
     # a run's own index folder holds that run alone; an incremental run adds itself to the list
-    runs = [r for r in _runs(folder) if r["run_dir"] != me] if cfg.against else []
-    entry = {"run_dir": me, "embed_dir": str(run.dir("embed").resolve()),
+    runs = [r for r in _runs(Path(cfg.against)) if r["run_dir"] != me] if cfg.against else []
+    entry = {"run_dir": me, "embed_dir": str(run.embed_dir().resolve()),
              "shards": {str(s.index): s.name for s in run.shards}, "rows": len(gids)}
+    files = []
     if cfg.against:
-        old = pq.read_table(folder / "registry.parquet")
+        old = pq.read_table(out / "registry.parquet")
         old = old.filter(pa.compute.not_equal(old["run"], me))
-        index = faiss.read_index(str(folder / "index.faiss"))
-        if not any(r.get("added") == me for r in _runs(folder)):   # add this run's vectors once
-            store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+        if not any(r.get("added") == me for r in _runs(Path(cfg.against))):   # add this run's vectors once
+            base = Target(cfg.against, cfg.embed.model, run.root).index_file(run)
+            index = faiss.read_index(str(base))
+            store = run.vectors()
             for s in run.shards:
                 sg, sv = store.shard(s.index)
                 for i in range(0, len(sg), 65536):
                     index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
-            write_bytes(folder / "index.faiss", faiss.serialize_index(index).tobytes())
-            refresh_marker(folder)        # the index stays done for the run that built it
+            write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())
         entry["added"] = me
         new = pa.concat_tables([old, new])
-    write_parquet(folder / "registry.parquet", new)
-    write_json(folder / "runs.json", {"runs": runs + [entry]})
-    return {"registered": str(folder), "rows": new.num_rows}
+    files.append(write_parquet(out / "registry.parquet", new))
+    files.append(write_json(out / "runs.json", {"runs": runs + [entry]}))
+    return {"registered": str(Path(out).parent), "rows": new.num_rows}

@@ -1,4 +1,5 @@
-"""embed: image bytes -> L2-normalised fp16 vectors per shard, in clip-retrieval layout.
+"""embed: image bytes -> L2-normalised fp16 vectors per shard, in clip-retrieval layout
+(sources without images, such as released embeddings, give their own vectors, validated).
 
 Streaming: tar reads and decode+preprocess run as CPU tasks, the model runs in an actor pool, and
 batches come back to the driver as they finish. A shard's files are written (temp name, replace,
@@ -9,26 +10,35 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import crop_bytes
-from .ingest import exact_edges, read_images
-from .io import write_json, write_npy, write_parquet
-from .models import Embedder, Preprocess, preprocess_for
-from .run import Run
-from .vectors import emb_path, meta_path
+from ..core.io import Marker, write_json, write_npy, write_parquet
+from ..core.run import Run
+from ..core.vectors import emb_path, meta_path
+from ..lib.images import crop_bytes
+from ..lib.models import Embedder, Preprocess, preprocess_for
+from ..lib.unionfind import exact_edges
+from ..sources import Shard, source_for
 
+NAME = "embed"
+FIELDS = ("input", "embed.model")
 META_COLUMNS = ["key", "gid", "url", "caption", "sha256"]
+
+
+def units(run: Run) -> list[Marker]:
+    return [run.marker(NAME, s.name) for s in run.shards]
 
 
 def read_rows(item: dict) -> list[dict]:
     """Ray flat_map: one shard item -> rows of (gid, shard, image bytes)."""
     wanted = dict(zip(item["members"], item["gids"]))
     t0 = time.perf_counter()
-    rows = read_images(item["tar"], wanted)
+    shard = Shard(item["index"], item["shard"], Path(item["parquet"]), Path(item["data"]))
+    rows = source_for(item["format"]).read_images(shard, wanted)
     per_row = (time.perf_counter() - t0) / max(len(rows), 1)
     return [{"gid": gid, "shard": item["shard"], "data": data, "t_read": per_row} for gid, data in rows]
 
@@ -80,40 +90,39 @@ def _write_shard(run: Run, name: str, ingest: pa.Table, got: dict, fp: str, spec
     vecs = np.stack(got["vector"])[order] if len(gids) else np.zeros((0, dim), np.float16)
     ok = errors == ""
     meta = ingest.filter(pa.compute.is_in(ingest["gid"], pa.array(gids[ok]))).sort_by("gid")
-    out = run.dir("embed")
+    out = run.embed_dir()
     files = [write_npy(emb_path(out, name), np.ascontiguousarray(vecs[ok], dtype=np.float16)),
              write_parquet(meta_path(out, name), meta.select(META_COLUMNS)),
-             write_parquet(out / "failed" / f"{name}.parquet",
+             write_parquet(run.failed_file(name),
                            pa.table({"gid": pa.array(gids[~ok], pa.int64()),
                                      "error": pa.array(errors[~ok].tolist(), pa.string())}))]
-    run.marker("embed", name).write(fp, files, rows=int(ok.sum()), failed=int((~ok).sum()), model=spec)
+    run.marker(NAME, name).write(fp, files, rows=int(ok.sum()), failed=int((~ok).sum()), model=spec)
     return {"rows": int(ok.sum()), "failed": int((~ok).sum())}
 
 
 def _copy_precomputed(job: dict) -> dict:
-    """Embeddings input: validated unit fp16 vectors of the ok rows, in the embed layout."""
-    from .embeddings import unit_vectors
+    """A source with its own vectors: validated unit fp16 vectors of the ok rows, in the embed layout."""
     run, name = job["run"], job["name"]
-    shard = next(s for s in run.shards if s.name == name)
-    ingest = pq.read_table(run.dir("ingest") / f"{name}.parquet")
+    shard = run.shard_by_name[name]
+    ingest = pq.read_table(run.ingest_file(name))
     ok = ingest.filter(pa.compute.equal(ingest["status"], "ok")).sort_by("gid")
-    vecs = unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input.renormalize, run.cfg.input.norm_tolerance)
-    out = run.dir("embed")
+    vecs = run.source.unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input)
+    out = run.embed_dir()
     files = [write_npy(emb_path(out, name), vecs), write_parquet(meta_path(out, name), ok.select(META_COLUMNS)),
-             write_parquet(out / "failed" / f"{name}.parquet",
+             write_parquet(run.failed_file(name),
                            pa.table({"gid": pa.array([], pa.int64()), "error": pa.array([], pa.string())}))]
-    run.marker("embed", name).write(run.cfg.fingerprint("embed"), files, rows=ok.num_rows, failed=0,
-                                    model=run.cfg.embed.model)
+    run.marker(NAME, name).write(run.fingerprint(NAME), files, rows=ok.num_rows, failed=0,
+                                 model=run.cfg.embed.model)
     return {"rows": ok.num_rows, "dim": int(vecs.shape[1])}
 
 
-def run_stage(run: Run, ex) -> dict:
-    if run.cfg.input.format == "embeddings":
+def run(run: Run, ex, stats: dict) -> dict:
+    if not run.source.HAS_IMAGES:
         t0 = time.time()
-        pending = run.pending("embed", run.shard_names())
+        pending = run.pending(NAME, run.shard_names())
         res = ex.map(_copy_precomputed, [{"run": run, "name": n} for n in pending], desc="embed", num_cpus=1)
         if res:
-            write_json(run.dir("embed") / "model.json", {"model": run.cfg.embed.model, "dim": res[0]["dim"]})
+            write_json(run.embed_dir() / "model.json", {"model": run.cfg.embed.model, "dim": res[0]["dim"]})
         return {"shards": len(pending), "rows": sum(r["rows"] for r in res), "failed": 0,
                 "seconds": round(time.time() - t0, 3)}
     return _embed_images(run, ex)
@@ -182,7 +191,7 @@ class _Collector:
             vec, err = self.sources[self.copy_of[c]]
             got["gid"].append(c); got["vector"].append(vec); got["error"].append(err)
         t0 = time.perf_counter()
-        fp = self.run.cfg.fingerprint("embed")
+        fp = self.run.fingerprint(NAME)
         s = _write_shard(self.run, name, self.ingests[name], self.got.pop(name), fp, self.run.cfg.embed.model,
                          self.dim)
         self.waiting.discard(name)
@@ -205,14 +214,14 @@ def batch_size(configured: int, ex) -> int:
 
 def _embed_images(run: Run, ex) -> dict:
     cfg = run.cfg.embed
-    pending = run.pending("embed", run.shard_names())
+    pending = run.pending(NAME, run.shard_names())
     pp = preprocess_for(cfg.model)
     t0 = time.time()
-    ingests = {name: pq.read_table(run.dir("ingest") / f"{name}.parquet") for name in pending}
+    ingests = {name: pq.read_table(run.ingest_file(name)) for name in pending}
     todo, copy_of = plan_copies(ingests)
-    by_name = {s.name: s for s in run.shards}
-    items = [{"tar": str(by_name[n].data), "shard": n, "members": t["member"].to_pylist(),
-              "gids": t["gid"].to_pylist()} for n, t in todo.items() if t.num_rows]
+    items = [{"format": run.cfg.input.format, "index": run.shard_by_name[n].index, "shard": n,
+              "parquet": str(run.shard_by_name[n].parquet), "data": str(run.shard_by_name[n].data),
+              "members": t["member"].to_pylist(), "gids": t["gid"].to_pylist()} for n, t in todo.items() if t.num_rows]
     col = _Collector(run, ingests, todo, copy_of)
     if items:
         stream = ex.stream(items, read_rows, partial(preprocess_batch, pp=pp), EmbedActor,
@@ -224,7 +233,7 @@ def _embed_images(run: Run, ex) -> dict:
         col.dim = Embedder(cfg.model).dim
     col.finish()
     if col.dim:
-        write_json(run.dir("embed") / "model.json", {"model": cfg.model, "dim": col.dim, "preprocess": pp.to_dict()})
+        write_json(run.embed_dir() / "model.json", {"model": cfg.model, "dim": col.dim, "preprocess": pp.to_dict()})
     stats = {k: round(v, 3) if isinstance(v, float) else v for k, v in col.stats.items()}
     stats["seconds"] = round(time.time() - t0, 3)
     stats["images_per_s"] = round(stats["rows"] / max(stats["seconds"], 1e-9), 2)

@@ -21,9 +21,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .ingest import read_images
-from .io import write_json, write_npy, write_parquet
-from .run import Run
+from ..core.io import Marker, write_json, write_npy, write_parquet
+from ..core.run import Run
+from ..sources import Shard, source_for
+
+NAME = "export"
+FIELDS = ("input", "embed.model", "codec", "search", "group", "export", "against", "decontaminate")
+
+
+def units(run: Run) -> list[Marker]:
+    return [run.marker(NAME, NAME)]
 
 UID_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u8")])
 
@@ -114,7 +121,8 @@ def export_hf_shard(job: dict) -> dict:
     group id, and the input parquet's other columns passed through."""
     rows = job["rows"]
     data: list[bytes | None] = [None] * len(rows)
-    for i, blob in read_images(job["tar"], {r["member"]: i for i, r in enumerate(rows)}):
+    shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["tar"]))
+    for i, blob in source_for(job["format"]).read_images(shard, {r["member"]: i for i, r in enumerate(rows)}):
         data[i] = blob
     meta = pq.read_table(job["parquet"])
     extra = [c for c in meta.column_names if c not in ("key", "url", "caption", "uid")]
@@ -138,9 +146,9 @@ def export_hf_shard(job: dict) -> dict:
     return {"rows": table.num_rows}
 
 
-def run_stage(run: Run, ex) -> dict:
-    out = run.root / "export"
-    samples = pq.read_table(run.root / "reports" / "samples.parquet").to_pandas()
+def run(run: Run, ex, stats: dict) -> dict:
+    out = run.export_dir()
+    samples = pq.read_table(run.report_dir() / "samples.parquet").to_pandas()
     ok = samples[samples["status"] == "ok"]
     removed = ok["removed_reason"].notna()   # duplicate, or eval_leak (decontamination)
     keep, remove = ok[~removed], ok[removed]
@@ -152,7 +160,7 @@ def run_stage(run: Run, ex) -> dict:
         uids = uid128(keep["uid"].tolist())
         write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
     exported = 0
-    if "webdataset" in run.cfg.export.formats and run.cfg.input.format == "img2dataset":
+    if "webdataset" in run.cfg.export.formats and run.source.HAS_IMAGES:
         for stale in (out / "webdataset").glob("*") if (out / "webdataset").exists() else []:
             stale.unlink()              # a changed rows_per_shard must not leave old shards behind
         jobs = plan_shards(keep, run.shards, out / "webdataset", run.cfg.export.rows_per_shard)
@@ -162,16 +170,16 @@ def run_stage(run: Run, ex) -> dict:
         exported = sum(files.values())
         if exported != len(keep):
             raise AssertionError(f"export wrote {exported} samples but {len(keep)} rows are kept")
-    if "hf" in run.cfg.export.formats and run.cfg.input.format == "img2dataset":
-        ingest = pa.concat_tables([pq.read_table(run.dir("ingest") / f"{s.name}.parquet", columns=["gid", "member"])
-                                   for s in run.shards]).to_pandas()
+    if "hf" in run.cfg.export.formats and run.source.HAS_IMAGES:
+        ingest = run.ingest_table(columns=["gid", "member"]).to_pandas()
         rows = keep.merge(ingest, on="gid")[["shard", "key", "uid", "url", "caption", "member", "group_id"]]
         rows = rows.astype(object).where(rows.notna(), None)
-        jobs = [{"tar": str(s.data), "parquet": str(s.parquet), "out": str(out / "hf" / f"{s.name}.parquet"),
+        jobs = [{"format": run.cfg.input.format, "index": s.index, "name": s.name, "tar": str(s.data),
+                 "parquet": str(s.parquet), "out": str(out / "hf" / f"{s.name}.parquet"),
                  "rows": rows[rows["shard"] == s.name].to_dict("records")} for s in run.shards]
         ex.map(export_hf_shard, jobs, desc="export hf", num_cpus=1)
     n_failed = int((samples["status"] != "ok").sum())
     marker_files = [out / "keep.parquet"] if (out / "keep.parquet").exists() else []
-    run.marker("export", "export").write(run.cfg.fingerprint("export"), marker_files, kept=len(keep))
+    run.marker(NAME, NAME).write(run.fingerprint(NAME), marker_files, kept=len(keep))
     return {"kept": len(keep), "removed": len(remove), "failed": n_failed, "exported": exported,
             "invariant_holds": len(samples) == len(keep) + len(remove) + n_failed}

@@ -1,6 +1,7 @@
 """calibrate: threshold -> precision / recall for a finished run, and a recommended threshold.
 
-Two estimates, written to RUN/reports/:
+Two estimates, written to RUN/calibration/ (this command's own folder: it never edits the
+report's files; summary.json stays the report stage's):
   synthetic  web-crawl-style copies of sampled rows, embedded with the run's model (synthcopies.py):
              a table over a threshold grid (step 0.01, from the run's threshold - 0.30 up) of pair
              precision with a bootstrap 95 % interval, copy recall and estimated pair counts
@@ -11,7 +12,8 @@ Two estimates, written to RUN/reports/:
   calibration.png      precision (with its interval) and recall against the threshold, the run's and
                        the recommended thresholds marked, the audit at the run's threshold
   calibration.json     the recommended threshold for the target precision, the estimate at the run's
-                       threshold, the audit; its digest goes into summary.json under "calibration"
+                       threshold, the audit, and under "summary" their digest at the run's threshold
+  audit_pairs.parquet  the sampled flagged pairs, re-checked (fill in is_duplicate to label them)
 The recommended threshold is the smallest on the grid from which up every estimate reaches the target.
 """
 from __future__ import annotations
@@ -23,11 +25,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core.io import read_json, write_json, write_parquet
+from ..core.run import Run
+from ..core.vectors import VectorStore
+from ..driver import open_existing
 from . import audit, synthcopies
-from .config import from_dict
-from .io import read_json, write_json, write_parquet
-from .run import Run
-from .vectors import VectorStore
 
 # A removal cannot be undone, and union-find turns a 1 % pair error into merged groups of distinct
 # images; 0.99 is the lowest pair precision we recommend deleting at (the paper audited 0.81).
@@ -41,12 +43,7 @@ def _r(x) -> float:
 
 
 def open_run(run_dir) -> Run:
-    root = Path(run_dir).resolve()
-    if not (root / "manifest.json").exists():
-        raise FileNotFoundError(f"{root / 'manifest.json'}: not a run directory (run `dedup2b run` first)")
-    data = read_json(root / "manifest.json")["config"]
-    data["run_dir"] = str(root)            # the folder may have moved since the run
-    return Run(from_dict(data))
+    return open_existing(run_dir)
 
 
 def threshold_grid(threshold: float) -> np.ndarray:
@@ -77,16 +74,16 @@ def calibrate(run_dir, target: float = DEFAULT_TARGET, samples: int = 200, copie
     """Both estimates for a finished run; writes the reports, prints the table, returns calibration.json."""
     run = open_run(run_dir)
     labels = audit.read_labels(labels) if labels else None      # a bad file fails before any work
-    cfg, reports = run.cfg, run.root / "reports"
+    cfg, reports, out = run.cfg, run.report_dir(), run.calibration_dir()
     for name in ("samples.parquet", "pairs.parquet"):
         if not (reports / name).exists():
             raise FileNotFoundError(f"{reports / name}: missing; run the pipeline up to the report stage first")
     t_run = float(cfg.search.threshold)
     table = pq.read_table(reports / "samples.parquet", columns=COLUMNS).to_pandas()
-    store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
+    store = run.vectors()
     result: dict = {"model": cfg.embed.model, "threshold": t_run, "target_precision": target, "seed": seed}
     parts = []
-    if cfg.input.format == "img2dataset" and samples > 0 and copies > 0:
+    if run.source.HAS_IMAGES and samples > 0 and copies > 0:
         syn = synthetic(run, table, store, samples, copies, seed, log)
         parts.append(syn)
         at = syn.iloc[int((syn["threshold"] - t_run).abs().argmin())]
@@ -98,44 +95,26 @@ def calibrate(run_dir, target: float = DEFAULT_TARGET, samples: int = 200, copie
                       recommended_recall=None if rec is None else _r(rec["recall"]))
     else:
         log("calibrate: no synthetic estimate (it needs the input images); audit only")
-    rows, result["audit"] = audit.run_audit(reports, table, store, t_run, audit_pairs, seed, labels)
+    rows, result["audit"] = audit.run_audit(reports / "pairs.parquet", out, table, store, t_run, audit_pairs, seed,
+                                            labels)
+    result["summary"] = summary_entry(result, t_run)
     full = pd.concat(parts + [pd.DataFrame(rows)], ignore_index=True)
-    write_parquet(reports / "calibration.parquet", pa.Table.from_pandas(full, preserve_index=False))
-    _plot(full, result, reports / "calibration.png")
-    write_json(reports / "calibration.json", result)
-    _merge_summary(run, summary_entry(reports, t_run, cfg.embed.model))
+    write_parquet(out / "calibration.parquet", pa.Table.from_pandas(full, preserve_index=False))
+    _plot(full, result, out / "calibration.png")
+    write_json(out / "calibration.json", result)
     for line in format_table(full, result):
         log(line)
     return result
 
 
-def summary_entry(reports: Path, threshold: float, model: str) -> dict | None:
-    """The "calibration" entry of summary.json, from calibration.json when it matches the run."""
-    path = Path(reports) / "calibration.json"
-    if not path.exists():
-        return None
-    c = read_json(path)
-    if c.get("model") != model or abs(c.get("threshold", -9) - threshold) > 1e-9:
-        return {"threshold": threshold, "note": f"calibration.json was made for threshold {c.get('threshold')} "
-                f"and model {c.get('model')}; rerun dedup2b calibrate"}
+def summary_entry(c: dict, threshold: float) -> dict:
+    """The digest of a calibration at the run's threshold: estimated and audited precision."""
     keys = ("estimated_precision", "precision_ci95", "recall", "recommended_threshold", "target_precision")
     out = {"threshold": threshold, **{k: c.get(k) for k in keys}}
     out.update(audit_precision=c["audit"]["precision"], audit_ci95=c["audit"]["ci95"], audit_pairs=c["audit"]["pairs"])
     if "labels" in c["audit"]:
         out.update(labels_precision=c["audit"]["labels"]["precision"], labels_ci95=c["audit"]["labels"]["ci95"])
     return out
-
-
-def _merge_summary(run: Run, entry: dict | None) -> None:
-    path = run.root / "reports" / "summary.json"
-    if entry is None or not path.exists():
-        return
-    write_json(path, {**read_json(path), "calibration": entry})
-    marker = run.marker("report", "report")       # keep the report's done marker valid (it records sizes)
-    info = marker.read()
-    if info and str(path) in info.get("outputs", {}):
-        info["outputs"][str(path)] = path.stat().st_size
-        write_json(marker.path, info)
 
 
 def format_table(full: pd.DataFrame, result: dict) -> list[str]:

@@ -1,0 +1,189 @@
+"""The run directory: every path a stage reads or writes, the shard listing, the manifest, and the
+per-unit resume protocol. No stage builds another stage's paths by hand: it asks the Run.
+
+Layout under run_dir (LAYOUT, recorded in manifest.json; a run dir of another layout is refused):
+  manifest.json                       config, input listing, versions, per-stage fingerprints
+  stage_stats.json                    per-stage stats and wall time (the driver writes it)
+  ingest/NNNNN.parquet                one row per input row (key, gid, sha256, status, ...)
+  embed/img_emb/img_emb_NNNNN.npy     fp16 vectors (clip-retrieval layout), rows aligned with
+  embed/metadata/metadata_NNNNN.parquet
+  embed/failed/NNNNN.parquet          rows that could not be embedded, with the reason
+  search/assign/NNNNN.parquet         cell assignments per shard (method cells)
+  search/pairs/UNIT.parquet           verified pairs per cell block or query shard
+  search/against|leaks/NAME-NNNNN.parquet  pairs against another run's registered index
+  search/targets/NAME.faiss           that index's IVF-PQ, when its folder does not hold one
+  group/rows.parquet, group/edges.parquet
+  report/                             samples, pairs, groups, histogram, summary.json, HTML
+  export/                             deduplicated webdataset + keep-lists + HF parquet
+  calibration/                        `dedup2b calibrate`: its tables, plot and audit sample
+and in the index folder (index_dir, default indexes/<run name>):
+  codec.json, projection.npy, centroids.npy [, index.faiss]   the index stage
+  registry/                           the register stage: rows a later run can search against
+Each stage folder has _done/UNIT.json markers, written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..sources import Shard, source_for
+from .config import RunConfig, diff_fields
+from .io import Marker, read_json, remove_orphan_temps, write_json
+from .vectors import VectorStore
+
+LAYOUT = 2    # 2: report/ (was reports/ + report/), registry/ in the index folder, calibration/
+
+
+class StaleRunError(RuntimeError):
+    """The run directory was made with another config or layout; outputs must not be mixed."""
+
+
+# config fields a run may change between resumes: how the work runs, not what it outputs
+RESUMABLE_FIELDS = ("ray.", "export.", "embed.batch_size", "embed.actors", "embed.threads", "embed.decode_cpus")
+
+
+class Run:
+    """One run: its config, its shards, and the paths of every stage's files.
+
+    `stage_fields` maps each stage name to the config fields its fingerprint covers (the stage
+    list's FIELDS). `shards` defaults to the input listing; a run reopened from its manifest
+    passes the recorded one, so it answers without the input present."""
+
+    def __init__(self, cfg: RunConfig, stage_fields: dict[str, tuple[str, ...]], shards: list[Shard] | None = None):
+        self.cfg = cfg
+        self.root = cfg.run_path
+        self.stage_fields = stage_fields
+        self.source = source_for(cfg.input.format)
+        self.shards: list[Shard] = shards if shards is not None else self.source.list_shards(cfg.input.path)
+        self.shard_by_index = {s.index: s for s in self.shards}
+        self.shard_by_name = {s.name: s for s in self.shards}
+
+    # ---- resume protocol -----------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        return self.cfg.fingerprint(self.stage_fields[stage])
+
+    def dir(self, stage: str) -> Path:
+        """The one folder a stage writes (its outputs and its _done markers)."""
+        if stage == "index":
+            return self.cfg.index_path
+        if stage == "register":    # an incremental run extends the index it searched against
+            return Path(self.cfg.against or self.cfg.index_path) / "registry"
+        return self.root / stage
+
+    def marker(self, stage: str, unit: str) -> Marker:
+        return Marker(self.dir(stage), unit)
+
+    def pending(self, stage: str, units: list[str]) -> list[str]:
+        fp = self.fingerprint(stage)
+        return [u for u in units if not self.marker(stage, u).valid(fp)]
+
+    def shard_names(self) -> list[str]:
+        return [s.name for s in self.shards]
+
+    @property
+    def run_id(self) -> str:
+        """This run's unit name in folders several runs share (an index's registry)."""
+        return "run-" + hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:12]
+
+    # ---- paths and readers, by stage ----------------------------------------------------------
+    def ingest_file(self, shard: str) -> Path:
+        return self.dir("ingest") / f"{shard}.parquet"
+
+    def ingest_table(self, columns: list[str] | None = None, shards: Iterable[str] | None = None) -> pa.Table:
+        names = self.shard_names() if shards is None else list(shards)
+        return pa.concat_tables([pq.read_table(self.ingest_file(n), columns=columns) for n in names])
+
+    def embed_dir(self) -> Path:
+        return self.dir("embed")
+
+    def failed_file(self, shard: str) -> Path:
+        return self.dir("embed") / "failed" / f"{shard}.parquet"
+
+    def vectors(self) -> VectorStore:
+        return VectorStore(self.dir("embed"), {s.index: s.name for s in self.shards})
+
+    def pair_files(self) -> list[Path]:
+        return sorted((self.dir("search") / "pairs").glob("*.parquet"))
+
+    def cross_dir(self, kind: str) -> Path:
+        """Pairs against another run's index: kind 'against' (incremental) or 'leaks' (evaluation sets)."""
+        return self.dir("search") / kind
+
+    def target_index_file(self, name: str) -> Path:
+        return self.dir("search") / "targets" / f"{name}.faiss"
+
+    def group_rows_file(self) -> Path:
+        return self.dir("group") / "rows.parquet"
+
+    def group_edges_file(self) -> Path:
+        return self.dir("group") / "edges.parquet"
+
+    def report_dir(self) -> Path:
+        return self.dir("report")
+
+    def summary_file(self) -> Path:
+        return self.dir("report") / "summary.json"
+
+    def export_dir(self) -> Path:
+        return self.dir("export")
+
+    def calibration_dir(self) -> Path:
+        return self.root / "calibration"
+
+    def stage_stats_file(self) -> Path:
+        return self.root / "stage_stats.json"
+
+    # ---- manifest ------------------------------------------------------------------------------
+    def open_manifest(self, fresh: bool = False) -> None:
+        """Write manifest.json, or check that an existing one was made with the same config."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "manifest.json"
+        config = self.cfg.to_dict()
+        if path.exists():
+            old = read_json(path)
+            check_layout(self.root, old)
+            changed = [f for f in diff_fields(old.get("config", {}), config) if not f.startswith(RESUMABLE_FIELDS)]
+            if changed and not fresh:
+                raise StaleRunError(
+                    f"{self.root}: this run directory was made with another config (changed: "
+                    f"{', '.join(changed)}). Use a new --run-dir, or pass --fresh to redo the stages "
+                    "these fields affect.")
+        for stage in self.stage_fields:
+            remove_orphan_temps(self.dir(stage))
+        write_json(path, {
+            "layout": LAYOUT,
+            "config": config,
+            "fingerprints": {s: self.fingerprint(s) for s in self.stage_fields},
+            "inputs": [{"index": s.index, "shard": s.name, "parquet": str(s.parquet), "data": str(s.data),
+                        "bytes": s.data.stat().st_size if s.data.exists() else None} for s in self.shards],
+            "versions": _versions(),
+        })
+
+
+def check_layout(root: Path, manifest: dict) -> None:
+    if manifest.get("layout") != LAYOUT:
+        raise StaleRunError(
+            f"{root}: this run directory was written by an earlier dedup2b (layout "
+            f"{manifest.get('layout', 1)}, this version writes layout {LAYOUT}: the report moved to report/, "
+            "registered rows to the index's registry/, calibration to calibration/). Its files would be "
+            "misread: run again into a new --run-dir (and a new --index-dir), or delete this one.")
+
+
+def manifest_shards(manifest: dict) -> list[Shard]:
+    return [Shard(int(i["index"]), i["shard"], Path(i["parquet"]), Path(i["data"])) for i in manifest["inputs"]]
+
+
+def _versions() -> dict[str, str]:
+    out = {"dedup2b": __version__, "python": platform.python_version()}
+    for mod in ("numpy", "pyarrow", "faiss", "torch", "timm", "open_clip", "ray"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = "missing"
+    return out

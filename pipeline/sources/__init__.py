@@ -1,0 +1,35 @@
+"""Input sources: each module reads one input layout and answers the same questions.
+
+    FORMAT                         the `input.format` value that selects it
+    HAS_IMAGES                     whether rows carry image bytes (decoded by the embed stage,
+                                   copied by the export, shown in the HTML report)
+    list_shards(path)              the input's shards, in order (a shard: index, name, two files)
+    validate(shards)               checks across every file, before any work (raises InputError)
+    ingest_shard(shard, cfg)       the ingest table of one shard (base.SCHEMA): a row per input
+                                   row, bad rows as status failed with the reason
+  image sources also:
+    read_images(shard, wanted)     (value, bytes) for wanted member names
+  vector sources also:
+    unit_vectors(shard, rows, cfg) the input's vectors of those rows as fp16 unit vectors
+
+Adding a format: one module with these names, one line in SOURCES, and the name in
+`InputConfig.format`'s list.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import embeddings, img2dataset
+from .base import InputError, Shard
+
+SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings)}
+
+
+def source_for(fmt: str) -> ModuleType:
+    try:
+        return SOURCES[fmt]
+    except KeyError:
+        raise InputError(f"input.format: unknown format {fmt!r}; known: {', '.join(SOURCES)}") from None
+
+
+__all__ = ["SOURCES", "InputError", "Shard", "source_for"]

@@ -1,0 +1,39 @@
+"""index: train the codecs search needs and write them to the index folder (index_dir): the
+cell-join codec (projection.npy, centroids.npy), codec.json, and for search.method pq the
+populated IVF-PQ index.faiss. See lib/codec.py."""
+from __future__ import annotations
+
+import time
+
+from ..core.io import Marker
+from ..core.run import Run
+from ..lib import codec as codec_lib
+
+NAME = "index"
+FIELDS = ("input", "embed.model", "codec", "search.cells", "search.proj_dim", "search.method")
+
+
+def units(run: Run) -> list[Marker]:
+    return [run.marker(NAME, NAME)]
+
+
+def embedded_counts(run: Run) -> dict[int, int]:
+    """Rows with a vector per shard index (shards with none left out)."""
+    counts = {s.index: run.marker("embed", s.name).read()["rows"] for s in run.shards}
+    return {k: v for k, v in counts.items() if v}
+
+
+def run(run: Run, ex, stats: dict) -> dict:
+    if not run.pending(NAME, [NAME]):
+        return {"skipped": True}
+    t0 = time.time()
+    counts = embedded_counts(run)
+    if not counts:
+        raise RuntimeError("index: no embedded rows (every row failed?)")
+    fp = run.fingerprint(NAME)
+    codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
+                                       run.cfg.search.cells, run.cfg.search.proj_dim,
+                                       ivfpq=run.cfg.search.method == "pq")
+    run.marker(NAME, NAME).write(fp, files, rows=sum(counts.values()))
+    codec["seconds"] = round(time.time() - t0, 3)
+    return codec
