@@ -11,6 +11,12 @@ are scheduled on two nodes of one machine. `down` stops only this cluster's proc
 of the sessions `up` and `add-node` started, their descendants, and anything running from the
 cluster's temp dir), never another Ray on the machine, which `ray stop` would.
 The state (ports, sessions) lives in `<temp dir>/dedup2b-cluster.json`.
+
+The temp dir holds the cluster's token and the state `down` acts on, so it must be this user's
+alone: it is created 0700, and one owned by another user, writable by others, or a link is refused.
+The token is created anew, exclusively, 0600; the state file is written 0600 and refused when it
+is not this user's. `down` signals only processes of this user whose session has a process naming
+the cluster's temp dir: a forged state cannot make it kill another process.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -42,13 +49,59 @@ def _state_path(temp_dir) -> Path:
     return Path(temp_dir) / STATE
 
 
+class UnsafeTempDir(RuntimeError):
+    """The cluster's temp dir (or a file in it) could have been written by another user."""
+
+
+def _check_private(path: Path, kind: str) -> os.stat_result:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeTempDir(f"{path}: the cluster's {kind} is a symbolic link; remove it or choose another --temp-dir")
+    if st.st_uid != os.getuid():
+        raise UnsafeTempDir(f"{path}: the cluster's {kind} belongs to uid {st.st_uid}, not to you (uid "
+                            f"{os.getuid()}); choose another --temp-dir")
+    if st.st_mode & 0o022:
+        raise UnsafeTempDir(f"{path}: the cluster's {kind} is writable by other users (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); remove it (after `make cluster-down` with a safe "
+                            "copy) or choose another --temp-dir")
+    return st
+
+
+def private_dir(temp_dir) -> Path:
+    """The temp dir, created 0700 by this user, or refused (see the module's docstring)."""
+    path = Path(temp_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    if not stat.S_ISDIR(_check_private(path, "temp dir").st_mode):
+        raise UnsafeTempDir(f"{path}: not a directory; choose another --temp-dir")
+    os.chmod(path, 0o700)       # group/others may not even list it
+    return path
+
+
 def read_state(temp_dir) -> dict | None:
     p = _state_path(temp_dir)
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    _check_private(Path(temp_dir), "temp dir")
+    _check_private(p, "state file")
+    return json.loads(p.read_text())
 
 
 def _write_state(temp_dir, state: dict) -> None:
-    _state_path(temp_dir).write_text(json.dumps(state, indent=1))
+    _write_private(_state_path(temp_dir), json.dumps(state, indent=1))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, through a new file only this user can read (O_EXCL: never a file or link
+    someone else made), moved into place."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _node_ports(port: int, k: int) -> list[str]:
@@ -70,11 +123,8 @@ def cluster_env(temp_dir) -> dict:
 
 
 def _write_token(temp_dir) -> None:
-    path = Path(temp_dir) / "auth_token"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+    """A new token for a new cluster, never one found in the folder."""
+    _write_private(Path(temp_dir) / "auth_token", secrets.token_hex(32))
 
 
 def _ray_start(args: list[str], timeout: float, env: dict) -> int:
@@ -129,10 +179,10 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
        object_store_mb: int = 1024, resources: dict | None = None, timeout: float = 120) -> dict:
     """Start a head node (or reuse the one this temp dir already runs); returns the state."""
     temp_dir = str(Path(temp_dir).resolve())
+    private_dir(temp_dir)
     state = read_state(temp_dir)
     if state and _alive_pids(state):
         return state
-    Path(temp_dir).mkdir(parents=True, exist_ok=True)
     _write_token(temp_dir)
     args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--ray-client-server-port={port + 1}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
@@ -143,6 +193,7 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
     state = {"temp_dir": temp_dir, "port": port, "dashboard": f"http://127.0.0.1:{dashboard_port}",
              "sessions": [], "nodes": ["head"]}
     state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
+    private_dir(temp_dir)            # still this user's alone after Ray made its folders in it
     _write_state(temp_dir, state)
     try:
         wait_http(state["dashboard"] + "/api/version", timeout)
@@ -174,14 +225,17 @@ def add_node(temp_dir=DEFAULT_TEMP, name: str = "node_b", num_cpus: int = 1, obj
 
 
 def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, command line), zombies left out."""
+    """pid -> (ppid, session id, command line) of this user's processes, zombies left out."""
     table = {}
+    uid = os.getuid()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
+            if d.stat().st_uid != uid:
+                continue
+            line = (d / "stat").read_text()
+            fields = line[line.rindex(")") + 2:].split()
             if fields[0] == "Z":
                 continue
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -192,10 +246,14 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
 
 
 def _cluster_pids(sessions: list[int], temp_dir: str | None) -> set[int]:
-    """Every process of these sessions, every descendant of them (a job's driver runs in a session
-    of its own), and every process whose command line names the cluster's temp dir."""
+    """This user's processes of these sessions, every descendant of them (a job's driver runs in a
+    session of its own), and every process whose command line names the cluster's temp dir. With
+    a temp dir, a session counts only where one of its processes names it (a Ray process of this
+    cluster): a session id written into the state by someone else selects nothing."""
     table = _proc_table()
     names_dir = re.compile(re.escape(temp_dir) + r"(/|\s|$)").search if temp_dir else lambda _: False
+    if temp_dir:
+        sessions = [s for s in sessions if any(sid == s and names_dir(cmd) for _, sid, cmd in table.values())]
     mine = {pid for pid, (_, sid, cmd) in table.items() if sid in sessions or names_dir(cmd)}
     mine.discard(os.getpid())
     grew = True
@@ -235,7 +293,8 @@ def down(temp_dir=DEFAULT_TEMP) -> int:
     state = read_state(temp_dir)
     if not state:
         return 0
-    n = _stop_sessions(state["sessions"], state["temp_dir"])
+    state["temp_dir"] = temp_dir      # the folder asked for, whatever the file says
+    n = _stop_sessions(state["sessions"], temp_dir)
     left = _alive_pids(state)
     if left:
         raise RuntimeError(f"processes still running after SIGKILL: {sorted(left)}")

@@ -5,12 +5,17 @@ report/index.html         summary figures, the histogram, the largest groups (pa
 report/groups_N.html      further pages of groups, GROUPS_PER_PAGE each
 report/top_groups.parquet   the most-duplicated groups: representative key, size, url, caption
 Thumbnails are small JPEGs inlined as data URIs, read by key from the input tars.
+Every caption, key and url is escaped; only http(s) urls become links (javascript:, data: and any
+other scheme are shown as text), and a Content-Security-Policy lets no script run but the page's
+own load handler (by its hash), nothing load but inline images, no form post anywhere.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import pandas as pd
@@ -51,9 +56,21 @@ def _card(row, thumbs: dict, note: str = "") -> str:
     src = thumbs.get(int(row["gid"]))
     img = f'<img src="{src}" alt="{html.escape(str(row["key"]))}">' if src else '<div class="noimg">no image</div>'
     cap = html.escape(str(row.get("caption") or ""))[:160]
-    url = html.escape(str(row.get("url") or ""))
     return (f'<figure class="card">{img}<figcaption><b>{html.escape(str(row["key"]))}</b> {note}<br>'
-            f'<span class="cap">{cap}</span><br><a href="{url}">{url[:60]}</a></figcaption></figure>')
+            f'<span class="cap">{cap}</span><br>{link(row.get("url"))}</figcaption></figure>')
+
+
+def link(url, shown: int = 60) -> str:
+    """An http(s) url as a link that opens without access to this page; anything else as text."""
+    text = str(url or "")
+    try:
+        clickable = urlsplit(text.strip()).scheme.lower() in ("http", "https")
+    except ValueError:          # not a url at all
+        clickable = False
+    label = html.escape(text[:shown])
+    if not clickable:
+        return f'<span class="url">{label}</span>'
+    return f'<a href="{html.escape(text.strip(), quote=True)}" rel="noopener noreferrer nofollow">{label}</a>'
 
 
 _STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}
@@ -65,14 +82,20 @@ _STYLE = """<style>body{font-family:sans-serif;margin:1.5em;color:#222}
 .pair{display:flex;gap:.5em;align-items:center;border-bottom:1px solid #eee;padding:.3em 0}
 .card a{word-break:break-all}</style>"""
 # after load, the page records how many of its images decoded (a browser test reads it back)
-_SCRIPT = """<script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);
+_LOAD_JS = """window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);
 document.body.setAttribute('data-images',im.length);document.body.setAttribute('data-loaded',
-im.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});</script>"""
+im.filter(function(x){return x.complete&&x.naturalWidth>0;}).length);});"""
+# the only script allowed to run: this one, by its hash; images only inline (data:), styles inline
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+       f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_LOAD_JS.encode()).digest()).decode()}'; "
+       "base-uri 'none'; form-action 'none'")
 
 
 def _page(title: str, body: str) -> bytes:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
-            f"{_SCRIPT}</head><body><h1>{html.escape(title)}</h1>{body}</body></html>").encode()
+    return (f"<!doctype html><html><head><meta charset='utf-8'>"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f"<meta name='referrer' content='no-referrer'><title>{html.escape(title)}</title>{_STYLE}"
+            f"<script>{_LOAD_JS}</script></head><body><h1>{html.escape(title)}</h1>{body}</body></html>").encode()
 
 
 def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataFrame, summary: dict,
