@@ -32,3 +32,18 @@ def make_config(tmp_path, input_path, **sections):
     data = {"input": {"path": str(input_path)}, "run_dir": str(tmp_path / "run")}
     data.update(sections)
     return from_dict(data)
+
+
+def chromium_dom(page, profile, *extra) -> str:
+    """Headless Debian chromium's DOM of a local page after its load handlers (skips the test
+    where chromium is not installed)."""
+    import shutil
+    import subprocess
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Debian's chromium is not installed (make test installs it where apt can)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             "--virtual-time-budget=5000"]
+    args = list(extra) or ["--dump-dom"]
+    return subprocess.run([exe, *flags, *args, page.as_uri()], capture_output=True, text=True, timeout=120).stdout

@@ -198,17 +198,11 @@ def test_hf_parquet_export_embeds_the_original_image_bytes(ray_run):
 
 def test_html_report_renders_in_headless_chromium(ray_run, tmp_path):
     import re
-    import shutil
-    import subprocess
+
+    from conftest import chromium_dom
     cfg, _, _ = ray_run
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (make test installs it where apt can)")
     page = cfg.run_path / "report" / "index.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
-    dom = subprocess.run([exe, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = chromium_dom(page, tmp_path / "profile")
     body = re.search(r'<body data-images="(\d+)" data-loaded="(\d+)"', dom)
     assert body, "the page's load handler did not run"
     assert int(body.group(1)) > 20 and body.group(1) == body.group(2)      # every thumbnail decoded
@@ -216,8 +210,7 @@ def test_html_report_renders_in_headless_chromium(ray_run, tmp_path):
     assert dom.count('class="group"') == min(groups, 40) > 0
     assert 'id="borderline"' in dom
     shot = tmp_path / "report.png"
-    subprocess.run([exe, *flags, "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120)
+    chromium_dom(page, tmp_path / "profile", "--window-size=1200,1600", f"--screenshot={shot}")
     assert shot.stat().st_size > 20_000
     top = pq.read_table(cfg.run_path / "report" / "top_groups.parquet").to_pandas()
     assert top["size"].is_monotonic_decreasing and set(top.columns) >= {"representative_key", "size", "url", "caption"}

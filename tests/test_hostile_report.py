@@ -2,7 +2,6 @@
 page's own (real pipeline, real headless Chromium where installed)."""
 import re
 import shutil
-import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ from dedup2b.core.executor import LocalExecutor
 from dedup2b.driver import run_stages
 from dedup2b.lib.gallery import CSP, link
 
-from conftest import make_config
+from conftest import chromium_dom, make_config
 
 PWN = "document.body.setAttribute('data-pwned','{}')"
 URLS = [f"javascript:{PWN.format('js-link')}", " JaVaScRiPt:" + PWN.format("js-case"),
@@ -60,14 +59,7 @@ def test_report_pages_carry_the_policy_and_no_live_payload(hostile_run):
 
 
 def test_nothing_hostile_runs_in_chromium(hostile_run, tmp_path):
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("Debian's chromium is not installed (make test installs it where apt can)")
-    page = hostile_run.run_path / "report" / "index.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-             "--virtual-time-budget=5000"]
-    dom = subprocess.run([exe, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = chromium_dom(hostile_run.run_path / "report" / "index.html", tmp_path / "profile")
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-images="' in body, "the page's own script did not run (policy hash wrong?)"
     assert "data-pwned" not in body, body                 # no caption, key or url payload ran
