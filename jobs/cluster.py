@@ -14,6 +14,10 @@ The state (ports, sessions) lives in `<temp dir>/dedup2b-cluster.json`.
 
 The temp dir holds the cluster's token and the state `down` acts on, so it must be this user's
 alone: it is created 0700, and one owned by another user, writable by others, or a link is refused.
+Ray's own temp dir is `<temp dir>/ray` (Ray makes it world-writable; nobody else can reach it).
+The dashboard and job server listen on 127.0.0.1; Ray 2.60's `ray start` turns a node address of
+127.0.0.1 into the machine's outward address for the GCS, raylets and workers of a cluster that
+can take more nodes (its single-node switch refuses a second raylet), guarded by the token.
 The token is created anew, exclusively, 0600; the state file is written 0600 and refused when it
 is not this user's. `down` signals only processes of this user whose session has a process naming
 the cluster's temp dir: a forged state cannot make it kill another process.
@@ -43,6 +47,11 @@ ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFF
 def ray_cli() -> str:
     """The `ray` of this Python, so the cluster's workers run this environment."""
     return str(Path(sys.executable).parent / "ray")
+
+
+def ray_dir(temp_dir) -> Path:
+    """Ray's temp dir (sessions, logs, unix sockets) inside the private one."""
+    return Path(temp_dir) / "ray"
 
 
 def _state_path(temp_dir) -> Path:
@@ -187,13 +196,12 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
     args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--ray-client-server-port={port + 1}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
             f"--num-cpus={num_cpus or os.cpu_count()}", f"--object-store-memory={object_store_mb * 1024 ** 2}",
-            f"--temp-dir={temp_dir}", *_node_ports(port, 0)]
+            f"--temp-dir={ray_dir(temp_dir)}", *_node_ports(port, 0)]
     if resources:
         args.append("--resources=" + json.dumps(resources))
     state = {"temp_dir": temp_dir, "port": port, "dashboard": f"http://127.0.0.1:{dashboard_port}",
              "sessions": [], "nodes": ["head"]}
     state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
-    private_dir(temp_dir)            # still this user's alone after Ray made its folders in it
     _write_state(temp_dir, state)
     try:
         wait_http(state["dashboard"] + "/api/version", timeout)
@@ -216,7 +224,7 @@ def add_node(temp_dir=DEFAULT_TEMP, name: str = "node_b", num_cpus: int = 1, obj
     args = [f"--address=127.0.0.1:{state['port']}", f"--num-cpus={num_cpus}",
             f"--object-store-memory={object_store_mb * 1024 ** 2}", "--resources=" + json.dumps({name: 1}),
             # a temp dir of its own: nodes sharing one would share (and delete) unpacked working dirs
-            f"--temp-dir={Path(state['temp_dir']) / name}", *_node_ports(state["port"], k)]
+            f"--temp-dir={ray_dir(state['temp_dir']) / name}", *_node_ports(state["port"], k)]
     state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
     state["nodes"].append(name)
     _write_state(temp_dir, state)

@@ -82,11 +82,12 @@ class RayExecutor:
             ray.init(address=self.cfg.address, log_to_driver=False, runtime_env=env)
         else:
             # address="local": always a fresh embedded instance, never a cluster started on this machine
-            ray.init(address="local", num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
-                     runtime_env=env,
-                     object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
-                     _node_ip_address="127.0.0.1", log_to_driver=False,
-                     configure_logging=True, logging_level="warning")
+            with _loopback_only():
+                ray.init(address="local", num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
+                         runtime_env=env,
+                         object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
+                         _node_ip_address="127.0.0.1", log_to_driver=False,
+                         configure_logging=True, logging_level="warning")
         self._started = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -170,6 +171,26 @@ class RayExecutor:
         import ray
         if self._started and ray.is_initialized():
             ray.shutdown()
+
+
+@contextmanager
+def _loopback_only():
+    """While an embedded Ray starts: its node address is 127.0.0.1, so the GCS, raylet, workers,
+    agents and metrics exporters listen on loopback only. Ray maps a `_node_ip_address` of
+    127.0.0.1 to the machine's outward address unless its single-node switch (the one it uses on
+    macOS and Windows) is set: set here for this process and the processes it starts, then put back."""
+    import ray._private.ray_constants as constants
+    key = constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before_flag = os.environ.get(key), constants.ENABLE_RAY_CLUSTER
+    os.environ[key], constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before_env
 
 
 def _unit_name(item: Any) -> str:
