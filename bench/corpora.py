@@ -97,7 +97,7 @@ def write_corpus(out, x: np.ndarray, source: np.ndarray, rows_per_shard: int = 1
 
 def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int = 96, seed: int = 0,
                     max_group: int = 50, tail: float = 2.3, rows_per_shard: int = 100_000,
-                    chunk: int = 100_000) -> list[str]:
+                    chunk: int = 100_000, giant: tuple[int, ...] = ()) -> list[str]:
     """`clip_like` + `write_corpus` in bounded memory, for corpora too big for RAM (4 M x 768).
 
     Same distribution as `clip_like` (shared mean direction, low-rank topics, Zipf duplicate
@@ -106,7 +106,8 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
     are drawn in float32, `chunk` sources at a time with their duplicates, from a generator seeded
     by (seed, chunk number), and scattered straight into memory-mapped fp16 shard files. Peak
     memory is about chunk x d x 4 bytes x a few, plus 8 bytes a row; output is deterministic for
-    a given (n, d, ..., seed, chunk)."""
+    a given (n, d, ..., seed, chunk). `giant`: sizes of extra copy groups of one source each (a
+    placeholder or stock photo crawled that many times), drawn from the duplicates' budget."""
     from pathlib import Path
 
     import pyarrow as pa
@@ -123,6 +124,10 @@ def write_clip_like(out, n: int, d: int = 768, dup_frac: float = 0.3, rank: int 
     topic_of = rng.integers(0, n_topics, n_src)
     n_dup = n - n_src
     owners = group_owners(rng, n_src, n_dup, max_group, tail)
+    at = 0
+    for size in giant:                        # one source each, copied `size` times
+        owners[at:at + size] = rng.integers(0, n_src)
+        at += size
     scale = rng.uniform(0.03, 0.25, n_dup).astype(np.float32)
     perm = rng.permutation(n)                 # output row p holds generated row perm[p]
     pos = np.empty(n, np.int64)

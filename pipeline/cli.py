@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             for stage, info in status(args.run_dir).items():
                 print(f"{stage:8s} {info}")
             return 0
-    except (config_mod.ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (config_mod.ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"dedup2b: error: {exc}", file=sys.stderr)
         return 2
     return 1

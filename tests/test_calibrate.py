@@ -22,7 +22,7 @@ from conftest import make_config
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_corpus):
     root, shards = demo_corpus
-    cfg = make_config(tmp_path_factory.mktemp("calibrate"), shards)
+    cfg = make_config(tmp_path_factory.mktemp("calibrate"), shards, search={"pairs": "all"})   # audit: every pair
     run_stages(cfg, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
     return cfg, root
 

@@ -60,3 +60,36 @@ def test_cli_and_jobs_build_the_same_config(tmp_path, monkeypatch):
     assert a.input.path == str(tmp_path / "data") and a.codec.nlist == 64 and a.export.formats == ["keep"]
     with pytest.raises(ConfigError, match="--set"):
         cli.build_config(argparse.Namespace(**{**vars(args), "set": ["codec.nlist"]}))
+
+
+def test_set_values_take_the_fields_type_and_bad_ones_are_named(tmp_path, capsys):
+    from dedup2b.cli import main
+    from dedup2b.core.config import build
+    cfg = build(None, ["group.exact_bytes=False", "codec.opq=true", "search.threshold=0.9", "embed.batch_size=64",
+                       "export.formats=keep,hf"], tmp_path, {"input.path": "x"})
+    assert cfg.group.exact_bytes is False and cfg.codec.opq is True and cfg.search.threshold == 0.9
+    assert cfg.embed.batch_size == 64 and cfg.export.formats == ["keep", "hf"]
+    with pytest.raises(ConfigError, match="search.threshold: 'abc' is not a valid float"):
+        build(None, ["search.threshold=abc"], tmp_path, {"input.path": "x"})
+    with pytest.raises(ConfigError, match="embed.batch_size: 2.5 is not a valid int"):
+        build(None, ["embed.batch_size=2.5"], tmp_path, {"input.path": "x"})
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- input\n- search\n")
+    shards = tmp_path / "in"
+    shards.mkdir()
+    for argv, needle in ((["run", "--input", str(shards), "--set", "search.threshold=abc"], "search.threshold"),
+                         (["run", "--config", str(listed)], "list.yaml: a config is a mapping")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_an_unwritable_run_dir_is_a_one_line_error(demo_corpus, tmp_path, capsys):
+    """A run dir that cannot be made (here: under a file, which fails for root too) is named."""
+    from dedup2b.cli import main
+    _, shards = demo_corpus
+    (tmp_path / "file").write_text("x")
+    assert main(["ingest", "--input", str(shards), "--run-dir", str(tmp_path / "file" / "run"),
+                 "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "file") in err[0], err

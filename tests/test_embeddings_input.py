@@ -105,3 +105,26 @@ def test_cli_runs_released_embeddings_and_exports_chosen_formats(tmp_path):
                  "--run-dir", str(run), "--index-dir", str(tmp_path / "idx"), "--format", "keep"]) == 0
     keep = pq.read_table(run / "export" / "keep.parquet")
     assert keep.num_rows == summary["kept"]
+
+
+def test_binary_captions_and_overflowing_norms(tmp_path):
+    """Binary metadata text is decoded (U+FFFD where not UTF-8); a vector whose norm overflows
+    float32 is renormalised exactly, never an all-zero ok row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dedup2b.core.config import InputConfig
+    from dedup2b.sources import embeddings
+    (tmp_path / "e" / "img_emb").mkdir(parents=True)
+    (tmp_path / "e" / "metadata").mkdir()
+    x = np.ones((3, 8), np.float32)
+    x[1] *= 3e19                                                  # |x|^2 overflows float32
+    np.save(tmp_path / "e" / "img_emb" / "img_emb_0000.npy", x)
+    pq.write_table(pa.table({"caption": pa.array([b"ok", b"\xff\xfebin", None], pa.binary()),
+                             "url": ["u0", "u1", "u2"]}), tmp_path / "e" / "metadata" / "metadata_0000.parquet")
+    shard = embeddings.list_shards(tmp_path / "e")[0]
+    cfg = InputConfig(path=str(tmp_path / "e"), format="embeddings", renormalize=True)
+    rows = embeddings.ingest_shard(shard, cfg).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 3 and rows[0]["caption"] == "ok" and "\ufffd" in rows[1]["caption"]
+    v = embeddings.unit_vectors(shard, np.arange(3), cfg).astype(np.float32)
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-3) and np.allclose(v[1], v[0], atol=1e-3)

@@ -92,3 +92,17 @@ def test_batches_shrink_on_cuda_out_of_memory_and_keep_every_row():
     want = x.reshape(10, -1)[:, :4] + 1.0
     np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
     assert e.max_batch == 2                  # 10 -> 5 -> 2, then kept
+
+
+def test_decode_errors_read_the_same_on_every_run():
+    """An undecodable image's reason holds no object address (reports equal between clean runs)."""
+    import numpy as np
+
+    from dedup2b.stages.embed import preprocess_batch
+    batch = {"gid": [1, 2], "shard": ["00000", "00000"], "data": [b"not an image", b"\x89PNG broken"],
+             "t_read": [0.0, 0.0]}
+    pp = preprocess_for("timm:tf_efficientnet_lite0")
+    first, second = preprocess_batch(dict(batch), pp)["error"], preprocess_batch(dict(batch), pp)["error"]
+    assert list(first) == list(second) and all(e.startswith("decode: ") for e in first)
+    assert not any("0x" in e for e in first), first
+    assert np.all(preprocess_batch(dict(batch), pp)["pixels"] == 0)

@@ -95,6 +95,12 @@ class SearchConfig:
     max_cells: int = 3          # cells per vector at most
     cells_per_task: int = 64    # cells joined by one task
     device: str = "auto"        # cell-join products: auto (CUDA when visible, else numpy), numpy, cpu, cuda
+    # which verified edges are kept: forest = the edges of a spanning forest of each group (pairs
+    # .parquet holds n - groups edges; cells of dense_cell rows or more are joined as components,
+    # not pair by pair: a group of 100,000 copies costs O(rows), not 5e9 pairs); all = every pair
+    # at or above the threshold, everywhere (small runs: the cost grows with the pairs)
+    pairs: str = "forest"
+    dense_cell: int = 4096
     margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
     nprobe: int = 8             # pq: IVF cells visited per query
     query_batch: int = 4096
@@ -110,6 +116,10 @@ class SearchConfig:
             raise ConfigError(f"search.device: {self.device!r}; known: auto, numpy, cpu, cuda")
         if self.max_cells < 1 or self.cells_per_task < 1:
             raise ConfigError("search.max_cells / search.cells_per_task: must be >= 1")
+        if self.pairs not in ("forest", "all"):
+            raise ConfigError(f"search.pairs: {self.pairs!r}; known: forest, all")
+        if self.dense_cell < 2:
+            raise ConfigError("search.dense_cell: must be >= 2 (rows of a cell joined as components)")
 
 
 @dataclass
@@ -238,32 +248,84 @@ _SECTIONS = {"input": InputConfig, "embed": EmbedConfig, "codec": CodecConfig, "
              "group": GroupConfig, "export": ExportConfig, "ray": RayConfig, "decontaminate": DecontaminateConfig}
 
 
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def coerce(name: str, value: Any, kind: str) -> Any:
+    """A value (from YAML or a --set string) as the field's declared type, or a ConfigError naming
+    the field: "False" is false for a bool, "0.9" a float, "a,b" or '["a"]' a list."""
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{name}: a value is required")
+    base = kind.replace(" | None", "").strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).strip().lower() in _TRUE | _FALSE and not isinstance(value, float):
+                return str(value).strip().lower() in _TRUE
+            raise ValueError
+        if base in ("int", "float"):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if not isinstance(number, (int, float)) or number != number:
+                raise ValueError
+            if base == "int":
+                if float(number) != int(number):
+                    raise ValueError
+                return int(number)
+            return float(number)
+        if base.startswith("list"):
+            if isinstance(value, str):
+                text = value.strip()
+                value = json.loads(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
+        if base == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {base}") from None
+    return value
+
+
 def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from nested dicts; unknown keys are errors that name the key."""
+    """Build a RunConfig from nested dicts; unknown keys are errors that name the key; values are
+    converted to each field's type (coerce)."""
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"config: expected a mapping of sections at the top level, got {type(data).__name__}")
     kwargs: dict[str, Any] = {}
-    top = {f.name for f in dataclasses.fields(RunConfig)}
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     for key, value in (data or {}).items():
-        if key not in top:
-            raise ConfigError(f"{key}: unknown config key; known: {sorted(top)}")
+        if key not in fields:
+            raise ConfigError(f"{key}: unknown config key; known: {sorted(fields)}")
         cls = _SECTIONS.get(key)
         if cls is None:
-            kwargs[key] = value
+            kwargs[key] = coerce(key, value, str(fields[key].type))
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in dataclasses.fields(cls)}
         for sub in value:
             if sub not in known:
                 raise ConfigError(f"{key}.{sub}: unknown config key; known: {sorted(known)}")
-        kwargs[key] = cls(**value)
+        kwargs[key] = cls(**{sub: coerce(f"{key}.{sub}", v, str(known[sub].type)) for sub, v in value.items()})
     return RunConfig(**kwargs)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (input:, search:, ...), got a "
+                          f"{type(data).__name__} at the top level")
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,14 @@ Search, in two resumable steps that run as Ray tasks:
                               threshold, losslessly; survivors are re-scored with the stored vectors
 Pairs are found exactly within shared cells; what a cell border can still hide is measured by
 `make bench-search` against exhaustive search.
+
+Dense cells (`join_cell_dense`, cells of `dense_min` rows or more): a placeholder photo crawled
+100,000 times puts 100,000 near copies, 5e9 pairs, in one cell. There the join finds the cell's
+connected components and writes the edges of a spanning forest of its threshold graph, not every
+pair: leaders (rows whose similarity to every member is computed exactly) settle whole balls of
+copies at once, and only pairs of rows in different components are bounded and re-scored. A
+union of spanning forests of the cells has the components of the union of the cells' graphs, so
+the groups are unchanged; what changes is the output, O(rows) instead of O(pairs).
 """
 from __future__ import annotations
 
@@ -120,6 +128,101 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32), n_cand
 
 
+def join_cell_dense(x: np.ndarray, zr: np.ndarray, threshold: float, round_size: int = 64, min_ball: int = 16,
+                    budget: int = 1 << 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The edges (i, j local, i < j) of a spanning forest of one cell's threshold graph (exact
+    cosine >= threshold), their cosines, and how many products were computed or bounded.
+
+    1. Leader rounds: `round_size` rows not yet in a ball (seeded draw) get their exact cosine to
+       every row; taken in order of how many free rows they reach, a free candidate becomes a
+       leader and its free neighbours its ball. Every edge of every candidate goes through the
+       union-find, keeping those that join two components (so every edge at a candidate is
+       accounted for). Rounds stop when a round's new ball members average below `min_ball`.
+    2. The pairs not yet accounted for (neither row a candidate) matter only between different
+       components: rows sorted by component, a component (or a run of small ones) is bounded
+       with the projected bound against the rows after it, in chunks of `budget` products, and
+       the survivors in different components are re-scored exactly; joining edges are kept.
+    Exact: an edge (a, b) either has a candidate end (seen in 1) or is bounded in 2 unless a and
+    b were already connected."""
+    from .unionfind import UnionFind
+    n = len(x)
+    uf = UnionFind(n)
+    ball = np.zeros(n, bool)
+    seen = np.zeros(n, bool)                  # candidates: every edge at them is accounted for
+    out_i, out_j, out_s = [], [], []
+    n_work = 0
+    rng = np.random.default_rng(seed)
+
+    def keep_forest(a, b, sim):
+        k = uf.forest(a, b)
+        if k.any():
+            out_i.append(np.minimum(a[k], b[k])); out_j.append(np.maximum(a[k], b[k])); out_s.append(sim[k])
+
+    while True:
+        free = np.flatnonzero(~ball)
+        if not len(free):
+            break
+        cand = free if len(free) <= round_size else np.sort(rng.choice(free, round_size, replace=False))
+        sims = x[cand] @ x.T
+        n_work += sims.size
+        hits = sims >= threshold
+        reach = (hits & ~ball[None, :]).sum(axis=1)
+        new = 0
+        for c in np.argsort(-reach, kind="stable"):
+            lead = cand[c]
+            ys = np.flatnonzero(hits[c])
+            ys = ys[ys != lead]
+            if not ball[lead]:                  # a leader: its free neighbours are its ball
+                fresh = ys[~ball[ys]]
+                ball[fresh] = True
+                ball[lead] = True
+                new += len(fresh)
+            keep_forest(np.full(len(ys), lead, np.int64), ys, sims[c, ys])
+        seen[cand] = True
+        if new < min_ball * len(cand):
+            break
+
+    rest = np.flatnonzero(~seen)
+    lab = uf.find(rest)
+    order = np.lexsort((rest, lab))
+    rest, lab = rest[order], lab[order]
+    starts = np.r_[0, np.nonzero(lab[1:] != lab[:-1])[0] + 1] if len(rest) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(rest)]
+    seg = 2048
+    ci = 0
+    while ci < len(starts):
+        p = starts[ci]
+        if ends[ci] - p >= seg:                 # a big component: against the rows after it
+            q, c0 = ends[ci], ends[ci]
+            ci += 1
+        else:                                   # a run of small components: against itself and after
+            cj = ci
+            while cj + 1 < len(starts) and ends[cj + 1] - p <= seg:
+                cj += 1
+            q, c0 = ends[cj], p
+            ci = cj + 1
+        cols = rest[c0:]
+        step = max(1, budget // max(len(cols), 1))
+        for r0 in range(p, q, step):
+            r1 = min(r0 + step, q)
+            hit = zr[rest[r0:r1]] @ zr[cols].T >= threshold
+            n_work += hit.size
+            ii, jj = np.nonzero(hit)
+            ok = (c0 + jj) > (r0 + ii)          # each pair once (by position in `rest`)
+            a, b = rest[r0 + ii[ok]], cols[jj[ok]]
+            ok = uf.find(a) != uf.find(b)        # only pairs that could still join components
+            a, b = a[ok], b[ok]
+            sim = np.empty(len(a), np.float32)
+            for g in range(0, len(a), 1 << 16):
+                sim[g:g + (1 << 16)] = np.einsum("ij,ij->i", x[a[g:g + (1 << 16)]], x[b[g:g + (1 << 16)]])
+            ok = sim >= threshold
+            keep_forest(a[ok], b[ok], sim[ok])
+    if not out_i:
+        e = np.zeros(0, np.int64)
+        return e, e, np.zeros(0, np.float32), n_work
+    return (np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32), n_work)
+
+
 def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
     """join_cell on torch tensors (a CUDA device when there is one): the same pairs, exact fp32
     products (TF32 off), dense blocks only — a GPU multiplies faster than it gathers."""
@@ -149,11 +252,14 @@ def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
 
 def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np.ndarray,
                  threshold: float, cells: tuple[int, int] | None = None,
-                 device: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                 device: str | None = None, dense_min: int = 0,
+                 edge_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid) whose cell
     sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
     several cells is emitted only by the smallest one, so every pair appears exactly once across
-    all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy."""
+    all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy.
+    A cell of `dense_min` rows or more (0: none) gives the edges of a spanning forest of its graph
+    at `edge_threshold` instead (join_cell_dense, numpy): the same components, O(rows) edges."""
     cellsets = np.asarray(cellsets, dtype=np.int64).reshape(len(gids), -1)
     lo, hi = cells if cells is not None else (0, int(cellsets.max()) + 1)
     multi = (cellsets >= 0).sum(axis=1) > 1
@@ -174,12 +280,20 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
     starts = np.r_[0, np.nonzero(cell_of[1:] != cell_of[:-1])[0] + 1, len(cell_of)]
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     n_cand = 0
+    zr_np = zr if device is None else None
     for c0, c1 in zip(starts[:-1], starts[1:]):
         if c1 - c0 < 2:
             continue
         m = member[c0:c1]
-        mi = m if device is None else torch.from_numpy(m).to(device)
-        i, j, sim, n = join(xs[mi], zr[mi], threshold)
+        if dense_min and c1 - c0 >= dense_min:
+            if zr_np is None:
+                zr_np = zr.cpu().numpy()
+            xm = np.ascontiguousarray(x[m], dtype=np.float32)
+            i, j, sim, n = join_cell_dense(xm, zr_np[m], threshold if edge_threshold is None else edge_threshold,
+                                           seed=int(cell_of[c0]))
+        else:
+            mi = m if device is None else torch.from_numpy(m).to(device)
+            i, j, sim, n = join(xs[mi], zr[mi], threshold)
         n_cand += n
         i, j = m[i], m[j]
         # a pair shares only this cell unless both rows have several; check those alone

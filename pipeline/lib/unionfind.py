@@ -1,4 +1,5 @@
-"""Exact connected components over edges that arrive in chunks (streamed from parquet).
+"""Exact connected components over edges that arrive in chunks (streamed from parquet), and the
+spanning forest that proves them.
 
 Memory: one int64 parent per node (8 bytes) plus the current edge chunk. Every operation is a
 numpy array operation: no Python loop per edge. Parents always point to a smaller node index,
@@ -51,6 +52,31 @@ class UnionFind:
         for a, b in chunks:
             self.union(a, b)
         return self
+
+    def forest(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Merge the components of the pairs, keeping a spanning forest: a mask of the edges that
+        joined two components (none closes a cycle). Vectorised Boruvka rounds: each component
+        takes its incident live edge of smallest index; those edges are acyclic (distinct weights),
+        their components merge, and the rest is filtered again (at most log2(n) rounds)."""
+        a = np.asarray(a, dtype=np.int64)
+        b = np.asarray(b, dtype=np.int64)
+        keep = np.zeros(len(a), bool)
+        idx = np.arange(len(a))
+        while len(idx):
+            ra, rb = self.find(a[idx]), self.find(b[idx])
+            live = ra != rb
+            idx, ra, rb = idx[live], ra[live], rb[live]
+            if not len(idx):
+                break
+            roots = np.concatenate([ra, rb])
+            edge = np.concatenate([idx, idx])
+            order = np.lexsort((edge, roots))
+            first = np.ones(len(order), bool)
+            first[1:] = roots[order][1:] != roots[order][:-1]
+            picked = np.unique(edge[order][first])
+            keep[picked] = True
+            self.union(a[picked], b[picked])
+        return keep
 
     def labels(self) -> np.ndarray:
         """Component label of every node: its component's smallest node index."""

@@ -27,6 +27,17 @@ def content_uid(url, caption) -> str:
     return hashlib.blake2b(f"{url}\t{caption}".encode(), digest_size=16).hexdigest()
 
 
+def normalize_uid(value) -> str | None:
+    """An input's uid as 32 lowercase hex digits (128 bits, what keep-lists and subset.npy hold):
+    as given when it is one, else the blake2b-128 of its text, so any uid string stays stable."""
+    if value is None or value == "":
+        return None
+    text = as_text(value)
+    if len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return text.lower()
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 class InputError(ValueError):
     """An input file is missing or malformed; the message names the file."""
 

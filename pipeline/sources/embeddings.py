@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import SCHEMA, InputError, Shard, content_uid, make_gid
+from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, normalize_uid
 
 FORMAT = "embeddings"
 HAS_IMAGES = False    # vectors only: nothing to decode, nothing to copy on export
@@ -77,7 +77,8 @@ def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tupl
     """(unit float32 vectors, ok mask, error per row) for one chunk."""
     x = np.asarray(x, dtype=np.float32)
     finite = np.isfinite(x).all(axis=1)
-    norms = np.linalg.norm(np.where(finite[:, None], x, 0), axis=1)
+    # float64: a float32 vector's squared norm can overflow float32 (|x_i| > 1.8e19) and read as inf
+    norms = np.linalg.norm(np.where(finite[:, None], x, 0).astype(np.float64), axis=1)
     ok = finite & (norms > 1e-6)
     errors = [None if o else ("vector: non-finite values" if not f else "vector: zero norm")
               for o, f in zip(ok, finite)]
@@ -86,7 +87,7 @@ def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tupl
         raise InputError(f"{path}: {int(off.sum())} vectors have norms off 1 by more than {tolerance} "
                          f"(e.g. {norms[off][0]:.4f}); set input.renormalize: true to normalise them")
     unit = np.zeros_like(x)
-    unit[ok] = x[ok] / norms[ok, None]
+    unit[ok] = (x[ok].astype(np.float64) / norms[ok, None]).astype(np.float32)
     return unit, ok, errors
 
 
@@ -98,7 +99,7 @@ def ingest_shard(shard: Shard, cfg) -> pa.Table:
     if meta.num_rows != len(x):
         raise InputError(f"{shard.data}: {len(x)} vectors but {shard.parquet} has {meta.num_rows} rows")
     cols = set(meta.column_names)
-    get = lambda c: meta[c].to_pylist() if c in cols else [None] * meta.num_rows  # noqa: E731
+    get = lambda c: [as_text(v) for v in meta[c].to_pylist()] if c in cols else [None] * meta.num_rows  # noqa: E731
     url, caption = get("url"), get("caption")
     keys, uids = get("key"), get("uid")
     rows = []
@@ -106,11 +107,11 @@ def ingest_shard(shard: Shard, cfg) -> pa.Table:
         _, ok, errors = row_status(x[s:s + CHUNK], renormalize, tolerance, shard.data)
         for i in range(len(ok)):
             r = s + i
-            rows.append({"key": str(keys[r]) if keys[r] is not None else f"{shard.name}_{r:07d}",
+            rows.append({"key": keys[r] if keys[r] not in (None, "") else f"{shard.name}_{r:07d}",
                          "shard": shard.name, "row": r, "gid": make_gid(shard.index, r), "url": url[r],
                          "caption": caption[r], "status": "ok" if ok[i] else "failed", "error": errors[i],
                          "member": None, "sha256": None, "width": None, "height": None, "nbytes": None,
-                         "uid": uids[r] or content_uid(url[r], caption[r])})
+                         "uid": normalize_uid(uids[r]) or content_uid(url[r], caption[r])})
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

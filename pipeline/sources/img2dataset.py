@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid
+from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, normalize_uid
 
 FORMAT = "img2dataset"
 HAS_IMAGES = True     # the embed stage decodes them; export copies their original bytes
@@ -40,9 +40,15 @@ def list_shards(folder: str | Path) -> list[Shard]:
     return shards
 
 
-def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
-    """key -> {ext -> member}; refuses member names that would escape a folder."""
+def _tar_members(path: Path) -> tuple[dict[str, dict[str, tarfile.TarInfo]], dict[str, str]]:
+    """(key -> {ext -> member}, key -> why its members are ambiguous); refuses member names that
+    would escape a folder. A key is ambiguous when one member name appears twice, or when
+    members in different folders share its name (`plain0.jpg`, `other/plain0.jpg`): which bytes
+    belong to the row cannot be told, so the row fails with that reason."""
     out: dict[str, dict[str, tarfile.TarInfo]] = {}
+    bad: dict[str, str] = {}
+    names: dict[str, str] = {}            # member name -> first seen (a repeat is ambiguous)
+    folder_of: dict[str, str] = {}        # key -> folder of its members
     try:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
@@ -52,10 +58,17 @@ def _tar_members(path: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise InputError(f"{path}: unsafe member name {name!r}")
                 stem, _, ext = Path(name).name.rpartition(".")
-                out.setdefault(stem, {})[ext.lower()] = m
+                folder = str(Path(name).parent)
+                if name in names:
+                    bad.setdefault(stem, f"member {name} appears twice in {path.name}")
+                elif folder_of.setdefault(stem, folder) != folder:
+                    bad.setdefault(stem, f"key {stem} names members in two folders of {path.name} "
+                                         f"({folder_of[stem]!r} and {folder!r})")
+                names[name] = name
+                out.setdefault(stem, {}).setdefault(ext.lower(), m)
     except tarfile.TarError as exc:
         raise InputError(f"{path}: unreadable tar ({exc})") from exc
-    return out
+    return out, bad
 
 
 def validate(shards: list[Shard]) -> None:
@@ -67,28 +80,39 @@ def ingest_shard(shard: Shard, cfg=None) -> pa.Table:
     if not shard.data.exists():
         raise InputError(f"{shard.data}: tar missing beside {shard.parquet.name}")
     try:
-        meta = pq.read_table(shard.parquet).to_pylist()
+        table = pq.read_table(shard.parquet)
     except Exception as exc:
         raise InputError(f"{shard.parquet}: unreadable parquet ({exc})") from exc
-    members = _tar_members(shard.data)
+    if "key" not in table.column_names:
+        raise InputError(f"{shard.parquet}: no 'key' column (img2dataset writes each sample's key, the name "
+                         "of its tar members); rows cannot be matched to images or exported without it")
+    meta = table.to_pylist()
+    members, ambiguous = _tar_members(shard.data)
     rows = []
+    first_row: dict[str, int] = {}
     with tarfile.open(shard.data, "r:*") as tar:
         for i, rec in enumerate(meta):
-            key = str(rec.get("key") or f"{shard.name}{i:04d}")
+            key = str(rec["key"]) if rec.get("key") not in (None, "") else f"{shard.name}{i:04d}"
             row = {"key": key, "shard": shard.name, "row": i, "gid": make_gid(shard.index, i),
                    "url": as_text(rec.get("url")), "caption": as_text(rec.get("caption")), "status": "ok", "error": None,
                    "member": None, "sha256": None, "width": rec.get("original_width") or rec.get("width"),
                    "height": rec.get("original_height") or rec.get("height"), "nbytes": None,
-                   "uid": as_text(rec.get("uid")) or content_uid(as_text(rec.get("url")), as_text(rec.get("caption")))}
+                   "uid": normalize_uid(rec.get("uid")) or content_uid(as_text(rec.get("url")), as_text(rec.get("caption")))}
             img = next((m for ext, m in members.get(key, {}).items() if ext in IMAGE_EXTS), None)
-            if rec.get("status", "success") != "success":
+            if key in first_row:
+                row.update(status="failed", error=f"key {key} appears twice in {shard.parquet.name} (rows "
+                                                  f"{first_row[key]} and {i}): only the first is kept")
+            elif rec.get("status", "success") != "success":
                 row.update(status="failed", error=f"img2dataset: {rec.get('status')}: {rec.get('error_message')}")
+            elif key in ambiguous:
+                row.update(status="failed", error=ambiguous[key])
             elif img is None:
                 row.update(status="failed", error=f"image for key {key} missing from {shard.data.name}")
             else:
                 f = tar.extractfile(img)
                 data = f.read() if f else b""
                 row.update(member=img.name, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+            first_row.setdefault(key, i)
             rows.append(row)
     # images in the tar that no parquet row names: input rows too, never silently dropped
     named = {r["key"] for r in rows}
@@ -109,10 +133,12 @@ def read_images(shard: Shard, wanted: dict) -> list[tuple[object, bytes]]:
 def read_tar_members(tar_path: str, wanted: dict) -> list[tuple[object, bytes]]:
     """(value, image bytes) for the wanted member names (name -> value, e.g. a gid), in tar order."""
     out = []
+    seen = set()
     with tarfile.open(tar_path, "r:*") as tar:
         for m in tar:
             gid = wanted.get(m.name)
-            if gid is not None:
+            if gid is not None and m.name not in seen:     # a repeated name: its first copy only
+                seen.add(m.name)
                 f = tar.extractfile(m)
                 out.append((gid, f.read() if f else b""))
     return out

@@ -8,6 +8,7 @@ Rows that cannot be decoded come back with their reason and land in embed/failed
 """
 from __future__ import annotations
 
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..sources import Shard, source_for
 NAME = "embed"
 FIELDS = ("input", "embed.model")
 META_COLUMNS = ["key", "gid", "url", "caption", "sha256"]
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 def units(run: Run) -> list[Marker]:
@@ -43,6 +45,12 @@ def read_rows(item: dict) -> list[dict]:
     return [{"gid": gid, "shard": item["shard"], "data": data, "t_read": per_row} for gid, data in rows]
 
 
+def decode_error(exc: Exception) -> str:
+    """A decoder's error as a row's reason, the same on every run: object addresses
+    (`<_io.BytesIO object at 0x7f…>`) left out."""
+    return "decode: " + _ADDRESS.sub(">", f"{type(exc).__name__}: {exc}")
+
+
 def preprocess_batch(batch: dict, pp: Preprocess) -> dict:
     """Decode, resize and crop a batch to uint8 pixels (the model actor normalises: a quarter of
     the bytes to move); a row that fails keeps its place with zero pixels and a reason."""
@@ -54,7 +62,7 @@ def preprocess_batch(batch: dict, pp: Preprocess) -> dict:
         try:
             pixels[i] = crop_bytes(bytes(data), pp)
         except Exception as exc:  # any decoder error becomes the row's failure reason
-            errors[i] = f"decode: {type(exc).__name__}: {exc}"
+            errors[i] = decode_error(exc)
     return {"gid": np.asarray(batch["gid"], dtype=np.int64), "shard": np.asarray(batch["shard"]),
             "pixels": pixels, "error": errors, "t_read": np.asarray(batch["t_read"], dtype=np.float64),
             "t_decode": np.full(n, (time.perf_counter() - t0) / max(n, 1))}

@@ -211,12 +211,19 @@ def run(run: Run, ex, stats: dict) -> dict:
 
     # one pass more: each node's nearest verified neighbour, and every edge into edges.parquet
     nearest = Nearest(n)
-    n_edges = 0
+    n_edges = n_verified = 0
+    # search.pairs forest: the edges that join components, in the order they come (exact bytes
+    # first): a spanning forest of the threshold graph, n - components edges whatever the pairs
+    forest = UnionFind(n + (len(old["group_ids"]) if old is not None else 0)) if cfg.search.pairs == "forest" else None
     with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
         for a, b, ga, gb, sim, kind in edges.scored():
             inside = b >= 0
             nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
                            np.concatenate([sim, sim[inside]]))
+            n_verified += len(ga)
+            if forest is not None:
+                keep = forest.forest(a, b if inside.all() else n + old["b"])   # old: edges to earlier groups
+                a, b, ga, gb, sim = a[keep], b[keep], ga[keep], gb[keep], sim[keep]
             writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
                                    "kind": pa.repeat(pa.scalar(kind), len(ga))}, schema=EDGE_SCHEMA))
             n_edges += len(ga)
@@ -228,7 +235,8 @@ def run(run: Run, ex, stats: dict) -> dict:
     files = [write_parquet(run.group_rows_file(), rows), run.group_edges_file()]
     n_groups = int(len(np.unique(group_ids)))
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
-    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "seconds": round(time.time() - t0, 3)}
+    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "verified_edges_read": n_verified,
+             "seconds": round(time.time() - t0, 3)}
     if old is not None:
         stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
                      earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))

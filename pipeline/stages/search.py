@@ -49,6 +49,11 @@ class SearchJob:
     def floor(self) -> float:
         return self.cfg.threshold - self.cfg.band
 
+    @property
+    def dense_min(self) -> int:
+        """Cells from this size give a spanning forest of their edges (0: every pair everywhere)."""
+        return self.cfg.dense_cell if self.cfg.pairs == "forest" else 0
+
     def store(self) -> VectorStore:
         return VectorStore(self.embed_dir, self.shards)
 
@@ -115,7 +120,8 @@ def join_block(args: tuple) -> dict:
     sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64) for i in range(k)], axis=1)
     x = job.store().get(gids) if len(gids) else np.zeros((0, 1), np.float32)
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
-                                            device=_device(job.cfg.device))
+                                            device=_device(job.cfg.device), dense_min=job.dense_min,
+                                            edge_threshold=job.cfg.threshold)
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
     out.update(candidates=cand, peak_rss_mb=_peak_rss_mb())
     return out

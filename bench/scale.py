@@ -1,0 +1,99 @@
+"""Scale benchmark: the pipeline on released-style embeddings with and without a giant copy group,
+same box, same run.
+
+    python -m bench.scale --rows 1000000 --giant 100000
+
+Two corpora of `--rows` rows (bench.corpora.write_clip_like: CLIP-like 768-d, Zipf duplicate
+groups up to 5,000 copies), the second with one more group of `--giant` copies of one source (a
+placeholder crawled that many times). Each goes through ingest .. report, one stage per process
+(bench.stages.run_stage: wall seconds and peak RSS). Reported per corpus: per-stage wall and RSS,
+the run directory's bytes per row, the groups, the edges in pairs.parquet, and how many of the
+giant group's rows end up in one group. Writes bench/results/scale.json and scale.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from bench.corpora import write_clip_like
+from bench.stages import STAGES, run_stage
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_dir_bytes(path: Path) -> int:
+    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True).stdout.split()[0])
+
+
+def one(work: Path, name: str, rows: int, giant: tuple[int, ...]) -> dict:
+    corpus, run = work / f"{name}-corpus", work / f"{name}-run"
+    t0 = time.time()
+    write_clip_like(corpus, rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000, giant=giant)
+    out = {"corpus_s": round(time.time() - t0, 1), "stages": {}}
+    for stage in STAGES:
+        out["stages"][stage] = run_stage(stage, corpus, run, REPO)
+        print(f"{name:6s} {stage:8s} {out['stages'][stage]}", flush=True)
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    samples = pq.read_table(run / "report" / "samples.parquet", columns=["gid", "group_id"]).to_pandas()
+    truth = pq.read_table(corpus / "ground_truth.parquet").to_pandas()
+    out.update(groups=summary["groups"], pairs_parquet_rows=summary["verified_pairs"],
+               candidate_pairs=summary["candidate_pairs"], run_dir_bytes_per_row=round(run_dir_bytes(run) / rows, 1),
+               corpus_bytes_per_row=round(run_dir_bytes(corpus) / rows, 1),
+               index_search_group_s=round(sum(out["stages"][s]["seconds"] for s in ("index", "search", "group")), 1),
+               total_s=round(sum(v["seconds"] for v in out["stages"].values()), 1),
+               max_rss_mb=max(v["peak_rss_mb"] for v in out["stages"].values()))
+    if giant:
+        top = truth["source"].value_counts().index[0]             # the giant group's source
+        members = samples.merge(truth, on="gid")
+        members = members[members["source"] == top]
+        out["giant_rows"] = len(members)
+        out["giant_rows_in_its_largest_group"] = int(members["group_id"].value_counts().iloc[0])
+    shutil.rmtree(corpus, ignore_errors=True)
+    shutil.rmtree(run, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--giant", type=int, default=100_000)
+    ap.add_argument("--work", default="/tmp/dedup2b-bench-scale")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    res = {"plain": one(work, "plain", args.rows, ()), "giant": one(work, "giant", args.rows, (args.giant,))}
+    p, g = res["plain"], res["giant"]
+    ratio = g["index_search_group_s"] / p["index_search_group_s"]
+    lines = [f"| measure | {args.rows:,} rows | + one group of {args.giant:,} copies | ratio |", "|---|---|---|---|"]
+    for stage in STAGES:
+        a, b = p["stages"][stage], g["stages"][stage]
+        lines.append(f"| {stage} wall s / peak RSS MB | {a['seconds']} / {a['peak_rss_mb']} | "
+                     f"{b['seconds']} / {b['peak_rss_mb']} | {b['seconds'] / max(a['seconds'], 1e-9):.2f} |")
+    for key in ("index_search_group_s", "total_s", "max_rss_mb", "groups", "pairs_parquet_rows", "candidate_pairs",
+                "run_dir_bytes_per_row", "corpus_bytes_per_row"):
+        lines.append(f"| {key} | {p[key]} | {g[key]} | {g[key] / max(p[key], 1e-9):.2f} |")
+    lines.append(f"| giant group rows in one group | | {g['giant_rows_in_its_largest_group']:,} of {g['giant_rows']:,} | |")
+    md = "\n".join(lines)
+    cmd = "python -m bench.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = (f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}); index + search + group "
+            f"with the giant group / without: {ratio:.2f} (target <= 1.3)\n\n")
+    print(head + md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps({"command": cmd, "date": time.strftime("%Y-%m-%d"),
+                                                    "cores": os.cpu_count(), **res}, indent=2))
+    (RESULTS / "scale.md").write_text(head + md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
