@@ -96,11 +96,12 @@ class SearchConfig:
     cells_per_task: int = 64    # cells joined by one task
     device: str = "auto"        # cell-join products: auto (CUDA when visible, else numpy), numpy, cpu, cuda
     # which verified edges are kept: forest = the edges of a spanning forest of each group (pairs
-    # .parquet holds n - groups edges; cells of dense_cell rows or more are joined as components,
-    # not pair by pair: a group of 100,000 copies costs O(rows), not 5e9 pairs); all = every pair
-    # at or above the threshold, everywhere (small runs: the cost grows with the pairs)
+    # .parquet holds n - groups edges; a cell of dense_cell rows or more whose probed rows average
+    # 32+ neighbours is joined as components, not pair by pair: a group of 100,000 copies costs
+    # O(rows), not 5e9 pairs); all = every pair at or above the threshold, everywhere (small runs:
+    # the cost grows with the pairs)
     pairs: str = "forest"
-    dense_cell: int = 4096
+    dense_cell: int = 512
     margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
     nprobe: int = 8             # pq: IVF cells visited per query
     query_batch: int = 4096

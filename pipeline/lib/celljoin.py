@@ -15,7 +15,8 @@ Search, in two resumable steps that run as Ray tasks:
 Pairs are found exactly within shared cells; what a cell border can still hide is measured by
 `make bench-search` against exhaustive search.
 
-Dense cells (`join_cell_dense`, cells of `dense_min` rows or more): a placeholder photo crawled
+Dense cells (`join_cell_dense`: cells of `dense_min` rows or more whose probed rows average
+DENSE_NEIGHBOURS neighbours or more, `is_dense`): a placeholder photo crawled
 100,000 times puts 100,000 near copies, 5e9 pairs, in one cell. There the join finds the cell's
 connected components and writes the edges of a spanning forest of its threshold graph, not every
 pair: leaders (rows whose similarity to every member is computed exactly) settle whole balls of
@@ -126,6 +127,18 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
         e = np.zeros(0, np.int64)
         return e, e, np.zeros(0, np.float32), n_cand
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32), n_cand
+
+
+DENSE_NEIGHBOURS = 32   # a cell whose probed rows average this many neighbours is joined as components
+
+
+def is_dense(x: np.ndarray, threshold: float, probe: int = 64, seed: int = 0) -> bool:
+    """Whether a cell is dense: `probe` of its rows (seeded) average DENSE_NEIGHBOURS or more rows
+    at or above the threshold (exact products: probe x rows). Plain cells keep every pair and
+    their near misses; a cell full of copies of one image is joined by join_cell_dense."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(x), min(probe, len(x)), replace=False)
+    return float(np.mean(np.count_nonzero(x[pick] @ x.T >= threshold, axis=1))) - 1 >= DENSE_NEIGHBOURS
 
 
 def join_cell_dense(x: np.ndarray, zr: np.ndarray, threshold: float, round_size: int = 64, min_ball: int = 16,
@@ -285,12 +298,12 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
         if c1 - c0 < 2:
             continue
         m = member[c0:c1]
-        if dense_min and c1 - c0 >= dense_min:
+        t_edge = threshold if edge_threshold is None else edge_threshold
+        xm = np.ascontiguousarray(x[m], dtype=np.float32) if dense_min and c1 - c0 >= dense_min else None
+        if xm is not None and is_dense(xm, t_edge, seed=int(cell_of[c0])):
             if zr_np is None:
                 zr_np = zr.cpu().numpy()
-            xm = np.ascontiguousarray(x[m], dtype=np.float32)
-            i, j, sim, n = join_cell_dense(xm, zr_np[m], threshold if edge_threshold is None else edge_threshold,
-                                           seed=int(cell_of[c0]))
+            i, j, sim, n = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
         else:
             mi = m if device is None else torch.from_numpy(m).to(device)
             i, j, sim, n = join(xs[mi], zr[mi], threshold)
