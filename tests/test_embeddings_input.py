@@ -10,7 +10,7 @@ from dedup2b.core.config import from_dict
 from dedup2b.sources.embeddings import InputError
 from dedup2b.core.executor import LocalExecutor, ShardFailed
 from dedup2b.driver import run_stages
-from bench.corpora import clip_like, exhaustive_pairs
+from bench.corpora import clip_like, exhaustive_pairs, write_corpus
 
 
 def _write(folder, x, names=("0000", "0001"), meta_rows=None):
@@ -128,3 +128,34 @@ def test_binary_captions_and_overflowing_norms(tmp_path):
     assert [r["status"] for r in rows] == ["ok"] * 3 and rows[0]["caption"] == "ok" and "\ufffd" in rows[1]["caption"]
     v = embeddings.unit_vectors(shard, np.arange(3), cfg).astype(np.float32)
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-3) and np.allclose(v[1], v[0], atol=1e-3)
+
+
+def test_released_embeddings_are_read_in_place_not_copied(tmp_path):
+    """Valid released vectors are memory-mapped from the input (a link in the run), with the same
+    groups as a copy; a changed input file is refused, never misread."""
+    import pyarrow.parquet as pq
+
+    from dedup2b.core.vectors import emb_path, link_path
+    x, _ = clip_like(3000, 64, seed=11, max_group=40)
+    write_corpus(tmp_path / "emb", x, np.zeros(len(x), np.int64), rows_per_shard=1500)
+    runs = {}
+    for name, copy in (("linked", False), ("copied", True)):
+        cfg = from_dict({"input": {"path": str(tmp_path / "emb"), "format": "embeddings", "copy_vectors": copy},
+                         "run_dir": str(tmp_path / name), "embed": {"model": "precomputed:synthetic"}})
+        stats = run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+        runs[name] = (cfg, stats)
+    linked, copied = runs["linked"][0], runs["copied"][0]
+    assert runs["linked"][1]["embed"]["shards_read_in_place"] == 2
+    assert link_path(linked.run_path / "embed", "00000").exists() and not emb_path(linked.run_path / "embed", "00000").exists()
+    a = pq.read_table(linked.run_path / "report" / "samples.parquet").to_pandas()
+    b = pq.read_table(copied.run_path / "report" / "samples.parquet").to_pandas()
+    assert a.group_id.equals(b.group_id)
+    sa = json.loads((linked.run_path / "report" / "summary.json").read_text())
+    sb = json.loads((copied.run_path / "report" / "summary.json").read_text())
+    assert sa["run_dir_bytes_per_row"] < sb["run_dir_bytes_per_row"] - 100     # 64 fp16 = 128 B a row not copied
+    # the input changes under the run: its embed marker no longer holds, a reader refuses the file
+    src = tmp_path / "emb" / "img_emb" / "img_emb_00000.npy"
+    np.save(src, np.zeros((10, 64), np.float16))
+    from dedup2b.driver import open_existing
+    with pytest.raises(ValueError, match="changed or is gone"):
+        open_existing(linked.run_path).vectors().shard(0)

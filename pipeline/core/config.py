@@ -36,6 +36,8 @@ class InputConfig:
     format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/)
     renormalize: bool = False     # embeddings: normalise vectors whose norm is off 1
     norm_tolerance: float = 0.01  # embeddings: allowed |norm - 1| without renormalize
+    copy_vectors: bool = False    # embeddings: copy the vectors into the run (default: read the input's
+                                  # files in place where every row is valid and none is renormalised)
 
     def validate(self) -> None:
         if not self.path:

@@ -1,6 +1,14 @@
-"""Read access to the embed stage's vectors by global id (memory-mapped fp16 shards)."""
+"""Read access to the embed stage's vectors by global id (memory-mapped fp16 shards).
+
+A shard is either a vector file of the embed stage (img_emb_NNNNN.npy) or, for released embeddings
+that are already what the store holds (every row valid, float16/float32), a link to the input's own
+file (img_emb_NNNNN.link.json: path, size, mtime), read in place and never copied; its rows are
+normalised as they are read. A linked file that changed since the embed stage is refused.
+"""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +25,25 @@ def meta_path(embed_dir: Path, shard: str) -> Path:
     return Path(embed_dir) / "metadata" / f"metadata_{shard}.parquet"
 
 
+def link_path(embed_dir: Path, shard: str) -> Path:
+    return Path(embed_dir) / "img_emb" / f"img_emb_{shard}.link.json"
+
+
+def link_to(source: Path) -> dict:
+    """What a link records of the input file it points at."""
+    st = os.stat(source)
+    return {"source": str(Path(source).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _open_linked(link: Path) -> np.ndarray:
+    info = json.loads(link.read_text())
+    src = Path(info["source"])
+    if not src.exists() or link_to(src)["bytes"] != info["bytes"] or link_to(src)["mtime_ns"] != info["mtime_ns"]:
+        raise ValueError(f"{src}: the input file this run reads in place changed or is gone since the embed "
+                         f"stage ({link}); rerun the embed stage (delete the run's embed/_done) or restore it")
+    return np.load(src, mmap_mode="r", allow_pickle=False)
+
+
 class VectorStore:
     """gid -> vector. Shard files are opened lazily and memory-mapped; nothing is copied whole."""
 
@@ -24,13 +51,19 @@ class VectorStore:
         self.embed_dir = Path(embed_dir)
         self.shards = shards            # shard index -> shard name
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._linked: set[int] = set()      # shards read in place: rows normalised as they are read
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(gids sorted ascending, vectors fp16 memmap) of one shard."""
+        """(gids sorted ascending, vectors memmap: fp16, or the input's own dtype when linked)."""
         if index not in self._cache:
             name = self.shards[index]
             gids = pq.read_table(meta_path(self.embed_dir, name), columns=["gid"])["gid"].to_numpy()
-            vecs = np.load(emb_path(self.embed_dir, name), mmap_mode="r", allow_pickle=False)
+            link = link_path(self.embed_dir, name)
+            if link.exists():
+                vecs = _open_linked(link)
+                self._linked.add(index)
+            else:
+                vecs = np.load(emb_path(self.embed_dir, name), mmap_mode="r", allow_pickle=False)
             if len(gids) != len(vecs):
                 raise ValueError(f"{emb_path(self.embed_dir, name)}: {len(vecs)} vectors but "
                                  f"{len(gids)} metadata rows")
@@ -61,6 +94,8 @@ class VectorStore:
             else:
                 sel = order[s:s + GATHER_CHUNK]
                 out[sel] = np.take(sv, pos[sel], axis=0)
+        if index in self._linked:          # the input's vectors, normalised as the embed stage would
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 class StoreUnion:

@@ -11,6 +11,8 @@
     read_images(shard, wanted)     (value, bytes) for wanted member names
   vector sources also:
     unit_vectors(shard, rows, cfg) the input's vectors of those rows as fp16 unit vectors
+    in_place(shard, rows, cfg)     the input's own vector file where the run reads it as it is
+                                   (memory-mapped, never copied), else None
 
 Adding a format: one module with these names, one line in SOURCES, and the name in
 `InputConfig.format`'s list.

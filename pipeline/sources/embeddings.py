@@ -115,6 +115,16 @@ def ingest_shard(shard: Shard, cfg) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def in_place(shard: Shard, ok_rows: np.ndarray, cfg) -> Path | None:
+    """The shard's own vector file when the run can read it as it is (memory-mapped, never copied):
+    every row valid, float16/float32, norms already within tolerance (no renormalisation), and
+    the config does not ask for a copy (`input.copy_vectors`). None: copy."""
+    x = open_vectors(shard)
+    if cfg.copy_vectors or cfg.renormalize or len(ok_rows) != len(x):
+        return None
+    return shard.data
+
+
 def unit_vectors(shard: Shard, ok_rows: np.ndarray, cfg) -> np.ndarray:
     """fp16 unit vectors of the ok rows, read chunk by chunk from the memory-mapped npy."""
     renormalize, tolerance = cfg.renormalize, cfg.norm_tolerance

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ..core.io import Marker, write_json, write_npy, write_parquet
 from ..core.run import Run
-from ..core.vectors import emb_path, meta_path
+from ..core.vectors import emb_path, link_path, link_to, meta_path
 from ..lib.images import crop_bytes
 from ..lib.models import Embedder, Preprocess, preprocess_for
 from ..lib.unionfind import exact_edges
@@ -114,14 +114,23 @@ def _copy_precomputed(job: dict) -> dict:
     shard = run.shard_by_name[name]
     ingest = pq.read_table(run.ingest_file(name))
     ok = ingest.filter(pa.compute.equal(ingest["status"], "ok")).sort_by("gid")
-    vecs = run.source.unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input)
     out = run.embed_dir()
-    files = [write_npy(emb_path(out, name), vecs), write_parquet(meta_path(out, name), ok.select(META_COLUMNS)),
-             write_parquet(run.failed_file(name),
-                           pa.table({"gid": pa.array([], pa.int64()), "error": pa.array([], pa.string())}))]
+    source = run.source.in_place(shard, ok["row"].to_numpy(), run.cfg.input)
+    emb_path(out, name).unlink(missing_ok=True)
+    link_path(out, name).unlink(missing_ok=True)
+    if source is not None:        # read in place: a link, and the input file itself checked by the marker
+        dim = int(np.load(source, mmap_mode="r", allow_pickle=False).shape[1])
+        files = [write_json(link_path(out, name), link_to(source)), Path(source)]
+    else:
+        vecs = run.source.unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input)
+        dim = int(vecs.shape[1])
+        files = [write_npy(emb_path(out, name), vecs)]
+    files += [write_parquet(meta_path(out, name), ok.select(META_COLUMNS)),
+              write_parquet(run.failed_file(name),
+                            pa.table({"gid": pa.array([], pa.int64()), "error": pa.array([], pa.string())}))]
     run.marker(NAME, name).write(run.fingerprint(NAME), files, rows=ok.num_rows, failed=0,
-                                 model=run.cfg.embed.model)
-    return {"rows": ok.num_rows, "dim": int(vecs.shape[1])}
+                                 model=run.cfg.embed.model, in_place=source is not None)
+    return {"rows": ok.num_rows, "dim": dim, "in_place": source is not None}
 
 
 def run(run: Run, ex, stats: dict) -> dict:
@@ -132,7 +141,7 @@ def run(run: Run, ex, stats: dict) -> dict:
         if res:
             write_json(run.embed_dir() / "model.json", {"model": run.cfg.embed.model, "dim": res[0]["dim"]})
         return {"shards": len(pending), "rows": sum(r["rows"] for r in res), "failed": 0,
-                "seconds": round(time.time() - t0, 3)}
+                "shards_read_in_place": sum(r["in_place"] for r in res), "seconds": round(time.time() - t0, 3)}
     return _embed_images(run, ex)
 
 

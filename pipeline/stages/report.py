@@ -14,6 +14,7 @@ holds a near duplicate of an evaluation row: the whole group goes)
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,18 @@ def leaks_table(run: Run, df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
     leaks = pd.concat(parts, ignore_index=True).merge(df[["gid", "key", "url", "caption", "group_id"]], on="gid")
     return leaks.sort_values(["eval_set", "eval_key", "similarity"], ascending=[True, True, False])[cols]
+
+
+def folder_bytes(root: Path) -> int:
+    """Bytes of every file under `root` (links not followed)."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: str, path) -> None:
@@ -239,6 +252,9 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
         # where the embed stage spent its worker time: which phase bounds the run
         "embed_phases_s": {k: stage_stats.get("embed", {}).get(k) for k in ("read_s", "decode_s", "infer_s", "write_s")},
         "exact_copies_not_embedded": stage_stats.get("embed", {}).get("copies_skipped"),
+        # what the run directory holds per input row when its report is written (vectors read in
+        # place from released embeddings are not in it; the export, written after, is not counted)
+        "run_dir_bytes_per_row": round(folder_bytes(run.root) / max(n_in, 1), 1),
     }
     if not summary["invariant_holds"]:
         raise AssertionError(f"invariant broken: input {n_in} != kept {kept} + removed {removed} + failed {n_failed}")
