@@ -42,6 +42,13 @@ def build_config(args) -> config_mod.RunConfig:
         overrides["run_dir"] = args.run_dir
     if args.index_dir:
         overrides["index_dir"] = args.index_dir
+    manifest = Path(args.run_dir or "", "manifest.json")
+    if not args.config and not args.input and args.run_dir and manifest.exists():
+        # an existing run dir without --input / --config (`dedup2b export --run-dir DIR`): its own
+        # config, from its manifest, with this command line's changes on top
+        data = json.loads(manifest.read_text())["config"]
+        config_mod.apply_overrides(data, {**config_mod.parse_sets(args.set), **overrides})
+        return config_mod.from_dict(config_mod.resolve_paths(data, Path.cwd()))
     return config_mod.build(args.config, args.set, Path.cwd(), overrides)
 
 

@@ -60,3 +60,14 @@ def test_a_run_dir_or_index_of_the_earlier_layout_is_refused(demo_corpus, tmp_pa
     (index / "registry.parquet").write_bytes(b"")
     with pytest.raises(TargetError, match="earlier dedup2b"):
         Target(index, "m")
+
+
+def test_a_stage_reruns_on_an_existing_run_dir_from_its_manifest(demo_corpus, tmp_path, monkeypatch):
+    """`dedup2b export --run-dir DIR --format keep`, as the README shows it: no --input needed."""
+    _, shards = demo_corpus
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "reports" / "r"
+    assert cli.main(["run", "--input", str(shards), "--run-dir", str(run_dir), "--executor", "local"]) == 0
+    (run_dir / "export" / "keep.parquet").unlink()
+    assert cli.main(["export", "--run-dir", str(run_dir), "--format", "keep", "--executor", "local"]) == 0
+    assert (run_dir / "export" / "keep.parquet").exists()
