@@ -3,6 +3,7 @@ directories and indexes of the earlier layout are refused, never misread."""
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import dedup2b
@@ -71,3 +72,29 @@ def test_a_stage_reruns_on_an_existing_run_dir_from_its_manifest(demo_corpus, tm
     (run_dir / "export" / "keep.parquet").unlink()
     assert cli.main(["export", "--run-dir", str(run_dir), "--format", "keep", "--executor", "local"]) == 0
     assert (run_dir / "export" / "keep.parquet").exists()
+
+
+@pytest.mark.parametrize("fault", ["dropped", "doubled"])
+def test_the_invariant_fails_when_a_row_is_lost_or_doubled(demo_corpus, tmp_path, monkeypatch, fault):
+    """Input rows are counted from the input files, kept / removed / failed from the sample rows:
+    a row lost or doubled on the way stops the report."""
+    from dedup2b.core.config import from_dict
+    from dedup2b.core.executor import LocalExecutor
+    from dedup2b.driver import run_stages
+    from dedup2b.stages import report
+    _, shards = demo_corpus
+    cfg = from_dict({"input": {"path": str(shards)}, "run_dir": str(tmp_path / "run")})
+    run_stages(cfg, LocalExecutor(), stages=NAMES[:NAMES.index("report")], log=lambda *_: None)
+    real = report.samples_table
+
+    def faulty(run):
+        df, key_of = real(run)
+        ok = df.index[df["status"] == "ok"]
+        df = df.drop(ok[3]) if fault == "dropped" else pd.concat([df, df.loc[[ok[3]]]])
+        return df.reset_index(drop=True), key_of
+    monkeypatch.setattr(report, "samples_table", faulty)
+    with pytest.raises(report.InvariantBroken, match="invariant broken: 156 input rows"):
+        run_stages(cfg, LocalExecutor(), stages=("report",), log=lambda *_: None)
+    assert not (cfg.run_path / "report" / "_done" / "report.json").exists()
+    monkeypatch.setattr(report, "samples_table", real)
+    assert run_stages(cfg, LocalExecutor(), stages=("report",), log=lambda *_: None)["report"]["invariant_holds"]

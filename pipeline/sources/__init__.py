@@ -7,6 +7,8 @@
     validate(shards)               checks across every file, before any work (raises InputError)
     ingest_shard(shard, cfg)       the ingest table of one shard (base.SCHEMA): a row per input
                                    row, bad rows as status failed with the reason
+    count_rows(shard)              the shard's input rows counted from its files alone (the
+                                   report's invariant: input = kept + removed + failed)
   image sources also:
     read_images(shard, wanted)     (value, bytes) for wanted member names
   vector sources also:

@@ -71,6 +71,16 @@ def _tar_members(path: Path) -> tuple[dict[str, dict[str, tarfile.TarInfo]], dic
     return out, bad
 
 
+def count_rows(shard: Shard) -> int:
+    """Input rows of a shard counted from its files alone (the report's invariant checks the
+    samples against it): the parquet's rows, plus the tar's images that no parquet row names."""
+    keys = {str(k) for k in pq.read_table(shard.parquet, columns=["key"])["key"].to_pylist() if k not in (None, "")}
+    with tarfile.open(shard.data, "r:*") as tar:
+        stems = {Path(m.name).name.rpartition(".")[0] for m in tar
+                 if m.isfile() and Path(m.name).name.rpartition(".")[2].lower() in IMAGE_EXTS}
+    return pq.ParquetFile(shard.parquet).metadata.num_rows + len(stems - keys)
+
+
 def validate(shards: list[Shard]) -> None:
     """Per-shard problems surface as failed rows or an InputError while each shard is ingested."""
 

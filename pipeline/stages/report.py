@@ -34,6 +34,27 @@ def units(run: Run) -> list[Marker]:
     return [run.marker(NAME, NAME)]
 
 
+class InvariantBroken(RuntimeError):
+    """Input rows != kept + removed + failed: a row was lost or doubled on the way."""
+
+
+def invariant(run: Run, df: pd.DataFrame) -> tuple[int, int, int, int]:
+    """(input, kept, removed, failed), each side counted on its own: input rows from the input
+    files (the source's count_rows); kept, removed and failed from the sample rows by status and
+    decision, every input row exactly once. Raises InvariantBroken before any report is written."""
+    n_in = sum(run.source.count_rows(s) for s in run.shards)
+    ok = df["status"] == "ok"
+    n_failed = int((~ok).sum())
+    kept = int((ok & df["removed_reason"].isna()).sum())
+    removed = int((ok & df["removed_reason"].notna()).sum())
+    once = not df.duplicated(["shard", "row"]).any()
+    if not (once and n_in == len(df) == kept + removed + n_failed):
+        raise InvariantBroken(f"report: invariant broken: {n_in} input rows in the input files, {len(df)} sample "
+                              f"rows{'' if once else ' (some twice)'}, kept {kept} + removed {removed} + failed "
+                              f"{n_failed}; no report written")
+    return n_in, kept, removed, n_failed
+
+
 def samples_table(run: Run) -> tuple[pd.DataFrame, pd.Series]:
     """One row per input row, and gid -> key (with the earlier runs' rows for an incremental run)."""
     names = run.shard_names()
@@ -201,6 +222,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     out = run.report_dir()
     cfg = run.cfg
     df, key_of = samples_table(run)
+    n_in, kept, removed, n_failed = invariant(run, df)
     write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
     ok = df[df["status"] == "ok"]
     grouped = ok.dropna(subset=["group_id"])
@@ -223,11 +245,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
     write_parquet(out / "similarity.parquet", pa.Table.from_pandas(sim_hist, preserve_index=False))
 
-    n_in, n_ok = len(df), len(ok)
-    n_failed = n_in - n_ok
+    n_ok = len(ok)
     n_groups = int(ok["group_id"].nunique())
-    removed = int(ok["removed_reason"].notna().sum())
-    kept = n_ok - removed
     leaks = leaks_table(run, df)
     if run.cfg.decontaminate.eval:
         write_parquet(out / "leaks.parquet", pa.Table.from_pandas(leaks, preserve_index=False))
@@ -236,7 +255,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
         "input_rows": n_in, "ok": n_ok, "failed": n_failed, "groups": n_groups,
         "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
         "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
-        "kept": kept, "removed": removed, "invariant_holds": n_in == kept + removed + n_failed,
+        "kept": kept, "removed": removed,
+        "invariant_holds": True,   # checked above (invariant), before any report was written
         "removed_by_reason": ok["removed_reason"].value_counts().to_dict(),
         # incremental runs: rows removed because they copy rows of earlier runs (their groups grew)
         "rows_joining_earlier_groups": int((~ok["group_id"].isin(ok["gid"]) & ok["group_id"].notna()).sum()),
@@ -256,8 +276,6 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
         # place from released embeddings are not in it; the export, written after, is not counted)
         "run_dir_bytes_per_row": round(folder_bytes(run.root) / max(n_in, 1), 1),
     }
-    if not summary["invariant_holds"]:
-        raise AssertionError(f"invariant broken: input {n_in} != kept {kept} + removed {removed} + failed {n_failed}")
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
