@@ -132,7 +132,8 @@ def run_ours(work: Path, shards: dict, store: VectorStore, ex, ivfpq: bool = Tru
     print(f"   index {time.time() - t0:.0f}s (IVF-PQ train {codec.get('train_s')}s, add {codec.get('add_s')}s; "
           f"cell codec {index_s}s) {codec['factory']} cells={codec['cells']}", flush=True)
     job = SearchJob(work / "embed", shards, work / "index", work / "search",
-                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16)),
+                    SearchConfig(threshold=THRESHOLD, band=0.0, cells_per_task=max(8, codec["cells"] // 16),
+                                 pairs="all"),   # every pair: what recall is measured on
                     "bench", "bench-search")
     t0 = time.time()
     stats = find_pairs(job, ex)

@@ -52,7 +52,7 @@ def corpus(tmp_path_factory):
 
 
 def _job(root, shards, out, **kw):
-    cfg = SearchConfig(threshold=0.95, cells_per_task=8, **kw)
+    cfg = SearchConfig(threshold=0.95, cells_per_task=8, pairs="all", **kw)   # every pair, held against exhaustive
     return SearchJob(root / "embed", shards, root / "index", out, cfg, "fp-index", "fp-search")
 
 
