@@ -57,7 +57,7 @@ def load_config(args) -> tuple[config_mod.RunConfig, list]:
             data["index_dir"] = data["run_dir"].rstrip("/") + "/index"   # uploaded with the run
         uploads.extend(paths.resolve(data, base, args.stage_dir, log))
 
-    return config_mod.build(args.config, args.set, base, prepare=stage_urls), uploads
+    return config_mod.build(args.config, args.set, base, prepare=stage_urls, log=log), uploads
 
 
 def run(args, stages: tuple[str, ...]) -> int:

@@ -27,7 +27,7 @@ def run(config=None, *, input=None, run_dir=None, index_dir=None, sets=None, sta
     from .driver import execute
     from .stages import NAMES
     overrides = {k: v for k, v in (("input.path", input), ("run_dir", run_dir), ("index_dir", index_dir)) if v}
-    cfg = config_mod.build(config, sets, _os.getcwd(), overrides)
+    cfg = config_mod.build(config, sets, _os.getcwd(), overrides, log=log)
     stats = execute(cfg, tuple(stages or NAMES), executor, fresh=fresh, log=log)
     summary = cfg.run_path / "report" / "summary.json"
     if summary.exists() and "report" in (stages or NAMES):

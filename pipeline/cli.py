@@ -49,7 +49,7 @@ def build_config(args) -> config_mod.RunConfig:
         data = json.loads(manifest.read_text())["config"]
         config_mod.apply_overrides(data, {**config_mod.parse_sets(args.set), **overrides})
         return config_mod.from_dict(config_mod.resolve_paths(data, Path.cwd()))
-    return config_mod.build(args.config, args.set, Path.cwd(), overrides)
+    return config_mod.build(args.config, args.set, Path.cwd(), overrides, log=print)
 
 
 def _index_folder(name: str) -> str:
@@ -64,7 +64,7 @@ def _common(p: argparse.ArgumentParser, export: bool = False) -> None:
                    "--input-format embeddings, of clip-retrieval embeddings (img_emb/ + metadata/)")
     flags = ("--input-format",) if export else ("--input-format", "--format")
     p.add_argument(*flags, dest="input_format", choices=("img2dataset", "embeddings"),
-                   help="input layout (default img2dataset)")
+                   help="input layout (default: detected from the folder)")
     if export:
         p.add_argument("--format", dest="export_format", action="append", metavar="FORMATS",
                        help="export formats, comma-separated or repeated: webdataset, hf, keep (default all)")

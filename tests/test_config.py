@@ -47,6 +47,8 @@ def test_cli_and_jobs_build_the_same_config(tmp_path, monkeypatch):
     from dedup2b import cli
     from jobs import dedup as job
     (tmp_path / "data").mkdir()
+    for name in ("00000.parquet", "00000.tar"):           # what img2dataset output looks like
+        (tmp_path / "data" / name).write_bytes(b"")
     yaml = tmp_path / "c.yaml"
     yaml.write_text("input: {path: data}\nsearch: {threshold: 0.9}\n")
     monkeypatch.chdir(tmp_path)
@@ -65,6 +67,9 @@ def test_cli_and_jobs_build_the_same_config(tmp_path, monkeypatch):
 def test_set_values_take_the_fields_type_and_bad_ones_are_named(tmp_path, capsys):
     from dedup2b.cli import main
     from dedup2b.core.config import build
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "00000.parquet").write_bytes(b"")
+    (tmp_path / "x" / "00000.tar").write_bytes(b"")
     cfg = build(None, ["group.exact_bytes=False", "codec.opq=true", "search.threshold=0.9", "embed.batch_size=64",
                        "export.formats=keep,hf"], tmp_path, {"input.path": "x"})
     assert cfg.group.exact_bytes is False and cfg.codec.opq is True and cfg.search.threshold == 0.9
@@ -77,6 +82,7 @@ def test_set_values_take_the_fields_type_and_bad_ones_are_named(tmp_path, capsys
     listed.write_text("- input\n- search\n")
     shards = tmp_path / "in"
     shards.mkdir()
+    (shards / "00000.parquet").write_bytes(b""), (shards / "00000.tar").write_bytes(b"")
     for argv, needle in ((["run", "--input", str(shards), "--set", "search.threshold=abc"], "search.threshold"),
                          (["run", "--config", str(listed)], "list.yaml: a config is a mapping")):
         assert main(argv) == 2
@@ -93,3 +99,21 @@ def test_an_unwritable_run_dir_is_a_one_line_error(demo_corpus, tmp_path, capsys
                  "--executor", "local"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "file") in err[0], err
+
+
+def test_the_input_format_is_detected_and_said(tmp_path):
+    from dedup2b.core.config import build
+    from dedup2b.sources import InputError
+    img, emb, empty = tmp_path / "img", tmp_path / "emb", tmp_path / "empty"
+    img.mkdir(), (emb / "img_emb").mkdir(parents=True), (emb / "metadata").mkdir(), empty.mkdir()
+    (img / "00003.parquet").write_bytes(b""), (img / "00003.tar").write_bytes(b"")
+    (emb / "img_emb" / "img_emb_0000.npy").write_bytes(b"")
+    said = []
+    a = build(None, [], tmp_path, {"input.path": str(img)}, log=said.append)
+    b = build(None, [], tmp_path, {"input.path": str(emb)}, log=said.append)
+    assert a.input.format == "img2dataset" and b.input.format == "embeddings"
+    assert b.embed.model == "precomputed:clip" and b.search.threshold == 0.95
+    assert len(said) == 2 and "input format: embeddings (detected in" in said[1]
+    with pytest.raises(InputError, match="no input format recognised.*NNNNN.parquet.*img_emb"):
+        build(None, [], tmp_path, {"input.path": str(empty)})
+    assert build(None, [], tmp_path, {"input.path": str(empty), "input.format": "img2dataset"}).input.format == "img2dataset"

@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 @dataclass
 class InputConfig:
     path: str = ""                # a folder of img2dataset shards, or of clip-retrieval embeddings
-    format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/)
+    format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/);
+                                  # the CLI, jobs and API detect it from the folder when not given
     renormalize: bool = False     # embeddings: normalise vectors whose norm is off 1
     norm_tolerance: float = 0.01  # embeddings: allowed |norm - 1| without renormalize
     copy_vectors: bool = False    # embeddings: copy the vectors into the run (default: read the input's
@@ -394,17 +395,32 @@ def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
+def detect_format(data: dict[str, Any], log=None) -> dict[str, Any]:
+    """input.format, when not given, from what the input folder holds (sources.detect), said in the
+    log; released embeddings default to embed.model precomputed:clip."""
+    from ..sources import detect
+    inp = data.get("input") or {}
+    if not inp.get("format") and inp.get("path") and "://" not in inp["path"]:
+        inp["format"] = detect(inp["path"])
+        if log:
+            log(f"input format: {inp['format']} (detected in {inp['path']}; --input-format to choose)")
+    if inp.get("format") == "embeddings" and not (data.get("embed") or {}).get("model"):
+        data.setdefault("embed", {})["model"] = "precomputed:clip"
+    return data
+
+
 def build(config: str | Path | None = None, sets: list[str] | None = None, base: str | Path = ".",
-          overrides: dict[str, Any] | None = None, prepare=None) -> RunConfig:
+          overrides: dict[str, Any] | None = None, prepare=None, log=None) -> RunConfig:
     """A RunConfig from an optional YAML file, --set items and named overrides (in that order of
-    precedence, lowest first), paths resolved against `base` (resolve_paths). `prepare(data)`, when
-    given, rewrites the raw dict first (the Ray jobs stage URL paths there)."""
+    precedence, lowest first), paths resolved against `base` (resolve_paths), the input format
+    detected when not given (detect_format, said through `log`). `prepare(data)`, when given,
+    rewrites the raw dict first (the Ray jobs stage URL paths there)."""
     data = read_yaml(config) if config else {}
     apply_overrides(data, parse_sets(sets))
     apply_overrides(data, overrides or {})
     if prepare is not None:
         prepare(data)
-    return from_dict(resolve_paths(data, Path(base).resolve()))
+    return from_dict(detect_format(resolve_paths(data, Path(base).resolve()), log))
 
 
 def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

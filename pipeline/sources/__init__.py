@@ -1,6 +1,7 @@
 """Input sources: each module reads one input layout and answers the same questions.
 
     FORMAT                         the `input.format` value that selects it
+    LOOKS_FOR, detect(path)        what the format's files look like, and whether a folder has them
     HAS_IMAGES                     whether rows carry image bytes (decoded by the embed stage,
                                    copied by the export, shown in the HTML report)
     list_shards(path)              the input's shards, in order (a shard: index, name, two files)
@@ -29,6 +30,22 @@ from .base import InputError, Shard
 SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings)}
 
 
+def detect(path) -> str:
+    """The format of an input folder when `input.format` is not given; an InputError listing what
+    was looked for when no format matches, or naming both when two do."""
+    from pathlib import Path
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: input folder not found")
+    found = [name for name, m in SOURCES.items() if m.detect(folder)]
+    if len(found) == 1:
+        return found[0]
+    looked = "; ".join(f"{name}: {m.LOOKS_FOR}" for name, m in SOURCES.items())
+    if not found:
+        raise InputError(f"{folder}: no input format recognised (looked for {looked}); give --input-format")
+    raise InputError(f"{folder}: holds files of several formats ({', '.join(found)}); give --input-format")
+
+
 def source_for(fmt: str) -> ModuleType:
     try:
         return SOURCES[fmt]
@@ -36,4 +53,4 @@ def source_for(fmt: str) -> ModuleType:
         raise InputError(f"input.format: unknown format {fmt!r}; known: {', '.join(SOURCES)}") from None
 
 
-__all__ = ["SOURCES", "InputError", "Shard", "source_for"]
+__all__ = ["SOURCES", "InputError", "Shard", "detect", "source_for"]

@@ -28,6 +28,15 @@ _NPY_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 CHUNK = 65536
 
 
+LOOKS_FOR = "img_emb/img_emb_NNNN.npy + metadata/metadata_NNNN.parquet (clip-retrieval embeddings)"
+
+
+def detect(folder: Path) -> bool:
+    """Whether a folder holds released embeddings: img_emb/ with an img_emb_NNNN.npy, and metadata/."""
+    emb = Path(folder) / "img_emb"
+    return emb.is_dir() and (Path(folder) / "metadata").is_dir() and any(_NPY_RE.match(p.name) for p in emb.iterdir())
+
+
 def list_shards(folder: str | Path) -> list[Shard]:
     folder = Path(folder)
     emb_dir, meta_dir = folder / "img_emb", folder / "metadata"

@@ -22,6 +22,14 @@ HAS_IMAGES = True     # the embed stage decodes them; export copies their origin
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SHARD_RE = re.compile(r"^(\d+)\.parquet$")
 
+LOOKS_FOR = "NNNNN.parquet + NNNNN.tar (img2dataset output)"
+
+
+def detect(folder: Path) -> bool:
+    """Whether a folder looks like img2dataset output: a NNNNN.parquet beside a NNNNN.tar."""
+    return any(_SHARD_RE.match(p.name) and p.with_suffix(".tar").exists() for p in Path(folder).iterdir())
+
+
 def list_shards(folder: str | Path) -> list[Shard]:
     folder = Path(folder)
     if not folder.is_dir():
