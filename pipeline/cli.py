@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .core import config as config_mod
 from .driver import execute, print_summary, status
+from .sources import SOURCES
 from .stages import NAMES
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -63,7 +64,7 @@ def _common(p: argparse.ArgumentParser, export: bool = False) -> None:
     p.add_argument("--input", help="folder of img2dataset shards (NNNNN.tar + NNNNN.parquet) or, with "
                    "--input-format embeddings, of clip-retrieval embeddings (img_emb/ + metadata/)")
     flags = ("--input-format",) if export else ("--input-format", "--format")
-    p.add_argument(*flags, dest="input_format", choices=("img2dataset", "embeddings"),
+    p.add_argument(*flags, dest="input_format", choices=tuple(SOURCES),
                    help="input layout (default: detected from the folder)")
     if export:
         p.add_argument("--format", dest="export_format", action="append", metavar="FORMATS",

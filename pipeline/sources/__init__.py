@@ -3,7 +3,8 @@
     FORMAT                         the `input.format` value that selects it
     LOOKS_FOR, detect(path)        what the format's files look like, and whether a folder has them
     HAS_IMAGES                     whether rows carry image bytes (decoded by the embed stage,
-                                   copied by the export, shown in the HTML report)
+                                   exported, shown in the HTML report)
+    TAR_SHARDS                     whether its shards are tars the webdataset export copies from
     list_shards(path)              the input's shards, in order (a shard: index, name, two files)
     validate(shards)               checks across every file, before any work (raises InputError)
     ingest_shard(shard, cfg)       the ingest table of one shard (base.SCHEMA): a row per input
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import embeddings, img2dataset
+from . import embeddings, folder, img2dataset
 from .base import InputError, Shard
 
-SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings)}
+SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings, folder)}
 
 
 def detect(path) -> str:

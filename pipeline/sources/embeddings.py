@@ -23,6 +23,7 @@ from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, nor
 
 FORMAT = "embeddings"
 HAS_IMAGES = False    # vectors only: nothing to decode, nothing to copy on export
+TAR_SHARDS = False
 
 _NPY_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 CHUNK = 65536

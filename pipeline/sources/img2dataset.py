@@ -19,6 +19,7 @@ from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, nor
 
 FORMAT = "img2dataset"
 HAS_IMAGES = True     # the embed stage decodes them; export copies their original bytes
+TAR_SHARDS = True     # the webdataset export copies every member of a kept sample
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _SHARD_RE = re.compile(r"^(\d+)\.parquet$")
 

@@ -124,7 +124,8 @@ def export_hf_shard(job: dict) -> dict:
     shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["tar"]))
     for i, blob in source_for(job["format"]).read_images(shard, {r["member"]: i for i, r in enumerate(rows)}):
         data[i] = blob
-    meta = pq.read_table(job["parquet"])
+    # the input's own per-row parquet, where the source has one (img2dataset): its other columns pass through
+    meta = pq.read_table(job["parquet"]) if Path(job["parquet"]).is_file() else pa.table({"key": pa.array([], pa.string())})
     extra = [c for c in meta.column_names if c not in ("key", "url", "caption", "uid")]
     by_key = {str(k): i for i, k in enumerate(meta["key"].to_pylist())} if "key" in meta.column_names else {}
     cols = {"image": pa.array([{"bytes": d, "path": r["member"]} for d, r in zip(data, rows)],
@@ -160,7 +161,11 @@ def run(run: Run, ex, stats: dict) -> dict:
         uids = uid128(keep["uid"].tolist())
         write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
     exported = 0
-    if "webdataset" in run.cfg.export.formats and run.source.HAS_IMAGES:
+    stats_note = {}
+    if "webdataset" in run.cfg.export.formats and run.source.HAS_IMAGES and not run.source.TAR_SHARDS:
+        stats_note["webdataset"] = (f"not written: {run.cfg.input.format} input has no tar shards to copy; "
+                                    "keep.parquet lists the kept files, hf holds their bytes")
+    if "webdataset" in run.cfg.export.formats and run.source.TAR_SHARDS:
         for stale in (out / "webdataset").glob("*") if (out / "webdataset").exists() else []:
             stale.unlink()              # a changed rows_per_shard must not leave old shards behind
         jobs = plan_shards(keep, run.shards, out / "webdataset", run.cfg.export.rows_per_shard)
@@ -181,5 +186,5 @@ def run(run: Run, ex, stats: dict) -> dict:
     n_failed = int((samples["status"] != "ok").sum())
     marker_files = [out / "keep.parquet"] if (out / "keep.parquet").exists() else []
     run.marker(NAME, NAME).write(run.fingerprint(NAME), marker_files, kept=len(keep))
-    return {"kept": len(keep), "removed": len(remove), "failed": n_failed, "exported": exported,
+    return {**stats_note, "kept": len(keep), "removed": len(remove), "failed": n_failed, "exported": exported,
             "invariant_holds": len(samples) == len(keep) + len(remove) + n_failed}
