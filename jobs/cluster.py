@@ -253,6 +253,15 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
     return table
 
 
+def _self_and_ancestors(table: dict[int, tuple[int, int, str]]) -> set[int]:
+    """This process and every process above it (its parent, the parent's parent, ...)."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        pid = table[pid][0] if pid in table else (os.getppid() if pid == os.getpid() else 0)
+    return out
+
+
 def _cluster_pids(sessions: list[int], temp_dir: str | None) -> set[int]:
     """This user's processes of these sessions, every descendant of them (a job's driver runs in a
     session of its own), and every process whose command line names the cluster's temp dir. With
@@ -262,11 +271,11 @@ def _cluster_pids(sessions: list[int], temp_dir: str | None) -> set[int]:
     names_dir = re.compile(re.escape(temp_dir) + r"(/|\s|$)").search if temp_dir else lambda _: False
     if temp_dir:
         sessions = [s for s in sessions if any(sid == s and names_dir(cmd) for _, sid, cmd in table.values())]
-    mine = {pid for pid, (_, sid, cmd) in table.items() if sid in sessions or names_dir(cmd)}
-    mine.discard(os.getpid())
+    me = _self_and_ancestors(table)   # `make cluster-down RAY_TMP=...` names the dir too: never them
+    mine = {pid for pid, (_, sid, cmd) in table.items() if (sid in sessions or names_dir(cmd)) and pid not in me}
     grew = True
     while grew:
-        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in mine and pid not in mine}
+        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in mine and pid not in mine and pid not in me}
         mine |= kids
         grew = bool(kids)
     return mine

@@ -68,3 +68,14 @@ def test_down_never_signals_a_process_a_forged_state_lists(tmp_path):
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_down_never_signals_the_command_that_called_it(tmp_path):
+    """`make cluster-down RAY_TMP=DIR` names the dir on its own command line: it survives."""
+    d = cluster.private_dir(tmp_path / "ray")
+    cluster._write_state(d, {"temp_dir": str(d), "port": 1, "sessions": [], "nodes": ["head"]})
+    script = (f"{sys.executable} -c 'from jobs import cluster; cluster.down(\"{d}\")' && echo survived "
+              f"# the caller names {d} ")
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-500:])
