@@ -110,6 +110,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _check_eval_index(folder: Path, source: Path) -> None:
+    """An evaluation index is named after its set's folder; one already built from another folder
+    of the same name is never reused or rebuilt over: the clash is named, with what to do."""
+    manifest = folder / "run" / "manifest.json"
+    if manifest.exists():
+        built_from = json.loads(manifest.read_text())["config"]["input"]["path"]
+        if Path(built_from).resolve() != source:
+            raise config_mod.ConfigError(
+                f"{folder}: this evaluation index was built from {built_from}, and {source} has the same "
+                f"folder name ({source.name}); rename one of the two folders, or give this set another "
+                "--eval-index-root")
+
+
 def cmd_decontaminate(args) -> int:
     """Build (or reuse) an index per evaluation set, then run the training corpus against them."""
     from .core.executor import open_executor
@@ -121,6 +134,7 @@ def cmd_decontaminate(args) -> int:
         for ev in args.eval:
             name = Path(ev).resolve().name
             folder = Path(args.eval_index_root, f"eval-{name}").resolve()
+            _check_eval_index(folder, Path(ev).resolve())
             data = cfg.to_dict()
             data.update(input={**data["input"], "path": str(Path(ev).resolve())}, run_dir=str(folder / "run"),
                         index_dir=str(folder), against="", decontaminate={"eval": []})

@@ -60,3 +60,18 @@ def test_the_evaluation_index_is_built_once_and_reused(split):
     assert changed <= {"stage_stats.json", "manifest.json"}, changed
     stats = json.loads((folder / "run" / "stage_stats.json").read_text())
     assert stats["embed"]["shards"] == 0 and stats["index"].get("skipped")
+
+
+def test_two_evaluation_sets_with_one_folder_name_are_told_apart(split, tmp_path, capsys):
+    """A second set in another folder of the same name never reuses (or rebuilds over) the first
+    set's index: the error names the index, both inputs and what to do."""
+    root, _, args = split
+    other = tmp_path / "elsewhere" / "eval"
+    shutil.copytree(root / "eval", other)
+    argv = list(args)
+    argv[argv.index("--eval") + 1] = str(other)
+    argv[argv.index("--run-dir") + 1] = str(tmp_path / "run2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "evalidx/eval-eval: this evaluation index was built from" in err and str(other) in err
+    assert "rename one of the two folders" in err and "--eval-index-root" in err
