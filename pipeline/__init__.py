@@ -24,12 +24,13 @@ def run(config=None, *, input=None, run_dir=None, index_dir=None, sets=None, sta
     are taken against the current directory, defaults as the CLI's. Returns summary.json (or, when
     the report stage did not run, every stage's stats)."""
     from .core import config as config_mod
+    from .core.run import report_dir
     from .driver import execute
     from .stages import NAMES
     overrides = {k: v for k, v in (("input.path", input), ("run_dir", run_dir), ("index_dir", index_dir)) if v}
     cfg = config_mod.build(config, sets, _os.getcwd(), overrides, log=log)
     stats = execute(cfg, tuple(stages or NAMES), executor, fresh=fresh, log=log)
-    summary = cfg.run_path / "report" / "summary.json"
+    summary = report_dir(cfg.run_path) / "summary.json"
     if summary.exists() and "report" in (stages or NAMES):
         import json
         return json.loads(summary.read_text())

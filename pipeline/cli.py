@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .core import config as config_mod
+from .core.run import manifest_file, read_manifest, report_dir
 from .driver import execute, print_summary, status
 from .sources import SOURCES
 from .stages import NAMES
@@ -43,11 +44,10 @@ def build_config(args) -> config_mod.RunConfig:
         overrides["run_dir"] = args.run_dir
     if args.index_dir:
         overrides["index_dir"] = args.index_dir
-    manifest = Path(args.run_dir or "", "manifest.json")
-    if not args.config and not args.input and args.run_dir and manifest.exists():
+    if not args.config and not args.input and args.run_dir and manifest_file(args.run_dir).exists():
         # an existing run dir without --input / --config (`dedup2b export --run-dir DIR`): its own
         # config, from its manifest, with this command line's changes on top
-        data = json.loads(manifest.read_text())["config"]
+        data = read_manifest(args.run_dir)["config"]
         config_mod.apply_overrides(data, {**config_mod.parse_sets(args.set), **overrides})
         return config_mod.from_dict(config_mod.resolve_paths(data, Path.cwd()))
     return config_mod.build(args.config, args.set, Path.cwd(), overrides, log=print)
@@ -100,7 +100,7 @@ def cmd_demo(args) -> int:
     cfg = build_config(args)
     execute(cfg, NAMES, args.executor, fresh=args.fresh)
     print_summary(cfg)
-    scores = demo.score(out / "corpus" / "ground_truth.parquet", cfg.run_path / "report" / "samples.parquet")
+    scores = demo.score(out / "corpus" / "ground_truth.parquet", report_dir(cfg.run_path) / "samples.parquet")
     print(f"  vs ground truth pair precision {scores['precision']:.3f}  recall {scores['recall']:.3f}  "
           f"({scores['true_pairs']} true pairs, {scores['found_pairs']} found)")
     if not args.no_calibrate:
@@ -113,9 +113,8 @@ def cmd_demo(args) -> int:
 def _check_eval_index(folder: Path, source: Path) -> None:
     """An evaluation index is named after its set's folder; one already built from another folder
     of the same name is never reused or rebuilt over: the clash is named, with what to do."""
-    manifest = folder / "run" / "manifest.json"
-    if manifest.exists():
-        built_from = json.loads(manifest.read_text())["config"]["input"]["path"]
+    if manifest_file(folder / "run").exists():
+        built_from = read_manifest(folder / "run")["config"]["input"]["path"]
         if Path(built_from).resolve() != source:
             raise config_mod.ConfigError(
                 f"{folder}: this evaluation index was built from {built_from}, and {source} has the same "
@@ -145,11 +144,11 @@ def cmd_decontaminate(args) -> int:
         cfg.decontaminate.validate()
         run_stages(cfg, ex, NAMES, fresh=args.fresh)
     print_summary(cfg)
-    summary = json.loads((cfg.run_path / "report" / "summary.json").read_text())
+    summary = json.loads((report_dir(cfg.run_path) / "summary.json").read_text())
     for name, info in summary["eval_leaks"].items():
         print(f"  leaks {name:10s} {info['eval_items_leaked']} eval items in "
               f"{info['train_rows_matched']} training rows")
-    print(f"  leaks table     {cfg.run_path / 'report' / 'leaks.parquet'}")
+    print(f"  leaks table     {report_dir(cfg.run_path) / 'leaks.parquet'}")
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .core.config import RunConfig, from_dict
 from .core.executor import open_executor
 from .core.io import read_json, write_json
-from .core.run import Run, check_layout, manifest_shards
+from .core.run import Run, manifest_shards, read_manifest, report_dir
 from .stages import BY_NAME, NAMES, STAGES, open_run
 
 
@@ -76,10 +76,7 @@ def open_existing(run_dir) -> Run:
     """The Run of a finished (or partly finished) run directory, from its manifest alone: no input
     needs to be present."""
     root = Path(run_dir).resolve()
-    if not (root / "manifest.json").exists():
-        raise FileNotFoundError(f"{root / 'manifest.json'}: not a run directory (run `dedup2b run` first)")
-    manifest = read_json(root / "manifest.json")
-    check_layout(root, manifest)
+    manifest = read_manifest(root)
     data = manifest["config"]
     data["run_dir"] = str(root)            # the folder may have moved since the run
     return open_run(from_dict(data), manifest_shards(manifest))
@@ -98,10 +95,9 @@ def status(run_dir) -> dict:
     return out
 
 
-def summary_lines(run: Run | Path, summary: dict) -> list[str]:
+def summary_lines(reports: Path, summary: dict) -> list[str]:
     """The end-of-run summary a person reads in the terminal or the job log."""
     s = summary
-    report_dir = run.report_dir() if isinstance(run, Run) else Path(run) / "report"
     lines = [
         "",
         f"  input rows      {s['input_rows']:>8,}",
@@ -114,13 +110,13 @@ def summary_lines(run: Run | Path, summary: dict) -> list[str]:
         f"  threshold       {s['threshold']}  model {s['model']}  codec {s['codec']} ({s['bytes_per_vector']} B/vector)",
     ]
     lines += [f"  top group       {g['representative_key']}  x{g['size']}" for g in s["largest_groups"][:5]]
-    lines.append(f"  reports         {report_dir}")
+    lines.append(f"  reports         {reports}")
     return lines
 
 
 def print_summary(cfg: RunConfig, log=print) -> None:
     """The summary of a run whose report stage has run (nothing when it has not)."""
-    path = cfg.run_path / "report" / "summary.json"
+    path = report_dir(cfg.run_path) / "summary.json"
     if path.exists():
-        for line in summary_lines(cfg.run_path, read_json(path)):
+        for line in summary_lines(path.parent, read_json(path)):
             log(line)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import platform
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,9 +94,8 @@ class Run:
     def ingest_file(self, shard: str) -> Path:
         return self.dir("ingest") / f"{shard}.parquet"
 
-    def ingest_table(self, columns: list[str] | None = None, shards: Iterable[str] | None = None) -> pa.Table:
-        names = self.shard_names() if shards is None else list(shards)
-        return pa.concat_tables([pq.read_table(self.ingest_file(n), columns=columns) for n in names])
+    def ingest_table(self, columns: list[str] | None = None) -> pa.Table:
+        return pa.concat_tables([pq.read_table(self.ingest_file(n), columns=columns) for n in self.shard_names()])
 
     def embed_dir(self) -> Path:
         return self.dir("embed")
@@ -125,10 +123,10 @@ class Run:
         return self.dir("group") / "edges.parquet"
 
     def report_dir(self) -> Path:
-        return self.dir("report")
+        return report_dir(self.root)
 
     def summary_file(self) -> Path:
-        return self.dir("report") / "summary.json"
+        return report_dir(self.root) / "summary.json"
 
     def export_dir(self) -> Path:
         return self.dir("export")
@@ -143,7 +141,7 @@ class Run:
     def open_manifest(self, fresh: bool = False) -> None:
         """Write manifest.json, or check that an existing one was made with the same config."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / "manifest.json"
+        path = manifest_file(self.root)
         config = self.cfg.to_dict()
         if path.exists():
             old = read_json(path)
@@ -164,6 +162,25 @@ class Run:
                         "bytes": s.data.stat().st_size if s.data.exists() else None} for s in self.shards],
             "versions": _versions(),
         })
+
+
+def report_dir(run_path) -> Path:
+    """The report stage's folder of a run directory, for callers that hold no Run (front doors)."""
+    return Path(run_path) / "report"
+
+
+def manifest_file(run_path) -> Path:
+    return Path(run_path) / "manifest.json"
+
+
+def read_manifest(run_path) -> dict:
+    """A run directory's manifest, its layout checked."""
+    path = manifest_file(run_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not a run directory (run `dedup2b run` first)")
+    manifest = read_json(path)
+    check_layout(Path(run_path), manifest)
+    return manifest
 
 
 def check_layout(root: Path, manifest: dict) -> None:

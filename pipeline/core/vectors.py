@@ -38,7 +38,7 @@ def link_to(source: Path) -> dict:
 def _open_linked(link: Path) -> np.ndarray:
     info = json.loads(link.read_text())
     src = Path(info["source"])
-    if not src.exists() or link_to(src)["bytes"] != info["bytes"] or link_to(src)["mtime_ns"] != info["mtime_ns"]:
+    if not src.exists() or link_to(src) != info:
         raise ValueError(f"{src}: the input file this run reads in place changed or is gone since the embed "
                          f"stage ({link}); rerun the embed stage (delete the run's embed/_done) or restore it")
     return np.load(src, mmap_mode="r", allow_pickle=False)

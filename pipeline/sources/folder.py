@@ -27,6 +27,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 FILES_PER_SHARD = 10_000
 
 
+def _is_image(name: str) -> bool:
+    stem, dot, ext = name.rpartition(".")
+    return bool(dot) and ext.lower() in IMAGE_EXTS
+
+
 @lru_cache(maxsize=4)
 def _files(root: str) -> tuple[str, ...]:
     """Image files under `root` (links included, not followed into folders), as sorted relative
@@ -35,7 +40,7 @@ def _files(root: str) -> tuple[str, ...]:
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs.sort()
         for name in files:
-            if name.rpartition(".")[2].lower() in IMAGE_EXTS and "." in name:
+            if _is_image(name):
                 out.append(Path(folder, name).relative_to(root).as_posix())
     return tuple(sorted(out))
 
@@ -43,7 +48,7 @@ def _files(root: str) -> tuple[str, ...]:
 def detect(folder: Path) -> bool:
     """Whether a folder tree holds image files."""
     for _, _, files in os.walk(folder, followlinks=False):
-        if any(f.rpartition(".")[2].lower() in IMAGE_EXTS and "." in f for f in files):
+        if any(_is_image(f) for f in files):
             return True
     return False
 

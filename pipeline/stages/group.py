@@ -129,7 +129,8 @@ class Edges:
             yield self.old["a"], n + self.old["b"]
 
     def scored(self):
-        """(node a, node b or -1, gid a, gid b, similarity, kind) chunks: every edge of the report."""
+        """(node a, node b, gid a, gid b, similarity, kind) chunks: every edge of the report (node
+        n + k: earlier group k, as in `pairs`)."""
         g = self.gids
         for i in range(0, len(self.ea), CHUNK):
             a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
@@ -138,7 +139,7 @@ class Edges:
             yield lo, hi, g[lo], g[hi], sim, "near"
         if self.old is not None:
             a = self.old["a"]
-            yield a, np.full(len(a), -1, np.int64), g[a], self.old["other"], self.old["sim"], "near"
+            yield a, len(g) + self.old["b"], g[a], self.old["other"], self.old["sim"], "near"
 
 
 class Nearest:
@@ -217,12 +218,12 @@ def run(run: Run, ex, stats: dict) -> dict:
     forest = UnionFind(n + (len(old["group_ids"]) if old is not None else 0)) if cfg.search.pairs == "forest" else None
     with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
         for a, b, ga, gb, sim, kind in edges.scored():
-            inside = b >= 0
+            inside = b < n                       # this run's rows (not an earlier group's node)
             nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
                            np.concatenate([sim, sim[inside]]))
             n_verified += len(ga)
             if forest is not None:
-                keep = forest.forest(a, b if inside.all() else n + old["b"])   # old: edges to earlier groups
+                keep = forest.forest(a, b)
                 a, b, ga, gb, sim = a[keep], b[keep], ga[keep], gb[keep], sim[keep]
             writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
                                    "kind": pa.repeat(pa.scalar(kind), len(ga))}, schema=EDGE_SCHEMA))
