@@ -33,16 +33,22 @@ class ConfigError(ValueError):
 @dataclass
 class InputConfig:
     path: str = ""                # a folder of img2dataset shards, or of clip-retrieval embeddings
-    format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/);
+    format: str = "img2dataset"   # img2dataset (NNNNN.tar + .parquet) | embeddings (img_emb/ + metadata/)
+                                  # | folder (image files) | hf (Hugging Face parquet with image bytes);
                                   # the CLI, jobs and API detect it from the folder when not given
     renormalize: bool = False     # embeddings: normalise vectors whose norm is off 1
     norm_tolerance: float = 0.01  # embeddings: allowed |norm - 1| without renormalize
     copy_vectors: bool = False    # embeddings: copy the vectors into the run (default: read the input's
                                   # files in place where every row is valid and none is renormalised)
+    image_column: str = "image"   # hf: the column of the images (`datasets` Image {bytes, path}, or binary)
+    text_column: str = ""         # hf: the caption column; "" = the first of text, caption, problem present
+    key_column: str = ""          # hf: the column of row keys; "" = <file path without .parquet>/<row index>
 
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("input.path: required (a folder of img2dataset shards or embeddings)")
+        if not self.image_column:
+            raise ConfigError("input.image_column: required (the column that holds the images, default 'image')")
         from ..sources import SOURCES
         if self.format not in SOURCES:
             raise ConfigError(f"input.format: unknown format {self.format!r}; known: {', '.join(SOURCES)}")
@@ -92,7 +98,9 @@ class SearchConfig:
                                      # None = the model's default (DEFAULT_THRESHOLDS)
     method: str = "cells"       # cells: cell join + exact bound (default); pq: IVF-PQ range search
     band: float = 0.03          # pairs in [threshold - band, threshold) are kept as near misses
-    cells: int = 0              # cell-join cells; 0 = about sqrt(rows)
+    cells: int = 0              # cell-join cells; 0 = rows / cell_rows
+    cell_rows: int = 1000       # rows per cell when cells = 0: bounded, so a row's join cost is
+                                # flat in rows (cells beyond 1024 are trained and assigned in two levels)
     proj_dim: int = 128         # cell-join projection; 0 = full dimension
     border: float = 0.01        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most
@@ -118,8 +126,8 @@ class SearchConfig:
             raise ConfigError(f"search.method: {self.method!r}; known: cells, pq")
         if self.device not in ("auto", "numpy", "cpu", "cuda"):
             raise ConfigError(f"search.device: {self.device!r}; known: auto, numpy, cpu, cuda")
-        if self.max_cells < 1 or self.cells_per_task < 1:
-            raise ConfigError("search.max_cells / search.cells_per_task: must be >= 1")
+        if self.max_cells < 1 or self.cells_per_task < 1 or self.cell_rows < 1:
+            raise ConfigError("search.max_cells / search.cells_per_task / search.cell_rows: must be >= 1")
         if self.pairs not in ("forest", "all"):
             raise ConfigError(f"search.pairs: {self.pairs!r}; known: forest, all")
         if self.dense_cell < 2:

@@ -13,6 +13,9 @@
                                    report's invariant: input = kept + removed + failed)
   image sources also:
     read_images(shard, wanted)     (value, bytes) for wanted member names
+    copy_rows(shard, members, out) (optional: sources whose rows are parquet rows) the rows of those
+                                   members written to `out` with the input file's own schema; the
+                                   hf export then keeps the input's columns unchanged
   vector sources also:
     unit_vectors(shard, rows, cfg) the input's vectors of those rows as fp16 unit vectors
     in_place(shard, rows, cfg)     the input's own vector file where the run reads it as it is
@@ -25,10 +28,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import embeddings, folder, img2dataset
+from . import embeddings, folder, hf, img2dataset
 from .base import InputError, Shard
 
-SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings, folder)}
+# hf.detect defers to img2dataset and embeddings (their folders hold parquet files too)
+SOURCES: dict[str, ModuleType] = {m.FORMAT: m for m in (img2dataset, embeddings, folder, hf)}
 
 
 def detect(path) -> str:

@@ -6,7 +6,9 @@ export/webdataset/NNNNN.parquet the input parquet's rows for the tar's samples, 
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative, similarity, removed_reason
 export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
-                                and the input parquet's other columns (formats: hf)
+                                and the input parquet's other columns (formats: hf); for a source
+                                with copy_rows (hf input): the kept rows of each input file, with
+                                its schema and columns unchanged
 export/subset.npy               DataComp-style sorted uid array (two uint64 halves of the 128-bit uid:
                                 the input's uid field, else blake2b of url + caption)
 """
@@ -122,7 +124,10 @@ def export_hf_shard(job: dict) -> dict:
     rows = job["rows"]
     data: list[bytes | None] = [None] * len(rows)
     shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["tar"]))
-    for i, blob in source_for(job["format"]).read_images(shard, {r["member"]: i for i, r in enumerate(rows)}):
+    source = source_for(job["format"])
+    if hasattr(source, "copy_rows"):   # the input is such parquet already: its kept rows, columns unchanged
+        return {"rows": source.copy_rows(shard, [r["member"] for r in rows], Path(job["out"]))}
+    for i, blob in source.read_images(shard, {r["member"]: i for i, r in enumerate(rows)}):
         data[i] = blob
     # the input's own per-row parquet, where the source has one (img2dataset): its other columns pass through
     meta = pq.read_table(job["parquet"]) if Path(job["parquet"]).is_file() else pa.table({"key": pa.array([], pa.string())})
