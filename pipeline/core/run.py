@@ -8,7 +8,7 @@ Layout under run_dir (LAYOUT, recorded in manifest.json; a run dir of another la
   embed/img_emb/img_emb_NNNNN.npy     fp16 vectors (clip-retrieval layout), rows aligned with
   embed/metadata/metadata_NNNNN.parquet
   embed/failed/NNNNN.parquet          rows that could not be embedded, with the reason
-  search/assign/NNNNN.parquet         cell assignments per shard (method cells)
+  search/assign/NNNNN.parquet         a row per (cell, vector) per shard, sorted by cell (method cells)
   search/pairs/UNIT.parquet           verified pairs per cell block or query shard
   search/against|leaks/NAME-NNNNN.parquet  pairs against another run's registered index
   search/targets/NAME.faiss           that index's IVF-PQ, when its folder does not hold one

@@ -3,7 +3,11 @@
 Trained once (index stage), from a seeded sample:
   projection  V (r x d): the top-r eigenvectors of the uncentred second moment (PCA without
               centring keeps CLIP's shared mean direction as the first axis)
-  centroids   spherical k-means in the projected space: the cells
+  centroids   spherical k-means in the projected space: the cells, of about `search.cell_rows`
+              rows each whatever the row count, so a row's join cost stays flat as rows grow
+              (two-level k-means beyond FLAT_CELLS cells)
+  cells.faiss the index that assigns rows to cells (cell_index: exhaustive, or two-level IVF
+              over the centroids, sublinear in cells)
 Search, in two resumable steps that run as Ray tasks:
   assign (per vector shard)   each vector goes to its best cell, and also to every other cell whose
                               centroid score is within `border` of the best (at most `max_cells`),
@@ -44,28 +48,89 @@ def project(x: np.ndarray, proj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, np.sqrt(np.maximum(res2, 0.0)).astype(np.float32)
 
 
-def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 10) -> np.ndarray:
-    """Spherical k-means centroids (the cells). The cells move only the join's cost, never its
-    result. At 1 M rows (bench-search corpus) 100 points a cell and 10 iterations gave the join
-    0.2 % more candidates than 256 points and 20 iterations; 64 points gave 26 % more."""
+def _kmeans(z: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     import faiss
-    zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    km = faiss.Kmeans(z.shape[1], nlist, niter=niter, spherical=True, seed=seed,
+    km = faiss.Kmeans(z.shape[1], k, niter=niter, spherical=True, seed=seed,
                       max_points_per_centroid=100, min_points_per_centroid=1, verbose=False)
-    km.train(np.ascontiguousarray(zn, dtype=np.float32))
+    km.train(np.ascontiguousarray(z, dtype=np.float32))
     return km.centroids.astype(np.float32)
 
 
-def assign(z: np.ndarray, centroids: np.ndarray, border: float, max_cells: int) -> np.ndarray:
-    """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
-    scoring within `border` of it."""
-    import faiss
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
+FLAT_CELLS = 1024   # up to this many cells: one k-means, exhaustive assignment; beyond: two levels
+
+
+def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 10) -> np.ndarray:
+    """Spherical k-means centroids (the cells). The cells move only the join's cost, never its
+    result. At 1 M rows (bench-search corpus) 100 points a cell and 10 iterations gave the join
+    0.2 % more candidates than 256 points and 20 iterations; 64 points gave 26 % more.
+    Beyond FLAT_CELLS cells, two levels: sqrt(nlist) coarse cells, then each coarse cell's sample
+    split into fine cells in proportion to its share, so training costs sample x (sqrt(nlist) +
+    fine cells per coarse cell) products instead of sample x nlist. Fine centroids come out
+    grouped by coarse cell (cell_index builds the two-level assignment from them)."""
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    k = min(max_cells, len(centroids))
-    score, cell = index.search(np.ascontiguousarray(zn, dtype=np.float32), k)
-    cell = np.where(score >= score[:, :1] - border, cell, -1)
+    if nlist <= FLAT_CELLS:
+        return _kmeans(zn, nlist, seed, niter)
+    coarse = _kmeans(zn, int(round(np.sqrt(nlist))), seed, niter)
+    owner = np.argmax(zn @ coarse.T, axis=1)
+    counts = np.bincount(owner, minlength=len(coarse))
+    share = np.maximum(1, np.round(nlist * counts / max(len(zn), 1)).astype(int)) * (counts > 0)
+    out = []
+    for c in np.flatnonzero(counts):
+        pts = zn[owner == c]
+        out.append(_kmeans(pts, int(min(share[c], len(pts))), seed + int(c), niter))
+    return np.concatenate(out)
+
+
+def cell_index(centroids: np.ndarray, points: np.ndarray | None = None, seed: int = 0, target: float = 0.999):
+    """The FAISS index that assigns vectors to cells, and how well it agrees with exhaustive
+    assignment: exhaustive inner products up to FLAT_CELLS cells; beyond, two levels (an IVF over
+    the centroids with sqrt(cells) coarse lists), its nprobe twice the one at which the best cell
+    of the sampled `points` agrees with exhaustive assignment at rate >= `target`. A row then costs
+    sqrt(cells) x (1 + nprobe) products, not cells. Returns (index, info)."""
+    import faiss
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    d = c.shape[1]
+    if len(c) <= FLAT_CELLS:
+        index = faiss.IndexFlatIP(d)
+        index.add(c)
+        return index, {"assign": "flat", "assign_agreement": 1.0}
+    n_coarse = int(round(np.sqrt(len(c))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_coarse, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.cp.min_points_per_centroid = 1
+    index.train(c)
+    index.add(c)
+    index.nprobe = 8
+    agreement = None
+    if points is not None and len(points):
+        q = np.ascontiguousarray(points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12),
+                                 dtype=np.float32)
+        exact = np.argmax(q @ c.T, axis=1)
+        for nprobe in (2, 4, 8, 16, 32, 64, n_coarse):
+            index.nprobe = min(nprobe, n_coarse)
+            agreement = float(np.mean(index.search(q, 1)[1][:, 0] == exact))
+            if agreement >= target:
+                break
+        # copies share their cell, so the sampled rate varies between samples (0.9989 on one,
+        # 0.990 on another at the same nprobe, bench corpus): twice the nprobe that met it
+        index.nprobe = min(2 * index.nprobe, n_coarse)
+        agreement = float(np.mean(index.search(q, 1)[1][:, 0] == exact))
+    return index, {"assign": f"ivf{n_coarse}", "assign_nprobe": int(index.nprobe),
+                   "assign_agreement": None if agreement is None else round(agreement, 5)}
+
+
+def assign(z: np.ndarray, cells, border: float, max_cells: int) -> np.ndarray:
+    """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
+    scoring within `border` of it. `cells`: the centroids (exhaustive), or their cell_index."""
+    if isinstance(cells, np.ndarray):              # centroids: exhaustive assignment
+        import faiss
+        flat = faiss.IndexFlatIP(cells.shape[1])
+        flat.add(np.ascontiguousarray(cells, dtype=np.float32))
+        cells = flat
+    zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    k = min(max_cells, cells.ntotal)
+    score, cell = cells.search(np.ascontiguousarray(zn, dtype=np.float32), k)
+    cell = np.where((score >= score[:, :1] - border) & (cell >= 0), cell, -1)
     out = np.full((len(z), max_cells), -1, np.int64)
     out[:, :k] = cell
     return out

@@ -2,7 +2,7 @@
 a FAISS IVF-PQ codec ([OPQ] -> IVF -> PQ, inner product) chosen by rule from the row count, the
 dimension and a bytes/vector budget, trained once on a seeded sample, every vector added with its
 global id. Files (written by their callers, see stages/index.py and stages/register.py):
-  projection.npy, centroids.npy   the cell-join codec
+  projection.npy, centroids.npy, cells.faiss   the cell-join codec
   codec.json       factory string, dimension, model spec, fingerprint, bytes per vector
   index.faiss      a populated IVF-PQ index (read memory-mapped by search workers)
 """
@@ -46,8 +46,13 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
             "estimated_index_bytes": n * (code_bytes + 8) + nlist * d * 4 + d * d * 4 * opq}
 
 
-def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int) -> np.ndarray:
-    """A seeded uniform sample of about `size` vectors, read shard by shard."""
+CELL_SAMPLE = 2_000_000   # projected rows k-means sees at most (128-d float32: 1 GB)
+
+
+def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
+           proj: np.ndarray | None = None) -> np.ndarray:
+    """A seeded uniform sample of about `size` vectors, read shard by shard (projected by `proj`
+    as they are read, when given)."""
     total = sum(counts.values())
     frac = min(1.0, size / max(total, 1))
     rng = np.random.default_rng(seed)
@@ -55,8 +60,10 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int) -> 
     for index in sorted(counts):
         gids, vecs = store.shard(index)
         pick = np.nonzero(rng.random(len(gids)) < frac)[0] if frac < 1 else np.arange(len(gids))
-        parts.append(np.asarray(vecs[pick], dtype=np.float32))
-    return np.concatenate(parts) if parts else np.zeros((0, store.dim), np.float32)
+        part = np.asarray(vecs[pick], dtype=np.float32)
+        parts.append(part if proj is None else part @ proj.T)
+    dim = store.dim if proj is None else len(proj)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, chunk: int = 65536):
@@ -89,10 +96,13 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
 
 
 def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
-              cells: int = 0, proj_dim: int = 128, ivfpq: bool = True) -> tuple[dict, list[Path]]:
+              cells: int = 0, proj_dim: int = 128, ivfpq: bool = True,
+              cell_rows: int = 1000) -> tuple[dict, list[Path]]:
     """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
     IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
     runs has it built from the registered rows on first use). Returns codec.json and the files."""
+    import faiss
+
     from . import celljoin
     out = Path(out)
     n = sum(counts.values())
@@ -101,14 +111,20 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     (out / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
     files = []
     t0 = time.time()
-    # cells: about sqrt(n); k-means takes 100 points a cell (see train_cells), the projection >= 20k
-    n_cells = cells or max(1, int(math.sqrt(n)))
+    # cells of about cell_rows rows; k-means takes 100 points a cell (see train_cells) up to
+    # CELL_SAMPLE points, held projected; the projection is trained on >= 20k rows
+    n_cells = cells or max(1, round(n / cell_rows))
     xt = sample(store, counts, min(c.train_size, max(20_000, 100 * n_cells)), c.seed + 1)
-    n_cells = min(n_cells, len(xt))
     proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
-    centroids = celljoin.train_cells(celljoin.project(xt, proj)[0], n_cells, c.seed)
-    files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
-    codec.update(cells=n_cells, proj_dim=int(proj.shape[0]), cells_train_s=round(time.time() - t0, 3))
+    want = min(CELL_SAMPLE, 100 * n_cells)
+    zt = celljoin.project(xt, proj)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, proj)
+    n_cells = min(n_cells, len(zt))
+    centroids = celljoin.train_cells(zt, n_cells, c.seed)
+    assigner, info = celljoin.cell_index(centroids, zt[:20_000], c.seed)
+    files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids),
+              write_bytes(out / "cells.faiss", faiss.serialize_index(assigner).tobytes())]
+    codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
+                 cells_train_rows=len(zt), **info, cells_train_s=round(time.time() - t0, 3))
     if ivfpq:
         codec = write_ivfpq(out / "index.faiss", store, counts, codec)
         files.append(out / "index.faiss")

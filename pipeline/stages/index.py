@@ -1,5 +1,5 @@
 """index: train the codecs search needs and write them to the index folder (index_dir): the
-cell-join codec (projection.npy, centroids.npy), codec.json, and for search.method pq the
+cell-join codec (projection.npy, centroids.npy, cells.faiss), codec.json, and for search.method pq the
 populated IVF-PQ index.faiss. See lib/codec.py."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ..core.run import Run
 from ..lib import codec as codec_lib
 
 NAME = "index"
-FIELDS = ("input", "embed.model", "codec", "search.cells", "search.proj_dim", "search.method")
+FIELDS = ("input", "embed.model", "codec", "search.cells", "search.cell_rows", "search.proj_dim", "search.method")
 
 
 def units(run: Run) -> list[Marker]:
@@ -33,7 +33,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     fp = run.fingerprint(NAME)
     codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
                                        run.cfg.search.cells, run.cfg.search.proj_dim,
-                                       ivfpq=run.cfg.search.method == "pq")
+                                       ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows)
     run.marker(NAME, NAME).write(fp, files, rows=sum(counts.values()))
     codec["seconds"] = round(time.time() - t0, 3)
     return codec

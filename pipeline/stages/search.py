@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.config import SearchConfig
-from ..core.io import Marker, write_parquet
+from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.run import Run
 from ..core.vectors import VectorStore
 from ..lib import celljoin
@@ -84,28 +84,45 @@ def _write_pairs(job: SearchJob, unit: str, a, b, sim, **extra) -> dict:
 # ---- method: cells ---------------------------------------------------------------------------
 
 def _codec(job: SearchJob):
+    import faiss
     index_mod.check(job.index_dir, job.index_fp)
     return (np.load(job.index_dir / "projection.npy", allow_pickle=False),
-            np.load(job.index_dir / "centroids.npy", allow_pickle=False))
+            faiss.read_index(str(job.index_dir / "cells.faiss")))
+
+
+def n_cells(index_dir: Path) -> int:
+    return len(np.load(Path(index_dir) / "centroids.npy", mmap_mode="r", allow_pickle=False))
 
 
 def assign_shard(args: tuple) -> dict:
-    """Cells of every vector of one shard -> search/assign/NNNNN.parquet (gid, c0..c{k-1})."""
+    """Cells of every vector of one shard -> search/assign/NNNNN.parquet: a row per (cell, vector)
+    (cell, gid, c0..c{k-1}: the vector's whole cell set), sorted by cell, one row group per join
+    block, so a join task reads only its block's row groups of each shard (linear I/O in rows)."""
     job, index = args
-    proj, centroids = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
+    proj, cells = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
     gids, vecs = job.store().shard(index)
     k = job.cfg.max_cells
     sets = [np.zeros((0, k), np.int64)]
     for s in range(0, len(gids), 65536):
         z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj)
-        sets.append(celljoin.assign(z, centroids, job.cfg.border, k))
+        sets.append(celljoin.assign(z, cells, job.cfg.border, k))
     sets = np.concatenate(sets)
+    row, col = np.nonzero(sets >= 0)
+    cell = sets[row, col]
+    order = np.lexsort((row, cell))
+    row, cell = row[order], cell[order]
     unit = f"assign-{job.shards[index]}"
-    cols = {"gid": gids, **{f"c{i}": sets[:, i].astype(np.int32) for i in range(k)}}
-    path = write_parquet(job.out_dir / "assign" / f"{job.shards[index]}.parquet", pa.table(cols))
-    n_assigned = int((sets >= 0).sum())
-    Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=n_assigned)
-    return {"rows": len(gids), "assignments": n_assigned}
+    table = pa.table({"cell": cell.astype(np.int32), "gid": gids[row],
+                      **{f"c{i}": sets[row, i].astype(np.int32) for i in range(k)}})
+    step = job.cfg.cells_per_task
+    bounds = np.searchsorted(cell, np.arange(0, int(cell.max(initial=0)) + step + 1, step))
+    path = job.out_dir / "assign" / f"{job.shards[index]}.parquet"
+    with parquet_writer(path, table.schema) as w:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
+                w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+    Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=len(cell))
+    return {"rows": len(gids), "assignments": len(cell)}
 
 
 def join_block(args: tuple) -> dict:
@@ -113,11 +130,12 @@ def join_block(args: tuple) -> dict:
     job, lo, hi = args
     proj, _ = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
     k = job.cfg.max_cells
-    filt = [[(f"c{i}", ">=", lo), (f"c{i}", "<", hi)] for i in range(k)]
-    parts = [pq.read_table(p, filters=filt) for p in sorted((job.out_dir / "assign").glob("*.parquet"))]
-    t = pa.concat_tables(parts)
-    gids = t["gid"].to_numpy()
-    sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64) for i in range(k)], axis=1)
+    filt = [("cell", ">=", lo), ("cell", "<", hi)]
+    cols = ["gid"] + [f"c{i}" for i in range(k)]
+    t = pa.concat_tables([pq.read_table(p, columns=cols, filters=filt)
+                          for p in sorted((job.out_dir / "assign").glob("*.parquet"))])
+    gids, first = np.unique(t["gid"].to_numpy(), return_index=True)   # a row once, whatever its cells here
+    sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64)[first] for i in range(k)], axis=1)
     x = job.store().get(gids) if len(gids) else np.zeros((0, 1), np.float32)
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
                                             device=_device(job.cfg.device), dense_min=job.dense_min,
@@ -151,9 +169,9 @@ def _peak_rss_mb() -> float:
 def run_cells(job: SearchJob, ex) -> dict:
     todo = [(job, i) for i in sorted(job.shards) if not job.done(f"assign-{job.shards[i]}")]
     ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
-    n_cells = len(np.load(job.index_dir / "centroids.npy", mmap_mode="r", allow_pickle=False))
+    total = n_cells(job.index_dir)
     step = job.cfg.cells_per_task
-    every = [(job, lo, min(lo + step, n_cells)) for lo in range(0, n_cells, step)]
+    every = [(job, lo, min(lo + step, total)) for lo in range(0, total, step)]
     # new assignments invalidate every joined block; otherwise only unfinished blocks run
     blocks = every if todo else [b for b in every if not job.done(f"cells-{b[1]:06d}")]
     planned = {f"cells-{b[1]:06d}.parquet" for b in every}
@@ -298,10 +316,8 @@ def units(run: Run) -> list[Marker]:
         own = [f"pq-{s.name}" for s in run.shards]
     else:
         own = [f"assign-{s.name}" for s in run.shards]
-        centroids = job.index_dir / "centroids.npy"
-        if centroids.exists():
-            n_cells = len(np.load(centroids, mmap_mode="r", allow_pickle=False))
-            own += [f"cells-{lo:06d}" for lo in range(0, n_cells, job.cfg.cells_per_task)]
+        if (job.index_dir / "centroids.npy").exists():
+            own += [f"cells-{lo:06d}" for lo in range(0, n_cells(job.index_dir), job.cfg.cells_per_task)]
     out = [run.marker(NAME, u) for u in own]
     for kind, folder in cross_targets(run):
         out += [Marker(run.cross_dir(kind), f"{folder.name}-{s.name}") for s in run.shards]
