@@ -135,3 +135,13 @@ def test_non_utf8_caption_and_absolute_member_name(tmp_path):
     pq.write_table(pa.table({"key": ["evil"]}), folder / "00000.parquet")
     with pytest.raises(ShardFailed, match="unsafe member name '/etc/evil.jpg'"):
         run_stages(make_config(tmp_path / "r2", folder), LocalExecutor(), log=lambda *_: None)
+
+
+def test_every_row_failed_still_gives_a_report(tmp_path):
+    """A corpus where no row decodes: every stage runs, the report lists every row as failed with
+    its reason, and the export is empty (no 'no embedded rows' error)."""
+    _shard(tmp_path / "in", 0, [("a", "jpg", b"not an image"), ("b", "jpg", b""), ("c", "png", b"\x89PNG broken")])
+    s, rows = _run(tmp_path, tmp_path / "in")
+    assert s["input_rows"] == 3 and s["failed"] == 3 and s["kept"] == s["removed"] == 0
+    assert (rows.status == "failed").all() and rows.error.str.len().gt(0).all()
+    assert s["codec"] is None and s["verified_pairs"] == 0

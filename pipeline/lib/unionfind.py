@@ -88,6 +88,8 @@ def exact_edges(sha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(head, copy) index pairs: every row whose hash equals an earlier row's, linked to the first
     such row (stable: "first" follows the input order). Used to group exact copies and to embed
     each distinct image once."""
+    if not len(sha):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.argsort(sha, kind="stable")
     s = sha[order]
     start = np.r_[0, np.nonzero(s[1:] != s[:-1])[0] + 1]

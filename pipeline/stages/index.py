@@ -23,14 +23,20 @@ def embedded_counts(run: Run) -> dict[int, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+def indexed_rows(run: Run) -> int:
+    """Rows the index stage indexed (0: every row failed, search has nothing to do; -1: not run)."""
+    return (run.marker(NAME, NAME).read() or {}).get("rows", -1)
+
+
 def run(run: Run, ex, stats: dict) -> dict:
     if not run.pending(NAME, [NAME]):
         return {"skipped": True}
     t0 = time.time()
     counts = embedded_counts(run)
-    if not counts:
-        raise RuntimeError("index: no embedded rows (every row failed?)")
     fp = run.fingerprint(NAME)
+    if not counts:        # every row failed: nothing to index; later stages report the failed rows
+        run.marker(NAME, NAME).write(fp, [], rows=0)
+        return {"rows": 0, "seconds": round(time.time() - t0, 3)}
     codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
                                        run.cfg.search.cells, run.cfg.search.proj_dim,
                                        ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows)

@@ -131,7 +131,10 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.loglog(sizes["group_size"], sizes["num_groups"], "o-", ms=4)
+    ax1.plot(sizes["group_size"], sizes["num_groups"], "o-", ms=4)
+    if len(sizes):
+        ax1.set_xscale("log")
+        ax1.set_yscale("log")
     ax1.set_xlabel("group size (rows)")
     ax1.set_ylabel("number of groups")
     ax1.set_title("groups per group size")
@@ -139,7 +142,8 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     centers = (sim_hist["bin_lo"] + sim_hist["bin_hi"]) / 2
     ax2.bar(centers, sim_hist["count"], width=sim_hist["bin_hi"] - sim_hist["bin_lo"], color="#4477aa")
     ax2.axvline(threshold, color="#cc3311", ls="--", label=f"threshold {threshold:.3f}")
-    ax2.set_yscale("log")
+    if sim_hist["count"].gt(0).any():         # a run with no pair (every row failed) has nothing to log-scale
+        ax2.set_yscale("log")
     ax2.set_xlabel("exact cosine of pairs near the threshold")
     ax2.set_ylabel("pairs")
     ax2.set_title("candidate-pair similarity")
@@ -250,7 +254,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     leaks = leaks_table(run, df)
     if run.cfg.decontaminate.eval:
         write_parquet(out / "leaks.parquet", pa.Table.from_pandas(leaks, preserve_index=False))
-    codec = read_json(run.dir("index") / "codec.json")
+    codec_file = run.dir("index") / "codec.json"    # absent when every row failed (nothing indexed)
+    codec = read_json(codec_file) if codec_file.exists() else {}
     summary = {
         "input_rows": n_in, "ok": n_ok, "failed": n_failed, "groups": n_groups,
         "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
@@ -265,8 +270,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
                        for name, part in leaks.groupby("eval_set")},
         "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(": ").str[:2]
                               .str.join(": ").value_counts().to_dict(),
-        "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec["factory"],
-        "bytes_per_vector": codec["bytes_per_vector"], "candidate_pairs": n_cand,
+        "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec.get("factory"),
+        "bytes_per_vector": codec.get("bytes_per_vector"), "candidate_pairs": n_cand,
         "verified_pairs": n_pairs, "largest_groups": groups.head(10)[["representative_key", "size"]]
         .to_dict("records"), "stage_seconds": {k: v.get("wall_s") for k, v in stage_stats.items()},
         # where the embed stage spent its worker time: which phase bounds the run

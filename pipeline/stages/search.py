@@ -27,6 +27,7 @@ from ..core.vectors import VectorStore
 from ..lib import celljoin
 from ..lib import codec as index_mod
 from ..lib import registry
+from . import index as index_stage
 
 NAME = "search"
 FIELDS = ("input", "embed.model", "codec", "search", "against", "decontaminate")
@@ -311,6 +312,8 @@ def cross_targets(run: Run) -> list[tuple[str, Path]]:
 
 
 def units(run: Run) -> list[Marker]:
+    if index_stage.indexed_rows(run) == 0:     # every row failed: no vector to search
+        return []
     job = search_job(run)
     if job.cfg.method == "pq":
         own = [f"pq-{s.name}" for s in run.shards]
@@ -325,6 +328,8 @@ def units(run: Run) -> list[Marker]:
 
 
 def run(run: Run, ex, stats: dict) -> dict:
+    if index_stage.indexed_rows(run) == 0:
+        return {"shards": 0, "pairs": 0, "verified": 0, "candidates": 0}
     out = find_pairs(search_job(run), ex)
     for kind, folder in cross_targets(run):    # new rows against earlier runs' rows / evaluation sets
         got = registry.cross_search(run, ex, folder, kind, folder.name)
