@@ -6,6 +6,7 @@ The Python API, for notebooks and scripts (the CLI and the Ray jobs build the sa
     summary = dedup2b.run(input="shards/", run_dir="reports/laion-part", executor="local",
                           sets=["search.threshold=0.9"])
     tables = dedup2b.open_reports("reports/laion-part")     # {"samples": DataFrame, "pairs": ..., ...}
+    copies = dedup2b.find("indexes/laion-part", ["takedown/photo.jpg"])   # rows that copy these images
 """
 import os as _os
 
@@ -49,3 +50,12 @@ def open_reports(run_dir) -> dict:
            if (folder / f"{name}.parquet").exists()}
     out["summary"] = json.loads((folder / "summary.json").read_text())
     return out
+
+
+def find(index, images=(), threshold=None, **kwargs):
+    """The rows of a built index (indexes/NAME, or an index folder) that are copies of the given
+    images (files, or folders of images): a DataFrame of query, key, url, caption, similarity, gid,
+    pixel_check. See `dedup2b.lookup.find` for query vectors and the pixel verifier hook."""
+    from .lookup import find as _find
+    from .lookup import index_folder
+    return _find(index_folder(index), images, threshold, **kwargs)

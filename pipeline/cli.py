@@ -1,5 +1,5 @@
 """`dedup2b` command line: the whole pipeline, each stage on its own, decontamination, threshold
-calibration, the demo, and status."""
+calibration, lookups of images in a built index (find), the demo, and status."""
 from __future__ import annotations
 
 import argparse
@@ -138,7 +138,7 @@ def cmd_decontaminate(args) -> int:
             data.update(input={**data["input"], "path": str(Path(ev).resolve())}, run_dir=str(folder / "run"),
                         index_dir=str(folder), against="", decontaminate={"eval": []})
             print(f"evaluation set {name}: index {folder}")
-            run_stages(config_mod.from_dict(data), ex, ("ingest", "embed", "index", "search", "group", "register"))
+            run_stages(config_mod.from_dict(data), ex, NAMES[:NAMES.index("register") + 1])
             folders.append(str(folder))
         cfg.decontaminate.eval = folders
         cfg.decontaminate.validate()
@@ -158,6 +158,29 @@ def cmd_calibrate(args) -> int:
     calibrate.calibrate(args.run_dir, target=args.target_precision, samples=args.samples, copies=args.copies,
                         audit_pairs=args.audit_pairs, labels=args.labels, seed=args.seed)
     print(f"  outputs         {Path(args.run_dir).resolve() / 'calibration'}/calibration.{{parquet,png,json}}")
+    return 0
+
+
+def cmd_find(args) -> int:
+    """Rows of a built index that copy the given images: a table, and --out as parquet."""
+    from . import lookup
+    files, missing = lookup.image_files(args.images)
+    if not files and not missing:
+        raise lookup.FindError("no images given (image files, or folders holding jpg, jpeg, png, webp, gif, "
+                               "bmp, tif or tiff files)")
+    index = lookup.open_index(lookup.index_folder(args.index))
+    matches = lookup.find(index, args.images, threshold=args.threshold)
+    if not matches.attrs["queries"]:
+        raise lookup.FindError(f"none of the {len(files) + len(missing)} given files could be read as an image")
+    out = lookup.write(matches, args.out)
+    print(f"index {index.folder} ({index.model}), {matches.attrs['queries']} query images, "
+          f"threshold {matches.attrs['threshold']:.3f} ({matches.attrs['threshold_from']})")
+    if matches.empty:
+        print("no copies found")
+    else:
+        print("\n".join(lookup.format_table(matches)))
+        print(f"{len(matches)} rows copy {matches['query'].nunique()} of the query images")
+    print(f"  matches table   {out.resolve()}")
     return 0
 
 
@@ -195,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="FILE", help="human labels: parquet of key_a, key_b, is_duplicate "
                    "(e.g. calibration/audit_pairs.parquet filled in) or of key, cluster")
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("find", help="which rows of a built index are copies of these images (takedown / "
+                       "opt-out requests, evaluation images in a training set); a table and --out parquet")
+    p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR",
+                   help="image files, or folders of images (jpg, jpeg, png, webp, gif, bmp, tif, tiff; any depth)")
+    p.add_argument("--index", required=True, metavar="NAME_OR_PATH",
+                   help="the index: indexes/NAME, or an index folder")
+    p.add_argument("--threshold", type=float, help="exact cosine for a copy (default: the index's run threshold)")
+    p.add_argument("--out", default="find.parquet", help="the matches as parquet (default find.parquet)")
     return ap
 
 
@@ -211,6 +242,8 @@ def main(argv=None) -> int:
             return cmd_decontaminate(args)
         if args.cmd == "calibrate":
             return cmd_calibrate(args)
+        if args.cmd == "find":
+            return cmd_find(args)
         if args.cmd == "status":
             for stage, info in status(args.run_dir).items():
                 print(f"{stage:8s} {info}")
