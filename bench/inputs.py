@@ -20,9 +20,10 @@ from dedup2b import demo
 from dedup2b.core import config
 from dedup2b.core.executor import LocalExecutor
 from dedup2b.driver import run_stages
+from dedup2b.stages import NAMES
 
 RESULTS = Path(__file__).parent / "results"
-STAGES = ("ingest", "embed", "index", "search", "group", "register", "report")
+STAGES = NAMES[:NAMES.index("report") + 1]
 
 
 def images(n: int, seed: int = 0) -> list[dict]:

@@ -33,19 +33,40 @@ REPO = Path(__file__).resolve().parent.parent
 STAGES = tuple(n for n in NAMES if n != "export")
 
 
+def _anon_kb(pid: int) -> int:
+    """Anonymous resident memory of a process (heap, not file pages such as memory-mapped vectors)."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
-    """One stage in its own process (the code under `code`): wall seconds and peak RSS in MB."""
+    """One stage in its own process (the code under `code`): wall seconds, peak RSS in MB (file
+    pages of memory-mapped vectors included, as /usr/bin/time counts them) and peak anonymous RSS
+    (polled every 0.1 s: the memory the stage itself holds)."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", cli_module(code), stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
            "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
-    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
-    secs = time.time() - t0
-    if done.returncode:
-        raise RuntimeError(f"{stage} ({code}) failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=out, stderr=err, text=True)
+        anon = 0
+        while proc.poll() is None:
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            anon = max(anon, sum(_anon_kb(int(k)) for k in kids))
+            time.sleep(0.1)
+        secs = time.time() - t0
+        out.seek(0); err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        raise RuntimeError(f"{stage} ({code}) failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
+    return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1), "peak_anon_mb": round(anon / 1024, 1)}
 
 
 def checkout(rev: str, into: Path) -> Path:

@@ -102,11 +102,16 @@ def test_audit_rechecks_flagged_pairs_and_follows_labels(demo_run, tmp_path):
     store = VectorStore(run.dir("embed"), {s.index: s.name for s in run.shards})
     t = cfg.search.threshold
     rows, out = audit.run_audit(tmp_path / "pairs.parquet", tmp_path, samples, store, t, 200, seed=0)
-    assert out["pairs"] == 200 and out["confirmed"] == 200 and out["precision"] == 1.0
+    assert out["pairs"] == 200 and out["confirmed"] == 200 and out["agreement"] == 1.0
     assert 0.97 < out["ci95"][0] < 1.0
     sample = pq.read_table(tmp_path / "audit_pairs.parquet").to_pandas()
-    assert len(sample) == 200 and (sample.recheck >= t - audit.TOLERANCE).all()
-    assert np.allclose(sample.recheck, sample.similarity, atol=2e-3)
+    assert len(sample) == 200 and np.allclose(sample.recheck, sample.similarity, atol=audit.AGREE)
+    # a report that does not match the stored vectors (another run's, damaged) fails the check
+    bad = pq.read_table(tmp_path / "pairs.parquet").to_pandas()
+    bad["similarity"] = bad["similarity"] - 0.05
+    bad.to_parquet(tmp_path / "bad.parquet")
+    _, off = audit.run_audit(tmp_path / "bad.parquet", tmp_path / "x", samples, store, t, 200, seed=0)
+    assert off["confirmed"] == 0
 
     # human labels: a quarter of the sampled pairs judged not duplicates
     labels = sample[["key_a", "key_b"]].assign(is_duplicate=np.arange(len(sample)) % 4 != 0)

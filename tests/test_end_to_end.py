@@ -55,8 +55,10 @@ def test_report_files_and_invariant(ray_run):
     assert reps.group_id.is_unique and set(reps.group_id) == set(ok.group_id)
     assert (ok.representative_key == ok.group_id.map(reps.set_index("group_id").key)).all()
     pairs = pq.read_table(rep / "pairs.parquet").to_pandas()
-    assert set(pairs.kind) == {"exact", "near"}
-    assert (pairs.loc[pairs.kind == "near", "similarity"] >= cfg.search.threshold).all()
+    assert {"bytes", "descriptor"} <= set(pairs.kind) <= {"bytes", "descriptor", "pixels"}
+    assert (pairs.loc[pairs.kind == "descriptor", "similarity"] >= cfg.verify.sure).all()
+    assert (pairs.loc[pairs.kind == "pixels", "similarity"] >= cfg.verify.low).all()
+    assert pairs.loc[pairs.kind == "pixels", "pixel_score"].notna().all()
     groups = pq.read_table(rep / "groups.parquet").to_pandas()
     assert (groups["min_similarity"] >= cfg.group.min_rep_similarity - 1e-6).all()
 

@@ -9,6 +9,7 @@ import pytest
 
 from dedup2b.core.executor import LocalExecutor
 from dedup2b.driver import run_stages
+from dedup2b.stages import NAMES
 from dedup2b.lib.gallery import CSP, link
 
 from conftest import chromium_dom, make_config
@@ -42,7 +43,7 @@ def hostile_run(tmp_path_factory, demo_corpus):
         t = t.set_column(t.schema.get_field_index("caption"), "caption", pa.array([CAPTION] * n))
         pq.write_table(t, p)
     cfg = make_config(root, folder)
-    run_stages(cfg, LocalExecutor(), stages=("ingest", "embed", "index", "search", "group", "register", "report"),
+    run_stages(cfg, LocalExecutor(), stages=NAMES[:NAMES.index("report") + 1],
                log=lambda *_: None)
     return cfg
 

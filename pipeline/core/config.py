@@ -135,6 +135,23 @@ class SearchConfig:
 
 
 @dataclass
+class VerifyConfig:
+    # pixels: candidate pairs the descriptor cannot settle alone (similarity in [low, sure)) are
+    # checked on the images (local features + geometric verification, lib/pixels.py) where the
+    # input has images; off: the descriptor alone decides at search.threshold
+    method: str = "pixels"
+    low: float | None = None    # candidates from here; None = search.threshold - 0.05
+    sure: float | None = None   # at/above: a copy on the descriptor alone; None = search.threshold
+                                # + 0.75 of the way to 1 (0.95 for the default model, 0.9875 for CLIP)
+
+    def validate(self) -> None:
+        if self.method not in ("pixels", "off"):
+            raise ConfigError(f"verify.method: {self.method!r}; known: pixels, off")
+        if not -1.0 <= self.low <= self.sure <= 1.0001:
+            raise ConfigError(f"verify.low / verify.sure: cosines with low <= sure (got {self.low}, {self.sure})")
+
+
+@dataclass
 class GroupConfig:
     # A member must be at least this similar to its group's representative; components that chain
     # dissimilar rows through intermediates are split. -1 disables the guard.
@@ -203,6 +220,7 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -215,6 +233,12 @@ class RunConfig:
     def validate(self) -> None:
         if self.search.threshold is None:
             self.search.threshold = default_threshold(self.embed.model)
+        t = self.search.threshold
+        if isinstance(t, (int, float)):
+            if self.verify.low is None:
+                self.verify.low = round(t - 0.05, 6)
+            if self.verify.sure is None:
+                self.verify.sure = round(t + 0.75 * (1 - t), 6)
         if self.group.min_rep_similarity is None:
             self.group.min_rep_similarity = round(self.search.threshold - 0.10, 6)
         if not self.run_dir:
@@ -225,7 +249,7 @@ class RunConfig:
         if self.against and Path(self.against).resolve() == self.index_path.resolve():
             raise ConfigError(f"against: {self.against} is this run's own index folder; give the new run "
                               "its own --index-dir")
-        for section in ("input", "embed", "codec", "search", "group", "export", "ray", "decontaminate"):
+        for section in ("input", "embed", "codec", "search", "verify", "group", "export", "ray", "decontaminate"):
             getattr(self, section).validate()
 
     @property
@@ -257,7 +281,7 @@ class RunConfig:
 
 
 _SECTIONS = {"input": InputConfig, "embed": EmbedConfig, "codec": CodecConfig, "search": SearchConfig,
-             "group": GroupConfig, "export": ExportConfig, "ray": RayConfig, "decontaminate": DecontaminateConfig}
+             "verify": VerifyConfig, "group": GroupConfig, "export": ExportConfig, "ray": RayConfig, "decontaminate": DecontaminateConfig}
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}

@@ -101,9 +101,7 @@ def _page(title: str, body: str) -> bytes:
 def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataFrame, summary: dict,
           threshold: float, leaks: pd.DataFrame | None = None) -> list[Path]:
     out = run.report_dir()
-    ok = samples[samples["status"] == "ok"]
-    ingest = run.ingest_table(columns=["gid", "member"]).to_pandas()
-    ok = ok.merge(ingest, on="gid", how="left")
+    ok = samples[samples["status"] == "ok"]     # the rows shown (report.Shown), with their member names
     reps = ok[ok["is_representative"].astype(bool)].set_index("group_id")
     top = groups.head(GROUPS_PER_PAGE * MAX_PAGES).copy()
     top["url"] = top["group_id"].map(reps["url"])

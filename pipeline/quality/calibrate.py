@@ -5,8 +5,9 @@ report's files; summary.json stays the report stage's):
   synthetic  web-crawl-style copies of sampled rows, embedded with the run's model (synthcopies.py):
              a table over a threshold grid (step 0.01, from the run's threshold - 0.30 up) of pair
              precision with a bootstrap 95 % interval, copy recall and estimated pair counts
-  audit      sampled flagged pairs re-checked against the stored vectors and, with a labels file,
-             against human labels, each with a Wilson 95 % interval (audit.py)
+  audit      sampled flagged pairs recomputed from the stored vectors (a consistency check of the
+             reports, not a precision) and, with a labels file, checked against human labels:
+             precision with a Wilson 95 % interval (audit.py)
   calibration.parquet  both: source (synthetic|audit), method, threshold, precision, precision_lo/hi,
                        recall, n, counts
   calibration.png      precision (with its interval) and recall against the threshold, the run's and
@@ -111,7 +112,8 @@ def summary_entry(c: dict, threshold: float) -> dict:
     """The digest of a calibration at the run's threshold: estimated and audited precision."""
     keys = ("estimated_precision", "precision_ci95", "recall", "recommended_threshold", "target_precision")
     out = {"threshold": threshold, **{k: c.get(k) for k in keys}}
-    out.update(audit_precision=c["audit"]["precision"], audit_ci95=c["audit"]["ci95"], audit_pairs=c["audit"]["pairs"])
+    # the vectors audit is a consistency check of the reports, not a precision (see audit.py)
+    out.update(audit_agreement=c["audit"]["agreement"], audit_pairs=c["audit"]["pairs"])
     if "labels" in c["audit"]:
         out.update(labels_precision=c["audit"]["labels"]["precision"], labels_ci95=c["audit"]["labels"]["ci95"])
     return out
@@ -138,8 +140,9 @@ def format_table(full: pd.DataFrame, result: dict) -> list[str]:
             f"recall {result['recommended_recall']:.3f})") + f"; run threshold {t_run}: precision "
             f"{result['estimated_precision']:.3f}, recall {result['recall']:.3f}")
     a = result["audit"]
-    lines.append(f"audit: {a['pairs']} flagged near pairs re-checked against the stored vectors: {a['confirmed']} "
-                 f">= {t_run}" + _prec(a))
+    lines.append(f"audit: {a['pairs']} flagged pairs recomputed from the stored vectors: {a['confirmed']} agree with "
+                 "the report (a consistency check of the reports, not a precision estimate; label the sample in "
+                 "audit_pairs.parquet and pass --labels for one)")
     if "labels" in a:
         lb = a["labels"]
         lines.append(f"labels: {lb['pairs']} flagged pairs labelled, {lb['duplicates']} of them duplicates" + _prec(lb)

@@ -18,9 +18,9 @@ from typing import Protocol
 
 from ..core.io import Marker
 from ..core.run import Run
-from . import embed, export, group, index, ingest, register, report, search
+from . import embed, export, group, index, ingest, register, report, search, verify
 
-STAGES = (ingest, embed, index, search, group, register, report, export)
+STAGES = (ingest, embed, index, search, verify, group, register, report, export)
 NAMES: tuple[str, ...] = tuple(s.NAME for s in STAGES)
 BY_NAME = {s.NAME: s for s in STAGES}
 FIELDS = {s.NAME: s.FIELDS for s in STAGES}

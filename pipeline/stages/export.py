@@ -28,7 +28,7 @@ from ..core.run import Run
 from ..sources import Shard, source_for
 
 NAME = "export"
-FIELDS = ("input", "embed.model", "codec", "search", "group", "export", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "export", "against", "decontaminate")
 
 
 def units(run: Run) -> list[Marker]:

@@ -1,7 +1,8 @@
 """group: exact connected components over verified edges, with a guard against chaining.
 
-Nodes are the rows that have a vector. Edges are verified near pairs (exact cosine >= threshold)
-and exact-byte pairs (equal sha256). Components come from the vectorised union-find
+Nodes are the rows that have a vector. Edges are exact-byte pairs (equal sha256, kind bytes), near
+pairs at or above the threshold (kind descriptor) or, where the verify stage ran, pairs at or above
+verify.sure (descriptor) and pairs in [verify.low, sure) the pixel check accepted (kind pixels). Components come from the vectorised union-find
 (unionfind.py), fed in bounded chunks. Each group gets one representative by a deterministic
 rule: most pixels, then most bytes, then the smallest key (group.representative: quality), or
 the first row in input order (first). Chaining guard: a member less similar than
@@ -9,7 +10,7 @@ the first row in input order (first). Chaining guard: a member less similar than
 among themselves (by the edges between them) and the rule repeats until every member is close
 to its representative.
 Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
-nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind).
+nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind, pixel_score).
 The group id is the representative's gid: stable and deterministic.
 Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
 node ranked before every new row, so earlier rows keep their status and new copies are removed.
@@ -30,9 +31,10 @@ from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
 from ..lib.unionfind import UnionFind, exact_edges
+from . import verify
 
 NAME = "group"
-FIELDS = ("input", "embed.model", "codec", "search", "group", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate")
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
@@ -51,6 +53,20 @@ def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
     best = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)
     best[labels[order][first]] = order[first]
     return best[labels]
+
+
+def fixed_width(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column of equal-length values (hex digests) as a numpy fixed-width bytes array:
+    the bytes themselves, with no Python object per row."""
+    width = max((len(v) for v in column.slice(0, 1).to_pylist()), default=1)
+    parts = []
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
+        if not np.all(np.diff(offsets) == width):
+            return np.array(column.to_pylist(), dtype=f"S{width}") if width else np.zeros(len(column), "S1")
+        data = chunk.buffers()[2]
+        parts.append(np.frombuffer(data, f"S{width}", len(chunk), int(offsets[0])))
+    return np.concatenate(parts) if parts else np.zeros(0, f"S{width}")
 
 
 def normalize_text(text) -> str:
@@ -98,48 +114,67 @@ class Edges:
 
     def __init__(self, run: Run, gids: np.ndarray, texts: np.ndarray, exact: tuple, old: dict | None):
         self.files = run.pair_files()
-        self.threshold = run.cfg.search.threshold
+        self.pixels = verify.active(run)
+        self.decisions = [verify.decision_file(run, p) for p in self.files]
+        # without the pixel check the descriptor decides at the threshold; with it, at `sure`,
+        # and pairs in [low, sure) are edges where the pixels accepted them
+        self.low, self.sure = verify.band(run) if self.pixels else (run.cfg.search.threshold,) * 2
         self.by_text = run.cfg.group.duplicate_key == "image+text"
         self.gids, self.texts, self.old = gids, texts, old
         self.ea, self.eb = exact
         self.head = np.full(len(gids), -1, np.int64)   # a near pair equal to an exact edge is dropped
         self.head[self.eb] = self.ea
 
+    def _batches(self, path: Path, decisions: Path):
+        cols = ["gid_a", "gid_b", "similarity"]
+        pairs = pq.ParquetFile(path).iter_batches(CHUNK, columns=cols)
+        if not self.pixels:
+            for batch in pairs:
+                yield batch, None, None
+            return
+        for batch, dec in zip(pairs, pq.ParquetFile(decisions).iter_batches(CHUNK)):   # aligned row by row
+            yield batch, dec.column(0).to_numpy(), dec.column(1).to_numpy()
+
     def near(self):
-        """(lo, hi, similarity) node-index chunks of the near pairs at or above the threshold."""
-        for path in self.files:
-            for batch in pq.ParquetFile(path).iter_batches(CHUNK, columns=["gid_a", "gid_b", "similarity"]):
+        """(lo, hi, similarity, by pixels, pixel score) node-index chunks of the descriptor and
+        pixel-verified edges."""
+        for path, decisions in zip(self.files, self.decisions):
+            for batch, px, score in self._batches(path, decisions):
                 sim = batch.column(2).to_numpy()
-                sel = sim >= self.threshold
+                sel = sim >= self.sure
+                if px is not None:
+                    sel |= (sim >= self.low) & (px == 1)
                 lo = np.searchsorted(self.gids, batch.column(0).to_numpy()[sel])
                 hi = np.searchsorted(self.gids, batch.column(1).to_numpy()[sel])
                 keep = self.head[hi] != lo
                 if self.by_text:   # the same picture under another text is not a duplicate
                     keep &= self.texts[lo] == self.texts[hi]
-                yield lo[keep], hi[keep], sim[sel][keep].astype(np.float32)
+                by_px = (sim[sel] < self.sure)[keep]
+                sc = score[sel][keep] if score is not None else np.full(int(keep.sum()), np.nan, np.float32)
+                yield lo[keep], hi[keep], sim[sel][keep].astype(np.float32), by_px, sc
 
     def pairs(self):
         """(a, b) chunks for union-find, the earlier groups' nodes included."""
         n = len(self.gids)
         for i in range(0, len(self.ea), CHUNK):
             yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
-        for lo, hi, _ in self.near():
+        for lo, hi, *_ in self.near():
             yield lo, hi
         if self.old is not None:
             yield self.old["a"], n + self.old["b"]
 
     def scored(self):
-        """(node a, node b, gid a, gid b, similarity, kind) chunks: every edge of the report (node
-        n + k: earlier group k, as in `pairs`)."""
+        """(node a, node b, gid a, gid b, similarity, kind, pixel score) chunks: every edge of the
+        report (node n + k: earlier group k, as in `pairs`); kind: bytes | descriptor | pixels."""
         g = self.gids
         for i in range(0, len(self.ea), CHUNK):
             a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
-            yield a, b, g[a], g[b], np.ones(len(a), np.float32), "exact"
-        for lo, hi, sim in self.near():
-            yield lo, hi, g[lo], g[hi], sim, "near"
+            yield a, b, g[a], g[b], np.ones(len(a), np.float32), "bytes", None
+        for lo, hi, sim, by_px, score in self.near():   # in file order, whatever the chunk size
+            yield lo, hi, g[lo], g[hi], sim, np.where(by_px, "pixels", "descriptor"), score
         if self.old is not None:
             a = self.old["a"]
-            yield a, len(g) + self.old["b"], g[a], self.old["other"], self.old["sim"], "near"
+            yield a, len(g) + self.old["b"], g[a], self.old["other"], self.old["sim"], "descriptor", None
 
 
 class Nearest:
@@ -160,7 +195,7 @@ class Nearest:
 
 
 EDGE_SCHEMA = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
-                         ("kind", pa.string())])
+                         ("kind", pa.string()), ("pixel_score", pa.float32())])
 
 
 def units(run: Run) -> list[Marker]:
@@ -172,29 +207,37 @@ def run(run: Run, ex, stats: dict) -> dict:
         return {"skipped": True}
     t0 = time.time()
     cfg = run.cfg
-    ingest = run.ingest_table()
+    by_text = cfg.group.duplicate_key == "image+text"
+    # only the columns grouping needs, and no Python string per row: the rank sorts in Arrow, exact
+    # copies compare fixed-width hashes; captions only for duplicate_key image+text, keys as
+    # Python strings only for an incremental run's clash check
+    cols = ["gid", "width", "height", "nbytes", "key", "sha256"] + (["caption"] if by_text else [])
+    ingest = run.ingest_table(columns=cols)
     embedded = pa.concat_tables([pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])
                                  for n in run.shard_names()])
     nodes = ingest.filter(pc.is_in(ingest["gid"], embedded["gid"])).sort_by("gid")
+    del ingest, embedded
     gids = nodes["gid"].to_numpy()
-    pixels = (nodes["width"].fill_null(0).to_numpy() * nodes["height"].fill_null(0).to_numpy()).astype(np.int64)
-    nbytes = nodes["nbytes"].fill_null(0).to_numpy()
-    keys = np.array(nodes["key"].to_pylist(), dtype=object)
-    rank = np.empty(len(gids), np.int64)   # lower is better: most pixels, most bytes, smallest key
-    rank[np.lexsort((keys, -nbytes, -pixels))] = np.arange(len(gids))
+    n = len(gids)
+    rank = np.empty(n, np.int64)   # lower is better: most pixels, most bytes, smallest key
     if cfg.group.representative == "first":
-        rank = np.arange(len(gids), dtype=np.int64)   # gids are sorted: input order
-
-    by_text = cfg.group.duplicate_key == "image+text"
-    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object)
+        rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
+    else:
+        by = pa.table({"pixels": pc.multiply(pc.cast(nodes["width"].fill_null(0), pa.int64()),
+                                             pc.cast(nodes["height"].fill_null(0), pa.int64())),
+                       "nbytes": nodes["nbytes"].fill_null(0), "key": nodes["key"]})
+        order = pc.sort_indices(by, sort_keys=[("pixels", "descending"), ("nbytes", "descending"), ("key", "ascending")])
+        rank[order.to_numpy()] = np.arange(n)
+    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object) if by_text else None
     if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
-        sha = np.array(nodes["sha256"].to_pylist(), dtype=object)
-        exact = exact_edges(sha + "\x00" + texts if by_text else sha)
+        exact = exact_edges(np.array(nodes["sha256"].to_pylist(), object) + "\x00" + texts if by_text
+                            else fixed_width(nodes["sha256"]))
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    keys = np.array(nodes["key"].to_pylist(), dtype=object) if cfg.against else None
+    del nodes
 
     store = run.vectors()
-    n = len(gids)
     old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
     edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
@@ -217,16 +260,19 @@ def run(run: Run, ex, stats: dict) -> dict:
     # first): a spanning forest of the threshold graph, n - components edges whatever the pairs
     forest = UnionFind(n + (len(old["group_ids"]) if old is not None else 0)) if cfg.search.pairs == "forest" else None
     with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
-        for a, b, ga, gb, sim, kind in edges.scored():
+        for a, b, ga, gb, sim, kind, score in edges.scored():
             inside = b < n                       # this run's rows (not an earlier group's node)
             nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
                            np.concatenate([sim, sim[inside]]))
             n_verified += len(ga)
+            score = np.full(len(ga), np.nan, np.float32) if score is None else score
             if forest is not None:
                 keep = forest.forest(a, b)
-                a, b, ga, gb, sim = a[keep], b[keep], ga[keep], gb[keep], sim[keep]
+                a, b, ga, gb, sim, score = a[keep], b[keep], ga[keep], gb[keep], sim[keep], score[keep]
             writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
-                                   "kind": pa.repeat(pa.scalar(kind), len(ga))}, schema=EDGE_SCHEMA))
+                                   "kind": pa.repeat(pa.scalar(kind), len(ga)) if isinstance(kind, str)
+                                   else pa.array(kind[keep] if forest is not None else kind, pa.string()),
+                                   "pixel_score": pa.array(score, mask=np.isnan(score))}, schema=EDGE_SCHEMA))
             n_edges += len(ga)
     found = nearest.gid >= 0
     rows = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),

@@ -14,7 +14,7 @@ from ..lib import registry
 from .group import normalize_text
 
 NAME = "register"
-FIELDS = ("input", "embed.model", "codec", "search", "group", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate")
 
 
 def units(run: Run) -> list[Marker]:

@@ -4,7 +4,8 @@ all in the run's report/ folder.
 report/samples.parquet     one row per input row: key, shard, row, url, caption, sha256, status,
                            error, group_id, group_size, is_representative, is_duplicate,
                            representative_key, nearest_key, nearest_similarity
-report/pairs.parquet       verified duplicate edges: key_a, key_b, similarity, kind (exact|near)
+report/pairs.parquet       verified duplicate edges: key_a, key_b, similarity, kind (how the edge was
+                           decided: bytes | descriptor | pixels), pixel_score (the pixel check's score)
 report/groups.parquet      groups of 2+ rows: group_id, size, representative_key, max/min_similarity
 report/histogram.parquet   groups per group size; similarity.parquet: candidate-pair similarities
 report/histogram.png       both, log-log sizes and the similarity distribution with the threshold
@@ -14,12 +15,15 @@ holds a near duplicate of an evaluation row: the whole group goes)
 """
 from __future__ import annotations
 
+import itertools
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
@@ -27,7 +31,7 @@ from ..core.run import Run
 from ..lib import gallery, registry
 
 NAME = "report"
-FIELDS = ("input", "embed.model", "codec", "search", "group", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate")
 
 
 def units(run: Run) -> list[Marker]:
@@ -38,67 +42,153 @@ class InvariantBroken(RuntimeError):
     """Input rows != kept + removed + failed: a row was lost or doubled on the way."""
 
 
-def invariant(run: Run, df: pd.DataFrame) -> tuple[int, int, int, int]:
+SAMPLES_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("row", pa.int64()), ("gid", pa.int64()), ("uid", pa.string()),
+    ("url", pa.string()), ("caption", pa.string()), ("sha256", pa.string()), ("status", pa.string()),
+    ("error", pa.string()), ("group_id", pa.int64()), ("group_size", pa.int64()), ("is_representative", pa.bool_()),
+    ("is_duplicate", pa.bool_()), ("is_leak", pa.bool_()), ("removed_reason", pa.string()),
+    ("representative_key", pa.string()), ("rep_similarity", pa.float32()), ("nearest_key", pa.string()),
+    ("nearest_similarity", pa.float32())])
+
+
+class Counts:
+    """What the report counts while it writes the sample rows shard by shard (the invariant's
+    sample side, and the summary's tallies): no per-row state."""
+
+    def __init__(self):
+        self.rows = self.failed = self.kept = self.removed = 0
+        self.twice = False
+        self.removed_by = Counter()
+        self.failed_by = Counter()
+
+    def add(self, df: pd.DataFrame) -> None:
+        ok = df["status"] == "ok"
+        self.rows += len(df)
+        self.failed += int((~ok).sum())
+        self.kept += int((ok & df["removed_reason"].isna()).sum())
+        self.removed += int((ok & df["removed_reason"].notna()).sum())
+        self.twice |= bool(df.duplicated(["shard", "row"]).any())
+        self.removed_by.update(df.loc[ok, "removed_reason"].dropna().tolist())
+        self.failed_by.update(df.loc[~ok, "error"].fillna("").str.split(": ").str[:2].str.join(": ").tolist())
+
+
+def invariant(run: Run, counts: Counts) -> tuple[int, int, int, int]:
     """(input, kept, removed, failed), each side counted on its own: input rows from the input
     files (the source's count_rows); kept, removed and failed from the sample rows by status and
-    decision, every input row exactly once. Raises InvariantBroken before any report is written."""
+    decision, every input row exactly once. Raises InvariantBroken before the report is published."""
     n_in = sum(run.source.count_rows(s) for s in run.shards)
-    ok = df["status"] == "ok"
-    n_failed = int((~ok).sum())
-    kept = int((ok & df["removed_reason"].isna()).sum())
-    removed = int((ok & df["removed_reason"].notna()).sum())
-    once = not df.duplicated(["shard", "row"]).any()
-    if not (once and n_in == len(df) == kept + removed + n_failed):
-        raise InvariantBroken(f"report: invariant broken: {n_in} input rows in the input files, {len(df)} sample "
-                              f"rows{'' if once else ' (some twice)'}, kept {kept} + removed {removed} + failed "
-                              f"{n_failed}; no report written")
-    return n_in, kept, removed, n_failed
+    c = counts
+    if c.twice or not n_in == c.rows == c.kept + c.removed + c.failed:
+        raise InvariantBroken(f"report: invariant broken: {n_in} input rows in the input files, {c.rows} sample "
+                              f"rows{' (some twice)' if c.twice else ''}, kept {c.kept} + removed {c.removed} + "
+                              f"failed {c.failed}; no report written")
+    return n_in, c.kept, c.removed, c.failed
 
 
-def samples_table(run: Run) -> tuple[pd.DataFrame, pd.Series]:
-    """One row per input row, and gid -> key (with the earlier runs' rows for an incremental run)."""
-    names = run.shard_names()
-    ing = pd.concat([pq.read_table(run.ingest_file(n)).to_pandas() for n in names], ignore_index=True)
-    failed = pd.concat([pq.read_table(run.failed_file(n)).to_pandas() for n in names], ignore_index=True)
-    rows = pq.read_table(run.group_rows_file()).to_pandas()
+class Groups:
+    """One pass over group/rows.parquet in batches: the groups of 2+ rows (size, the least
+    similarity to the representative, rows of this run), singletons, the gids whose keys the
+    reports name (grouped rows, nearest neighbours), the leaked rows' groups."""
+
+    def __init__(self, run: Run):
+        self.leaked = np.unique(registry.pairs(run, "leaks")["gid"].to_numpy())
+        parts, refs, leak_groups = [], [], []
+        self.singletons = 0
+        for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
+                1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"]):
+            t = batch.to_pandas()
+            multi = t["group_size"] > 1
+            parts.append(t.loc[multi, ["gid", "group_id", "group_size", "rep_similarity"]])
+            self.singletons += int((~multi).sum())
+            refs.append(t["nearest_gid"].dropna().to_numpy(np.int64))
+            leak_groups.append(t.loc[t["gid"].isin(self.leaked), "group_id"].to_numpy(np.int64))
+        self.members = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            {"gid": [], "group_id": [], "group_size": [], "rep_similarity": []})
+        self.leak_groups = np.unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
+        m = self.members
+        self.refs = np.unique(np.concatenate([m["gid"].to_numpy(np.int64), m["group_id"].to_numpy(np.int64), *refs]))
+        agg = m.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"),
+                                        rows=("gid", "size"))
+        self.table = agg.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
+        # incremental runs: rows whose group is an earlier run's (its id is not one of this run's rows)
+        self.joining = int((~m["group_id"].isin(m["gid"])).sum())
+
+    @property
+    def count(self) -> int:
+        return self.singletons + len(self.table)
+
+
+def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
+    """gid -> key of the given gids only (read shard by shard), the earlier runs' rows included
+    for an incremental run."""
+    parts = []
+    for name in run.shard_names():
+        t = pq.read_table(run.ingest_file(name), columns=["gid", "key"])
+        parts.append(t.filter(pc.is_in(t["gid"], pa.array(gids, pa.int64()))).to_pandas())
+    if run.cfg.against:
+        reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
+        parts.append(reg.loc[reg["gid"].isin(gids), ["gid", "key"]])
+    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"gid": [], "key": []})
+    return keys.set_index("gid")["key"]
+
+
+def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.DataFrame:
+    """The sample rows of one input shard (one row per input row, in gid order)."""
+    ing = pq.read_table(run.ingest_file(shard.name)).to_pandas()
+    failed = pq.read_table(run.failed_file(shard.name)).to_pandas()
+    lo, hi = shard.index << 32, (shard.index + 1) << 32
+    rows = pq.read_table(run.group_rows_file(), filters=[("gid", ">=", lo), ("gid", "<", hi)]).to_pandas()
     if len(failed):
         err = ing["gid"].map(failed.set_index("gid")["error"])
         ing.loc[err.notna(), "status"] = "failed"
         ing.loc[err.notna(), "error"] = err[err.notna()]
     df = ing.merge(rows, on="gid", how="left")
-    key_of = ing.set_index("gid")["key"]
     ok = df["status"] == "ok"
     df["group_id"] = df["group_id"].astype("Int64")
     df["group_size"] = df["group_size"].astype("Int64")
     df["is_representative"] = df["is_representative"].astype("boolean")
     df["is_duplicate"] = (ok & ~df["is_representative"].fillna(True)).astype("boolean")
     df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
-    key_of = all_keys(run, key_of)
     df["representative_key"] = df["group_id"].map(key_of)
+    alone = df["group_id"] == df["gid"]                 # its own representative: no lookup needed
+    df.loc[alone.fillna(False).astype(bool), "representative_key"] = df.loc[alone.fillna(False).astype(bool), "key"]
     df["nearest_key"] = df["nearest_gid"].map(key_of)
     # decontamination: a row near an evaluation item leaks it; its whole group is removed
-    leaked = set(registry.pairs(run, "leaks")["gid"].to_pylist())
-    df["is_leak"] = (ok & df["gid"].isin(leaked)).astype("boolean")
+    df["is_leak"] = (ok & df["gid"].isin(groups.leaked)).astype("boolean")
     df.loc[~ok, "is_leak"] = pd.NA
-    leak_groups = set(df.loc[df["is_leak"].fillna(False).astype(bool), "group_id"].dropna())
-    reason = np.where(df["group_id"].isin(leak_groups), "eval_leak",
+    reason = np.where(df["group_id"].isin(groups.leak_groups), "eval_leak",
                       np.where(df["is_duplicate"].fillna(False).astype(bool), "duplicate", None))
     df["removed_reason"] = pd.array(np.where(ok, reason, None), dtype="string")
-    cols = ["key", "shard", "row", "gid", "uid", "url", "caption", "sha256", "status", "error", "group_id",
-            "group_size", "is_representative", "is_duplicate", "is_leak", "removed_reason", "representative_key",
-            "rep_similarity", "nearest_key", "nearest_similarity"]
-    return df[cols].sort_values("gid").reset_index(drop=True), key_of
+    return df.sort_values("gid").reset_index(drop=True)
 
 
-def all_keys(run: Run, key_of: pd.Series) -> pd.Series:
-    """gid -> key of this run's rows and, for an incremental run, of the earlier runs' rows."""
-    if not run.cfg.against:
-        return key_of
-    reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
-    return pd.concat([key_of, reg.set_index("gid")["key"]])
+class Shown:
+    """The rows the HTML report shows, gathered while the shards stream by: the representative and
+    the first members (by gid) of each of the largest groups, the rows of the borderline pairs,
+    the leaked rows."""
+
+    def __init__(self, top: pd.DataFrame, border_gids: np.ndarray):
+        self.top, self.border = set(top["group_id"].tolist()), set(border_gids.tolist())
+        self.rows = pd.DataFrame()
+        self.leaks = pd.DataFrame()
+
+    def add(self, df: pd.DataFrame, ing_member: pd.Series) -> None:
+        pick = df[df["group_id"].isin(self.top) | df["gid"].isin(self.border) | df["is_leak"].fillna(False)]
+        pick = pick.assign(member=pick["gid"].map(ing_member))
+        rows = pd.concat([self.rows, pick], ignore_index=True)
+        if len(rows):
+            rows = rows.sort_values(["is_representative", "gid"], ascending=[False, True], na_position="last")
+            in_top = rows["group_id"].isin(self.top).to_numpy(bool)
+            keep = ~in_top
+            keep[in_top] = rows[in_top].groupby("group_id").cumcount().to_numpy() < gallery.MEMBERS_SHOWN + 1
+            keep |= rows["gid"].isin(self.border) | rows["is_leak"].fillna(False).astype(bool)
+            rows = rows[keep]
+        self.rows = rows
+        leaks = df.loc[df["is_leak"].fillna(False).astype(bool), ["gid", "key", "url", "caption", "group_id"]]
+        self.leaks = pd.concat([self.leaks, leaks], ignore_index=True)
 
 
-def leaks_table(run: Run, df: pd.DataFrame) -> pd.DataFrame:
+def leaks_table(run: Run, leaked_rows: pd.DataFrame) -> pd.DataFrame:
     """One row per (training row, evaluation item) pair: which eval items leaked, where, how close."""
     parts = []
     for folder in run.cfg.decontaminate.eval:
@@ -108,9 +198,9 @@ def leaks_table(run: Run, df: pd.DataFrame) -> pd.DataFrame:
         parts.append(pd.DataFrame({"eval_set": folder.name, "eval_key": got["other_gid"].map(reg["key"]),
                                    "gid": got["gid"], "similarity": got["similarity"]}))
     cols = ["eval_set", "eval_key", "key", "url", "caption", "group_id", "similarity"]
-    if not parts:
+    if not parts or not len(leaked_rows):
         return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
-    leaks = pd.concat(parts, ignore_index=True).merge(df[["gid", "key", "url", "caption", "group_id"]], on="gid")
+    leaks = pd.concat(parts, ignore_index=True).merge(leaked_rows, on="gid")
     return leaks.sort_values(["eval_set", "eval_key", "similarity"], ascending=[True, True, False])[cols]
 
 
@@ -184,14 +274,15 @@ def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of:
     largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
     rows = _ByGid(key_of, group_of)
     schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
-                        ("kind", pa.string())])
+                        ("kind", pa.string()), ("pixel_score", pa.float32())])
     n, best = 0, pd.Series(dtype=np.float32)
     with parquet_writer(out_path, schema) as writer:
         for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
             a, b = rows.find(batch.column("gid_a").to_numpy()), rows.find(batch.column("gid_b").to_numpy())
             sim = batch.column("similarity").to_numpy()
             writer.write(pa.table({"key_a": rows.keys(a), "key_b": rows.keys(b), "similarity": sim,
-                                   "kind": batch.column("kind")}, schema=schema))
+                                   "kind": batch.column("kind"), "pixel_score": batch.column("pixel_score")},
+                                  schema=schema))
             qa, qb = rows.group[a], rows.group[b]
             same = (qa >= 0) & (qa == qb)
             if same.any():
@@ -222,61 +313,78 @@ def _candidates(run: Run, lo: float, threshold: float, band: float):
 
 
 def run(run: Run, ex, stage_stats: dict) -> dict:
-    """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases)."""
+    """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases). Per-row
+    work streams shard by shard: what is held is the groups of 2+ rows (numbers), the keys the
+    reports name, and the rows the HTML shows."""
     out = run.report_dir()
     cfg = run.cfg
-    df, key_of = samples_table(run)
-    n_in, kept, removed, n_failed = invariant(run, df)
-    write_parquet(out / "samples.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    ok = df[df["status"] == "ok"]
-    grouped = ok.dropna(subset=["group_id"])
-    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
-                                     grouped.set_index("gid")["group_id"])
-    multi = grouped[grouped["group_size"] > 1]
-    groups = multi.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"))
-    groups["representative_key"] = groups.index.map(key_of)
-    groups["max_similarity"] = max_sim.reindex(groups.index)
-    groups = groups.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
-    groups = groups[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
-    write_parquet(out / "groups.parquet", pa.Table.from_pandas(groups, preserve_index=False))
-
-    sizes = grouped.groupby("group_id").size().value_counts().sort_index()
-    size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values})
-    size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
-    write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
+    groups = Groups(run)
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     n_cand, counts, bins, near = _candidates(run, lo, cfg.search.threshold, cfg.search.band or 0.03)
+    border_gids = np.unique(np.r_[near["gid_a"].to_numpy(np.int64), near["gid_b"].to_numpy(np.int64)])
+    key_of = key_lookup(run, np.union1d(groups.refs, border_gids))
+    top = groups.table.head(gallery.GROUPS_PER_PAGE * gallery.MAX_PAGES)
+    shown = Shown(top, border_gids)
+    tally = Counts()
+    parts = (shard_samples(run, shard, key_of, groups) for shard in run.shards)
+    first = next(parts)
+    # the writer's schema carries the pandas metadata (nullable integer and boolean columns)
+    schema = pa.Table.from_pandas(first[SAMPLES_SCHEMA.names], schema=SAMPLES_SCHEMA, preserve_index=False).schema
+    with parquet_writer(out / "samples.parquet", schema) as writer:
+        for shard, df in zip(run.shards, itertools.chain([first], parts)):
+            tally.add(df)
+            member = pq.read_table(run.ingest_file(shard.name), columns=["gid", "member"]).to_pandas()
+            shown.add(df, member.set_index("gid")["member"])
+            writer.write(pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=schema, preserve_index=False))
+        n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
+    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
+                                     groups.members.set_index("gid")["group_id"])
+    table = groups.table.copy()
+    table["representative_key"] = table["group_id"].map(key_of)
+    table["max_similarity"] = table["group_id"].map(max_sim)
+    table = table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
+    write_parquet(out / "groups.parquet", pa.Table.from_pandas(table, preserve_index=False))
+
+    sizes = groups.table["rows"].value_counts()
+    if groups.singletons:
+        sizes.loc[1] = sizes.get(1, 0) + groups.singletons
+    sizes = sizes.sort_index()
+    size_hist = pd.DataFrame({"group_size": sizes.index.astype(np.int64), "num_groups": sizes.values.astype(np.int64)})
+    size_hist["num_rows"] = size_hist["group_size"] * size_hist["num_groups"]
+    write_parquet(out / "histogram.parquet", pa.Table.from_pandas(size_hist, preserve_index=False))
     sim_hist = pd.DataFrame({"bin_lo": bins[:-1], "bin_hi": bins[1:], "count": counts})
     write_parquet(out / "similarity.parquet", pa.Table.from_pandas(sim_hist, preserve_index=False))
 
-    n_ok = len(ok)
-    n_groups = int(ok["group_id"].nunique())
-    leaks = leaks_table(run, df)
+    n_ok = n_in - n_failed
+    n_groups = groups.count
+    leaks = leaks_table(run, shown.leaks)
     if run.cfg.decontaminate.eval:
         write_parquet(out / "leaks.parquet", pa.Table.from_pandas(leaks, preserve_index=False))
     codec_file = run.dir("index") / "codec.json"    # absent when every row failed (nothing indexed)
     codec = read_json(codec_file) if codec_file.exists() else {}
     summary = {
         "input_rows": n_in, "ok": n_ok, "failed": n_failed, "groups": n_groups,
-        "duplicate_groups": int(len(groups)), "duplicates": n_ok - n_groups,
+        "duplicate_groups": int(len(table)), "duplicates": n_ok - n_groups,
         "duplicate_fraction": round((n_ok - n_groups) / max(n_ok, 1), 4),
         "kept": kept, "removed": removed,
         "invariant_holds": True,   # checked above (invariant), before any report was written
-        "removed_by_reason": ok["removed_reason"].value_counts().to_dict(),
+        "removed_by_reason": dict(tally.removed_by.most_common()),
         # incremental runs: rows removed because they copy rows of earlier runs (their groups grew)
-        "rows_joining_earlier_groups": int((~ok["group_id"].isin(ok["gid"]) & ok["group_id"].notna()).sum()),
+        "rows_joining_earlier_groups": groups.joining,
         "eval_leaks": {name: {"eval_items_leaked": int(part["eval_key"].nunique()), "pairs": int(len(part)),
                               "train_rows_matched": int(part["key"].nunique())}
                        for name, part in leaks.groupby("eval_set")},
-        "failed_by_reason": df.loc[df["status"] == "failed", "error"].str.split(": ").str[:2]
-                              .str.join(": ").value_counts().to_dict(),
+        "failed_by_reason": dict(tally.failed_by.most_common()),
         "threshold": cfg.search.threshold, "model": cfg.embed.model, "codec": codec.get("factory"),
         "bytes_per_vector": codec.get("bytes_per_vector"), "candidate_pairs": n_cand,
-        "verified_pairs": n_pairs, "largest_groups": groups.head(10)[["representative_key", "size"]]
+        "verified_pairs": n_pairs, "largest_groups": table.head(10)[["representative_key", "size"]]
         .to_dict("records"), "stage_seconds": {k: v.get("wall_s") for k, v in stage_stats.items()},
         # where the embed stage spent its worker time: which phase bounds the run
         "embed_phases_s": {k: stage_stats.get("embed", {}).get(k) for k in ("read_s", "decode_s", "infer_s", "write_s")},
         "exact_copies_not_embedded": stage_stats.get("embed", {}).get("copies_skipped"),
+        # the pixel check (verify stage): whether it ran, its band, pairs checked / accepted, cost
+        "pixel_check": {k: v for k, v in stage_stats.get("verify", {}).items() if k not in ("wall_s", "skipped")}
+                       or {"pixel_check": False},
         # what the run directory holds per input row when its report is written (vectors read in
         # place from released embeddings are not in it; the export, written after, is not counted)
         "run_dir_bytes_per_row": round(folder_bytes(run.root) / max(n_in, 1), 1),
@@ -286,7 +394,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
     near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
                          "similarity": near["similarity"]})
-    gallery.write(run, df, groups, near, summary, cfg.search.threshold, leaks=leaks)
+    gallery.write(run, shown.rows, table, near, summary, cfg.search.threshold, leaks=leaks)
     path = write_json(run.summary_file(), summary)
     run.marker(NAME, NAME).write(run.fingerprint(NAME), [path], rows=n_in)
     return summary

@@ -30,7 +30,7 @@ from ..lib import registry
 from . import index as index_stage
 
 NAME = "search"
-FIELDS = ("input", "embed.model", "codec", "search", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify.method", "verify.low", "against", "decontaminate")
 
 _CACHE: dict = {}
 
@@ -45,10 +45,12 @@ class SearchJob:
     cfg: SearchConfig
     index_fp: str           # fingerprint the index must carry
     fp: str                 # fingerprint written into this stage's markers
+    low: float | None = None   # candidates for the pixel check from here (verify.low), when it runs
 
     @property
     def floor(self) -> float:
-        return self.cfg.threshold - self.cfg.band
+        floor = self.cfg.threshold - self.cfg.band
+        return floor if self.low is None else min(floor, self.low)
 
     @property
     def dense_min(self) -> int:
@@ -300,8 +302,9 @@ def find_pairs(job: SearchJob, ex) -> dict:
 
 
 def search_job(run: Run) -> SearchJob:
+    low = run.cfg.verify.low if run.cfg.verify.method == "pixels" and run.source.HAS_IMAGES else None
     return SearchJob(run.embed_dir(), {s.index: s.name for s in run.shards}, run.dir("index"),
-                     run.dir(NAME), run.cfg.search, run.fingerprint("index"), run.fingerprint(NAME))
+                     run.dir(NAME), run.cfg.search, run.fingerprint("index"), run.fingerprint(NAME), low)
 
 
 def cross_targets(run: Run) -> list[tuple[str, Path]]:

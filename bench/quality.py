@@ -1,0 +1,129 @@
+"""Quality benchmark: copies vs look-alikes end to end, with and without the pixel check.
+
+    python -m bench.quality                 # about 5 min on 2 cores
+
+The labelled set of bench/copies.py (real photos from packages, each with copies under single
+edits and chains of three; look-alike negatives: different faces, star fields, text pages,
+product shots on white, disjoint crops of one photo, textures) is written as an image folder and
+deduplicated by `dedup2b run` twice in the same run, same box: verify.method=pixels (the default)
+and verify.method=off (the descriptor alone, at search.threshold). The truth: an image is a copy
+of another exactly when both derive from the same original (the part of its name before "|").
+Reported per setting: pair precision / recall / F1 over every pair of rows (same group vs same
+original), recall per edit kind and false merges per negative kind on the labelled pairs, the
+largest group holding two or more distinct originals, the pixel check's cost, and the printed
+calibration precision where `dedup2b calibrate` runs. Writes bench/results/quality.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bench.copies import build_set
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_folder(cs, folder: Path) -> list[str]:
+    """The set as image files; returns each image's key (path relative to the folder)."""
+    folder.mkdir(parents=True)
+    keys = []
+    for i, data in enumerate(cs.images):
+        ext = "png" if data[:4] == b"\x89PNG" else "webp" if data[8:12] == b"WEBP" else "jpg"
+        key = f"{i:05d}.{ext}"
+        (folder / key).write_bytes(data)
+        keys.append(key)
+    return keys
+
+
+def score(cs, keys: list[str], samples) -> dict:
+    origin = [n.split("|")[0] for n in cs.names]
+    group = dict(zip(samples["key"], samples["group_id"]))
+    g = [group.get(k) for k in keys]
+    # every pair of rows: same group (predicted) vs same original (truth), counted by group sizes
+    by_group, by_origin, both = Counter(), Counter(), Counter()
+    for gi, oi in zip(g, origin):
+        by_group[gi] += 1
+        by_origin[oi] += 1
+        both[(gi, oi)] += 1
+    pairs = lambda c: sum(v * (v - 1) // 2 for v in c.values())   # noqa: E731
+    tp, pred, true = pairs(both), pairs(by_group), pairs(by_origin)
+    p, r = tp / max(pred, 1), tp / max(true, 1)
+    per_kind: dict[str, list[int]] = {}
+    for a, b, is_copy, kind in cs.pairs:
+        same = g[a] is not None and g[a] == g[b]
+        per_kind.setdefault(("copy " if is_copy else "negative ") + kind, [0, 0])
+        per_kind[("copy " if is_copy else "negative ") + kind][0] += int(same)
+        per_kind[("copy " if is_copy else "negative ") + kind][1] += 1
+    origins_in = {}
+    for gi, oi in zip(g, origin):
+        origins_in.setdefault(gi, set()).add(oi)
+    false_groups = sorted(((by_group[gi], len(o)) for gi, o in origins_in.items() if len(o) > 1), reverse=True)
+    return {"pair_precision": round(p, 4), "pair_recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-9), 4),
+            "true_pairs": true, "predicted_pairs": pred,
+            "largest_false_group": {"rows": false_groups[0][0], "originals": false_groups[0][1]} if false_groups else None,
+            "groups_with_distinct_originals": len(false_groups),
+            "per_kind": {k: {"merged": v[0], "pairs": v[1], "rate": round(v[0] / v[1], 4)} for k, v in sorted(per_kind.items())}}
+
+
+def run_one(folder: Path, run_dir: Path, method: str) -> dict:
+    from dedup2b.cli import main as cli
+    t0 = time.time()
+    rc = cli(["run", "--input", str(folder), "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
+              "--executor", "local", "--set", f"verify.method={method}"])
+    if rc:
+        raise SystemExit(f"dedup2b run failed ({rc})")
+    wall = time.time() - t0
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    samples = pq.read_table(run_dir / "report" / "samples.parquet", columns=["key", "group_id"]).to_pandas()
+    return {"wall_s": round(wall, 1), "summary": summary, "samples": samples}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="/tmp/dedup2b-bench-quality")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    cs = build_set(args.seed)
+    keys = write_folder(cs, work / "images")
+    res = {}
+    for method in ("pixels", "off"):
+        got = run_one(work / "images", work / f"run-{method}", method)
+        res[method] = {"wall_s": got["wall_s"], **score(cs, keys, got["samples"]),
+                       "threshold": got["summary"]["threshold"], "pixel_check": got["summary"].get("pixel_check")}
+        print(method, json.dumps({k: v for k, v in res[method].items() if k != "per_kind"}), flush=True)
+    cmd = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    px, off = res["pixels"], res["off"]
+    lines = [f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}); {len(cs.images)} images, "
+             f"{len(cs.pairs)} labelled pairs; the whole pipeline, local executor, default model",
+             "", "| measure | verify.method=pixels (default) | verify.method=off |", "|---|---|---|"]
+    for k in ("pair_precision", "pair_recall", "f1", "predicted_pairs", "true_pairs", "groups_with_distinct_originals",
+              "largest_false_group", "wall_s"):
+        lines.append(f"| {k} | {px[k]} | {off[k]} |")
+    pc = px["pixel_check"] or {}
+    lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair, ms per image | "
+                 f"{pc.get('band')}, {pc.get('pairs_checked')} / {pc.get('pairs_accepted')}, {pc.get('ms_per_pair')}, "
+                 f"{pc.get('ms_per_image_features')} | (none) |")
+    lines += ["", "| labelled pairs | merged, pixels | merged, off |", "|---|---|---|"]
+    for kind in px["per_kind"]:
+        a, b = px["per_kind"][kind], off["per_kind"][kind]
+        lines.append(f"| {kind} ({a['pairs']}) | {a['rate']:.3f} | {b['rate']:.3f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.md").write_text(md)
+    (RESULTS / "quality.json").write_text(json.dumps({"command": cmd, **res}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

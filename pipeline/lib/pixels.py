@@ -1,0 +1,426 @@
+"""Pixel-level copy verifier: are two images copies of one picture (allowing edits), or two
+different pictures that merely look alike?
+
+A global descriptor (CLIP, EfficientNet) says "the same kind of picture"; this module says "the same
+picture". It needs the two images, or rather their `features()`, and answers in a few milliseconds:
+
+    fa, fb = features(jpeg_bytes), features(png_bytes)      # per image: decode, keypoints, thumbnail
+    same, score = verify(fa, fb)                            # per pair: align, then compare pixels
+
+Method
+  features  decode (PIL; JPEG draft mode for big files; EXIF orientation; alpha over white), convert
+            to grayscale and resize the long side to WORK_SIDE (small images are upsampled, so a
+            25 px face and its 100 px copy are seen alike). SIFT keypoints (RootSIFT descriptors,
+            stored as uint8) and a THUMB_SIDE thumbnail. A mirrored image needs no second run:
+            SIFT's descriptor of a mirrored patch is a fixed permutation of the original's (flip
+            the 4x4 grid's rows, negate the 8 orientation bins), applied at match time.
+  align     descriptors matched both ways (mutual nearest neighbours and Lowe's ratio test), as
+            they are and mirrored; an affine model (covers crops, canvas, rotations, squash,
+            scale) fitted by RANSAC on each match set; models kept when they have enough inliers,
+            sane scale and shear, and overlap one of the images by a fair share. Full-frame maps
+            (the 4 rotations x mirror of one frame onto the other) are added when keypoint
+            matches agree with them: they align tiny and featureless images better than a fit.
+  compare   the decision. Keypoint inliers alone cannot tell a copy from a look-alike (faces share
+            eyes and mouths; bricks, text lines and star fields repeat), so every kept model is
+            checked on pixels: one thumbnail is warped onto the other in the coarser of the two
+            frames (anti-aliased), both are band-passed at the finest scale (difference of
+            Gaussians, SIGMA_FINE / SIGMA_COARSE thumbnail pixels), the sharper is blurred until
+            both carry equal fine detail (blur, downscale and JPEG remove it), and the normalised
+            cross-correlation is taken per TILE x TILE tile. The score is the median of the tile
+            correlations weighted by the square root of their shared detail energy: robust to
+            text, watermarks and borders (they spoil a minority of tiles), and unimpressed by
+            large shared structure (a circle's edge, a page's text lines) that look-alikes share
+            but only at coarse scales.
+  decide    a copy iff the best model's score >= ACCEPT. The score is that correlation, clipped
+            to [0, 1]. Deterministic: RANSAC is seeded, no threads race.
+
+Measured on bench/copies.py's set (python -m bench.copies, see bench/results/copies.md): the
+numbers are in the docstring of `ACCEPT` below and in that report.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+WORK_SIDE = 320          # long side keypoints are found at (every image is resized to it)
+THUMB_SIDE = 256         # long side of the thumbnail the pixel check compares
+N_KEYPOINTS = 500        # SIFT keypoints kept per image (strongest first)
+MAX_PIXELS = 64_000_000  # larger images are refused (decompression bombs)
+
+RATIO = 0.85             # Lowe's ratio test (with mutual nearest neighbours)
+RANSAC_PX = 3.0          # inlier distance, working pixels of a native-resolution image
+MIN_INLIERS = 5          # a keypoint model needs this many inliers
+MIN_SUPPORT = 3          # a full-frame map needs this many matches that agree with it
+MIN_COVER = 0.3          # a model must map one image onto >= this share of the other
+MAX_SCALE, MAX_ANISO = 8.0, 3.0   # sane models: scale within 1/8..8, axis ratio <= 3
+SIGMA_FINE, SIGMA_COARSE = 0.7, 1.5   # the band compared, thumbnail pixels
+TILE = 16                # tile side for the robust correlation, thumbnail pixels
+ACCEPT = 0.55            # decision threshold on the score
+SEED = 12345
+
+_P = dict(ratio=RATIO, ransac_px=RANSAC_PX, min_inliers=MIN_INLIERS, min_support=MIN_SUPPORT,
+          min_cover=MIN_COVER, s1=SIGMA_FINE, s2=SIGMA_COARSE, tile=TILE, accept=ACCEPT,
+          equalise=1.3, gamma=0.5, min_tiles=4, center2d=True, center_max_up=1.5, robust_share=True)
+_SIFT = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """What verify() needs of one image, as numpy arrays (picklable, ~30-100 KB)."""
+    size: tuple[int, int]    # (w, h) of the working image the keypoints live in
+    native: int              # long side of the decoded image, pixels
+    xy: np.ndarray           # (n, 2) float32 keypoint positions, working pixels
+    desc: np.ndarray         # (n, 128) uint8 RootSIFT descriptors (x 255)
+    thumb: np.ndarray        # (h, w) uint8 grayscale, long side THUMB_SIDE
+
+
+# ----------------------------------------------------------------------------------- decoding
+def _reason(e: Exception) -> str:
+    """An exception's message without object reprs (`<_io.BytesIO object at 0x...>`)."""
+    msg = re.sub(r"\s*<[^>]*>", "", str(e)).strip(" :") or type(e).__name__
+    return msg[:200]
+
+
+def decode_gray(data: bytes, side: int = WORK_SIDE) -> np.ndarray:
+    """Image bytes -> grayscale uint8 (EXIF orientation applied, transparency over white). JPEGs
+    are decoded at a reduced size (draft) when much larger than `side`. ValueError with a
+    deterministic message when the bytes are not a readable image."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"image data must be bytes, not {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"image too large ({img.width}x{img.height} pixels)")
+            if img.format == "JPEG":
+                img.draft("L", (side, side))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"undecodable image ({len(data)} bytes): not a known image format") from None
+    except ValueError as e:
+        if str(e).startswith("image too large"):
+            raise
+        raise ValueError(f"undecodable image ({len(data)} bytes): {_reason(e)}") from None
+    except Exception as e:   # PIL raises OSError, SyntaxError, struct.error... on damaged files
+        raise ValueError(f"undecodable image ({len(data)} bytes): {_reason(e)}") from None
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"undecodable image ({len(data)} bytes): empty picture")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = arr - arr.min()
+        return (arr * (255.0 / (arr.max() or 1.0))).astype(np.uint8)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _resize_long(gray: np.ndarray, side: int) -> np.ndarray:
+    h, w = gray.shape
+    s = side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    if size == (w, h):
+        return gray
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+
+
+# ----------------------------------------------------------------------------------- features
+def _sift():
+    global _SIFT
+    if _SIFT is None:
+        # a low contrast threshold: smooth and low-contrast pictures still get keypoints; the
+        # strongest N_KEYPOINTS are kept either way
+        _SIFT = cv2.SIFT_create(N_KEYPOINTS, 3, 0.01, 10, 1.6)
+    return _SIFT
+
+
+def features_gray(gray: np.ndarray) -> Features:
+    """Features of a decoded grayscale uint8 image."""
+    work = _resize_long(np.ascontiguousarray(gray, dtype=np.uint8), WORK_SIDE)
+    kps, desc = _sift().detectAndCompute(work, None)
+    xy = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
+    if desc is None or len(kps) == 0:
+        root = np.zeros((0, 128), np.uint8)
+    else:   # RootSIFT: L1-normalise, square root (unit L2 norm), as uint8
+        d = desc.astype(np.float32)
+        root = np.round(255 * np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))).astype(np.uint8)
+    thumb = np.ascontiguousarray(_resize_long(work, THUMB_SIDE))
+    return Features((work.shape[1], work.shape[0]), int(max(gray.shape)), xy, root, thumb)
+
+
+def features(data: bytes) -> Features:
+    """Decode image bytes and compute what verify() compares. ValueError on undecodable bytes."""
+    return features_gray(decode_gray(data))
+
+
+# ----------------------------------------------------------------------------------- alignment
+# SIFT's descriptor of the mirrored patch: rows of the 4x4 grid reversed, orientation bins negated
+_MIRROR = np.arange(128).reshape(4, 4, 8)[::-1][..., (-np.arange(8)) % 8].reshape(-1)
+
+
+def _matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours passing the ratio test: (indices in a, indices in b)."""
+    if len(da) < 2 or len(db) < 2:
+        return np.zeros(0, int), np.zeros(0, int)
+    s = (da.astype(np.float32) @ db.astype(np.float32).T) * (1.0 / 255 ** 2)
+    best = s.argmax(1)
+    top2 = -np.partition(-s, 1, axis=1)[:, :2]            # two largest similarities per row
+    d1 = np.sqrt(np.maximum(2 - 2 * top2[:, 0], 0))
+    d2 = np.sqrt(np.maximum(2 - 2 * top2[:, 1], 0))
+    mutual = s.argmax(0)[best] == np.arange(len(da))
+    i = np.nonzero(mutual & (d1 < ratio * d2))[0]
+    return i, best[i]
+
+
+def _flip(w: int) -> np.ndarray:
+    return np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]], np.float64)
+
+
+def _to_thumb(f: Features) -> np.ndarray:
+    """3x3 map working pixels -> thumbnail pixels (pixel centres)."""
+    sx, sy = f.thumb.shape[1] / f.size[0], f.thumb.shape[0] / f.size[1]
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], np.float64)
+
+
+def _sane(h: np.ndarray) -> bool:
+    sv = np.linalg.svd(h[:2, :2], compute_uv=False)
+    return bool(sv[1] > 1 / MAX_SCALE and sv[0] < MAX_SCALE and sv[0] < MAX_ANISO * sv[1])
+
+
+def _cover(fa: Features, fb: Features, h: np.ndarray) -> float:
+    """Largest of: share of A covered by B under h, share of B whose image lands inside A."""
+    def rect(w, hh):
+        return np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, hh - 0.5], [-0.5, hh - 0.5]], np.float32)
+    pb = cv2.transform(rect(*fb.size)[None], h[:2].astype(np.float32))[0]
+    if cv2.contourArea(pb, oriented=True) < 0:
+        pb = np.ascontiguousarray(pb[::-1])
+    area, _ = cv2.intersectConvexConvex(rect(*fa.size), pb)
+    det = abs(np.linalg.det(h[:2, :2]))
+    return float(max(area / (fa.size[0] * fa.size[1]), area / max(det * fb.size[0] * fb.size[1], 1e-9)))
+
+
+def _box_maps(fa: Features, fb: Features):
+    """The 8 maps of B's frame onto A's (4 rotations x mirror), working pixels, 3x3."""
+    (wa, ha), (wb, hb) = fa.size, fb.size
+    to_u = np.array([[1 / wb, 0, 0.5 / wb], [0, 1 / hb, 0.5 / hb], [0, 0, 1]])
+    from_u = np.array([[wa, 0, -0.5], [0, ha, -0.5], [0, 0, 1]])
+    rot = np.array([[0, -1, 1], [1, 0, 0], [0, 0, 1]], np.float64)       # unit square, 90 degrees
+    for mirror in (False, True):
+        d = _flip(2) if mirror else np.eye(3)      # x -> 1 - x on the unit square
+        for _ in range(4):
+            yield mirror, from_u @ d @ to_u
+            d = rot @ d
+
+
+def _models(fa: Features, fb: Features, p) -> list[tuple[str, np.ndarray, int]]:
+    """Candidate alignments (kind, 3x3 map of B's working pixels onto A's, support), best first."""
+    out, matched = [], {}
+    # keypoints of an enlarged image are located no better than its own pixels
+    thr = p["ransac_px"] * float(np.clip(max(fa.size) / min(fa.native, fb.native), 1.0, 4.0))
+    for mirror in (False, True):
+        ia, ib = _matches(fa.desc[:, _MIRROR] if mirror else fa.desc, fb.desc, p["ratio"])
+        pa = fa.xy[ia].astype(np.float32)
+        if mirror:
+            pa[:, 0] = fa.size[0] - 1 - pa[:, 0]
+        matched[mirror] = (pa, fb.xy[ib])
+        if len(ia) < p["min_inliers"]:
+            continue
+        cv2.setRNGSeed(SEED)
+        m, inl = cv2.estimateAffine2D(fb.xy[ib], pa, method=cv2.RANSAC, ransacReprojThreshold=thr,
+                                      maxIters=2000, confidence=0.995, refineIters=10)
+        if m is None or int(inl.sum()) < p["min_inliers"]:
+            continue
+        h = np.vstack([m, [0, 0, 1]])
+        if mirror:
+            h = _flip(fa.size[0]) @ h
+        if _sane(h) and _cover(fa, fb, h) >= p["min_cover"]:
+            out.append(("mirror" if mirror else "affine", h, int(inl.sum())))
+    tol = 2 * thr
+    for mirror, h in _box_maps(fa, fb):
+        pa, pb = matched[mirror]
+        if len(pa) < p["min_support"] or not _sane(h):
+            continue
+        g = _flip(fa.size[0]) @ h if mirror else h          # B -> mirrored A, where pa lives
+        proj = pb @ g[:2, :2].T.astype(np.float32) + g[:2, 2].astype(np.float32)
+        support = int((np.linalg.norm(proj - pa, axis=1) < tol).sum())
+        if support >= p["min_support"]:
+            out.append(("frame", h, support))
+    out.sort(key=lambda x: -x[2])
+    return out
+
+
+# ----------------------------------------------------------------------------------- pixel check
+def _bandpass(img: np.ndarray, s1: float, s2: float) -> np.ndarray:
+    g1 = cv2.GaussianBlur(img, (0, 0), s1)
+    return g1 - cv2.GaussianBlur(g1, (0, 0), s2)
+
+
+def _tile_sums(x: np.ndarray, t: int) -> np.ndarray:
+    h, w = x.shape
+    return x[:h // t * t, :w // t * t].reshape(h // t, t, w // t, t).sum(axis=(1, 3)).ravel()
+
+
+def _center_rows_cols(x: np.ndarray, m: np.ndarray, t: int) -> np.ndarray:
+    """Per tile, remove the mean of every row and of every column (inside the mask): what is left
+    is 2-D detail, not the 1-D structure (text lines, stripes) look-alikes share."""
+    h, w = x.shape
+    h, w = h // t * t, w // t * t
+    xs = x[:h, :w].reshape(h // t, t, w // t, t)
+    ms = m[:h, :w].reshape(h // t, t, w // t, t)
+    rows = xs.sum(3, keepdims=True) / np.maximum(ms.sum(3, keepdims=True), 1)
+    xs = (xs - rows) * ms
+    cols = xs.sum(1, keepdims=True) / np.maximum(ms.sum(1, keepdims=True), 1)
+    xs = (xs - cols) * ms
+    out = np.zeros_like(x)
+    out[:h, :w] = xs.reshape(h, w)
+    return out
+
+
+def _fine_share(x: np.ndarray, mask: np.ndarray, p) -> tuple[np.ndarray, float]:
+    """(fine band of x, its energy over the next coarser band's) inside mask."""
+    fine = _bandpass(x, p["s1"], p["s2"])
+    coarse = _bandpass(x, p["s2"], 2 * p["s2"])
+    if p.get("robust_share"):
+        t = p["tile"]
+        ef, ec = _tile_sums(fine * fine * mask, t), _tile_sums(coarse * coarse * mask, t)
+        good = ec > 1e-3 * max(float(ec.max()), 1e-9)
+        if good.any():
+            return fine, float(np.median(ef[good] / ec[good]))
+    return fine, float((fine * fine * mask).sum()) / max(float((coarse * coarse * mask).sum()), 1e-9)
+
+
+def _agreement(ta: np.ndarray, tb: np.ndarray, h: np.ndarray, p, native: tuple[int, int] = (0, 0)) -> float:
+    """How well two thumbnails agree in fine detail once aligned by h (B thumb -> A thumb, 3x3):
+    the median over tiles of their band-passed correlation, weighted by shared detail."""
+    if abs(np.linalg.det(h[:2, :2])) > 1:     # compare in the frame that holds the overlap in fewer pixels
+        ta, tb, h = tb, ta, np.linalg.inv(h)
+        native = native[::-1]
+    enlarged = max(ta.shape) / max(native[0], 1) > p["center_max_up"]
+    src = tb.astype(np.float32)
+    shrink = 1.0 / max(np.linalg.svd(h[:2, :2], compute_uv=False)[1], 1e-9)
+    if shrink > 1.05:                          # anti-alias what the warp shrinks
+        src = cv2.GaussianBlur(src, (0, 0), 0.5 * np.sqrt(shrink ** 2 - 1))
+    hh, ww = ta.shape
+    b = cv2.warpAffine(src, h[:2], (ww, hh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    mask = cv2.warpAffine(np.ones_like(src), h[:2], (ww, hh), flags=cv2.INTER_NEAREST, borderValue=0)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8))
+    t = p["tile"]
+    n = _tile_sums(mask, t)
+    ok = n >= 0.5 * t * t
+    if ok.sum() < p["min_tiles"]:
+        return 0.0
+    a = ta.astype(np.float32)
+    fa, sa = _fine_share(a, mask, p)
+    fb, sb = _fine_share(b, mask, p)
+    if max(sa, sb) > p["equalise"] * min(sa, sb):
+        # the sharper image is blurred until it holds as much fine detail as the other: the
+        # comparison happens at the finest detail both still have (blur, downscale, JPEG)
+        sharp, target = (a, sb) if sa > sb else (b, sa)
+        for e in (0.5, 0.75, 1.0, 1.4, 2.0, 2.8, 4.0):
+            f, s = _fine_share(cv2.GaussianBlur(sharp, (0, 0), e), mask, p)
+            if s <= 1.05 * target:
+                break
+        if sa > sb:
+            fa = f
+        else:
+            fb = f
+    fa, fb, nn = fa * mask, fb * mask, n[ok]
+    if p["center2d"] and not enlarged:
+        fa, fb = _center_rows_cols(fa, mask, t), _center_rows_cols(fb, mask, t)
+    suma, sumb = _tile_sums(fa, t)[ok], _tile_sums(fb, t)[ok]
+    vaa = _tile_sums(fa * fa, t)[ok] - suma * suma / nn
+    vbb = _tile_sums(fb * fb, t)[ok] - sumb * sumb / nn
+    vab = _tile_sums(fa * fb, t)[ok] - suma * sumb / nn
+    ncc = vab / np.sqrt(np.maximum(vaa * vbb, 1e-12))
+    # weight: the detail energy both tiles hold (B's scaled to A's by the typical ratio), so flat
+    # tiles and tiles where one side has an overlay count little; square root: no few strong
+    # edges decide alone
+    ratio = float(np.median(vbb / np.maximum(vaa, 1e-9)))
+    w = np.sqrt(np.maximum(np.minimum(vaa * ratio, vbb), 0))
+    if p.get("coherence"):
+        # straight edges and stripes (1-D structure: mortar lines, text baselines, a frame's
+        # border) are what look-alikes share; weigh tiles by how 2-D their detail is
+        jxx = jyy = jxy = 0
+        for f, scale in ((fa, 1.0), (fb, 1.0 / max(ratio, 1e-9))):
+            gx, gy = cv2.Sobel(f, cv2.CV_32F, 1, 0), cv2.Sobel(f, cv2.CV_32F, 0, 1)
+            jxx = jxx + scale * _tile_sums(gx * gx, t)[ok]
+            jyy = jyy + scale * _tile_sums(gy * gy, t)[ok]
+            jxy = jxy + scale * _tile_sums(gx * gy, t)[ok]
+        coh = ((jxx - jyy) ** 2 + 4 * jxy ** 2) / np.maximum((jxx + jyy) ** 2, 1e-12)
+        w = w * (1 - coh) ** p["coherence"]
+    if w.sum() <= 0:
+        return 0.0
+    order = np.argsort(ncc)
+    cum = np.cumsum(w[order])
+    return float(ncc[order][min(len(order) - 1, int(np.searchsorted(cum, 0.5 * cum[-1])))])
+
+
+# ----------------------------------------------------------------------------------- decision
+def explain(fa: Features, fb: Features, params: dict | None = None, stop: bool = False) -> dict:
+    """Every alignment tried, with its support and pixel score; `score` is the best. With `stop`,
+    the search ends at the first alignment that is accepted (what verify() does)."""
+    p = {**_P, **(params or {})}
+    tried, best = [], 0.0
+    for kind, h, support in _models(fa, fb, p):
+        ht = _to_thumb(fa) @ h @ np.linalg.inv(_to_thumb(fb))
+        s = _agreement(fa.thumb, fb.thumb, ht, p, (fa.native, fb.native))
+        tried.append({"kind": kind, "support": support, "score": round(s, 4)})
+        best = max(best, s)
+        if stop and best >= p["accept"]:
+            break
+    best = float(np.clip(best, 0.0, 1.0))
+    return {"copy": best >= p["accept"], "score": best, "tried": tried}
+
+
+def verify(fa: Features, fb: Features) -> tuple[bool, float]:
+    """(is a copy, score in [0, 1]): the pixel agreement of the first accepted alignment, or of
+    the best one tried when none is accepted. Deterministic."""
+    e = explain(fa, fb, stop=True)
+    return e["copy"], e["score"]
+
+
+def verify_bytes(a: bytes, b: bytes) -> tuple[bool, float]:
+    """verify() on two encoded images. ValueError when either cannot be decoded."""
+    return verify(features(a), features(b))
+
+
+def verify_many(pairs, errors: str = "raise") -> list[tuple[bool, float]]:
+    """verify() over (bytes, bytes) pairs, computing each distinct image's features once.
+
+    errors="raise": ValueError naming the pair of the first undecodable image; errors="reject":
+    such a pair is answered (False, 0.0)."""
+    if errors not in ("raise", "reject"):
+        raise ValueError(f"errors must be 'raise' or 'reject', not {errors!r}")
+    cache: dict[bytes, Features | ValueError] = {}
+
+    def get(data):
+        key = hashlib.blake2b(bytes(data), digest_size=16).digest()
+        if key not in cache:
+            try:
+                cache[key] = features(data)
+            except ValueError as e:
+                cache[key] = e
+        return cache[key]
+
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        fa, fb = get(a), get(b)
+        bad = next((x for x in (fa, fb) if isinstance(x, ValueError)), None)
+        if bad is not None:
+            if errors == "raise":
+                raise ValueError(f"pair {i}: {bad}")
+            out.append((False, 0.0))
+        else:
+            out.append(verify(fa, fb))
+    return out

@@ -1,0 +1,214 @@
+"""verify: candidate pairs checked by pixels (local features + geometric verification, lib/pixels.py).
+
+A global descriptor says "the same kind of picture", not "the same picture". Where the input has
+images, every candidate pair the descriptor cannot settle alone, similarity in [low, sure), is
+checked on the images themselves; pairs at or above `sure` are taken on the descriptor.
+  1. features (a task per input shard): the shard's images of the rows in such pairs, read once,
+     turned into keypoints + a thumbnail -> verify/features/NNNNN.npz (arrays only, no pickle)
+  2. decide (a task per search pair file): each pair's decision, aligned row by row with the
+     pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
+     1 accepted) and pixel_score (the verifier's score; NaN where not checked)
+Group reads the decisions beside the pairs: an edge is a pair with similarity >= sure, or one in
+[low, sure) that the pixels accepted. With verify.method off, or input without images (released
+embeddings), nothing is written and group takes pairs at or above search.threshold as before;
+the summary says that no pixel check ran.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..core.io import Marker, write_parquet
+from ..core.run import Run
+from ..sources import Shard, source_for
+
+NAME = "verify"
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "against", "decontaminate")
+CHUNK = 1 << 20
+
+
+def active(run: Run) -> bool:
+    return run.cfg.verify.method == "pixels" and run.source.HAS_IMAGES
+
+
+def band(run: Run) -> tuple[float, float]:
+    return run.cfg.verify.low, run.cfg.verify.sure
+
+
+def _band_pairs(path: Path, low: float, sure: float):
+    for batch in pq.ParquetFile(path).iter_batches(CHUNK, columns=["gid_a", "gid_b", "similarity"]):
+        sim = batch.column(2).to_numpy()
+        sel = (sim >= low) & (sim < sure)
+        yield batch.column(0).to_numpy()[sel], batch.column(1).to_numpy()[sel], sel
+
+
+def needed_gids(run: Run) -> np.ndarray:
+    low, sure = band(run)
+    parts = [np.zeros(0, np.int64)]
+    for path in run.pair_files():
+        for a, b, _ in _band_pairs(path, low, sure):
+            parts.append(np.unique(np.concatenate([a, b])))
+    return np.unique(np.concatenate(parts))
+
+
+def feature_file(run: Run, shard: str) -> Path:
+    return run.dir(NAME) / "features" / f"{shard}.npz"
+
+
+def decision_file(run: Run, pair_file: Path) -> Path:
+    return run.dir(NAME) / "decisions" / pair_file.name
+
+
+def _is_array(field) -> bool:
+    return "ndarray" in str(field.type)
+
+
+def pack(feats: list) -> dict[str, np.ndarray]:
+    """pixels.Features of many images as flat arrays (np.savez, no pickle): an array field as its
+    values raveled and concatenated, with each image's offset and shape; any other field as one
+    array with a row per image."""
+    import dataclasses
+
+    from ..lib.pixels import Features
+    out = {}
+    for f in dataclasses.fields(Features):
+        vals = [getattr(x, f.name) for x in feats]
+        if _is_array(f):
+            out[f"{f.name}__off"] = np.r_[0, np.cumsum([v.size for v in vals])].astype(np.int64)
+            out[f"{f.name}__shape"] = np.array([v.shape for v in vals], np.int64).reshape(len(vals), -1)
+            out[f.name] = np.concatenate([v.ravel() for v in vals]) if vals else np.zeros(0, np.uint8)
+        else:
+            out[f.name] = np.array(vals)
+    return out
+
+
+def unpack(z: dict, i: int):
+    """The pixels.Features of image i of a packed file."""
+    import dataclasses
+
+    from ..lib.pixels import Features
+    kw = {}
+    for f in dataclasses.fields(Features):
+        if _is_array(f):
+            lo, hi = z[f"{f.name}__off"][i], z[f"{f.name}__off"][i + 1]
+            kw[f.name] = z[f.name][lo:hi].reshape(tuple(z[f"{f.name}__shape"][i]))
+        else:
+            v = z[f.name][i]
+            kw[f.name] = tuple(v.tolist()) if np.ndim(v) else v.item()
+    return Features(**kw)
+
+
+def features_shard(job: dict) -> dict:
+    """Features of the wanted rows of one shard -> one .npz (see pack)."""
+    from ..lib import pixels
+    t0 = time.time()
+    shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["data"]))
+    wanted = dict(zip(job["members"], job["gids"]))
+    gids, feats, errors = [], [], 0
+    for gid, data in source_for(job["format"]).read_images(shard, wanted):
+        try:
+            feats.append(pixels.features(data))
+        except ValueError:
+            errors += 1                     # undecodable here: its pairs stay unchecked (rejected)
+            continue
+        gids.append(gid)
+    arrays = {"gid": np.array(gids, np.int64), **pack(feats)}
+    path = Path(job["out"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(path)
+    Marker(path.parent.parent, f"features-{job['name']}").write(job["fp"], [path], rows=len(gids), errors=errors)
+    return {"rows": len(gids), "errors": errors, "seconds": time.time() - t0}
+
+
+class FeatureStore:
+    """gid -> pixels.Features over the feature files (each file loaded once, on first use)."""
+
+    def __init__(self, files: dict[int, Path]):
+        self.files, self.loaded = files, {}
+
+    def get(self, gid: int):
+        shard = int(gid) >> 32
+        if shard not in self.loaded:
+            path = self.files.get(shard)
+            z = dict(np.load(path, allow_pickle=False)) if path and path.exists() else None
+            self.loaded[shard] = (z, {int(g): i for i, g in enumerate(z["gid"])} if z else {})
+        z, pos = self.loaded[shard]
+        i = pos.get(int(gid))
+        return None if i is None else unpack(z, i)
+
+
+def decide_file(job: dict) -> dict:
+    """Decisions for one pair file, aligned with its rows."""
+    from ..lib import pixels
+    t0 = time.time()
+    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
+    dec, score = [], []
+    checked = accepted = 0
+    for a, b, sel in _band_pairs(Path(job["pairs"]), job["low"], job["sure"]):
+        d = np.full(len(sel), -1, np.int8)
+        s = np.full(len(sel), np.nan, np.float32)
+        rows = np.flatnonzero(sel)
+        for r, ga, gb in zip(rows, a, b):
+            fa, fb = store.get(ga), store.get(gb)
+            ok, sc = pixels.verify(fa, fb) if fa is not None and fb is not None else (False, 0.0)
+            d[r], s[r] = int(ok), sc
+            checked += 1
+            accepted += int(ok)
+        dec.append(d); score.append(s)
+    table = pa.table({"pixels": np.concatenate(dec or [np.zeros(0, np.int8)]),
+                      "pixel_score": np.concatenate(score or [np.zeros(0, np.float32)])})
+    path = write_parquet(Path(job["out"]), table)
+    Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked, accepted=accepted)
+    return {"checked": checked, "accepted": accepted, "seconds": time.time() - t0}
+
+
+def units(run: Run) -> list[Marker]:
+    if not active(run):
+        return [run.marker(NAME, "off")]
+    out = [run.marker(NAME, f"features-{s.name}") for s in run.shards]
+    return out + [run.marker(NAME, f"decide-{p.stem}") for p in run.pair_files()]
+
+
+def run(run: Run, ex, stats: dict) -> dict:
+    fp = run.fingerprint(NAME)
+    if not active(run):
+        why = "verify.method off" if run.cfg.verify.method == "off" else "input has no images"
+        if run.pending(NAME, ["off"]):
+            run.marker(NAME, "off").write(fp, [], reason=why)
+        return {"pixel_check": False, "reason": why}
+    t0 = time.time()
+    low, sure = band(run)
+    need = needed_gids(run)
+    jobs = []
+    for s in run.shards:
+        if not run.pending(NAME, [f"features-{s.name}"]):
+            continue
+        t = pq.read_table(run.ingest_file(s.name), columns=["gid", "member"])
+        g = t["gid"].to_numpy()
+        sel = np.isin(g, need)
+        jobs.append({"index": s.index, "name": s.name, "parquet": str(s.parquet), "data": str(s.data),
+                     "format": run.cfg.input.format, "gids": g[sel].tolist(),
+                     "members": [m for m, k in zip(t["member"].to_pylist(), sel) if k],
+                     "out": str(feature_file(run, s.name)), "fp": fp})
+    feats = ex.map(features_shard, jobs, desc="verify: features", num_cpus=1)
+    t_feat = sum(r["seconds"] for r in feats)
+    files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
+    todo = [{"pairs": str(p), "out": str(decision_file(run, p)), "features": files, "low": low, "sure": sure,
+             "fp": fp} for p in run.pair_files() if run.pending(NAME, [f"decide-{p.stem}"])]
+    done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=1)
+    checked = sum(r["checked"] for r in done)
+    t_dec = sum(r["seconds"] for r in done)
+    return {"pixel_check": True, "band": [low, sure], "rows_with_features": sum(r["rows"] for r in feats),
+            "feature_errors": sum(r["errors"] for r in feats), "pairs_checked": checked,
+            "pairs_accepted": sum(r["accepted"] for r in done),
+            "ms_per_image_features": round(1000 * t_feat / max(1, sum(r["rows"] for r in feats)), 2),
+            "ms_per_pair": round(1000 * t_dec / max(checked, 1), 2),
+            "worker_s_per_million_pairs": round(1e6 * t_dec / max(checked, 1), 1),
+            "seconds": round(time.time() - t0, 3)}
