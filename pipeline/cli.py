@@ -169,7 +169,11 @@ def cmd_find(args) -> int:
         raise lookup.FindError("no images given (image files, or folders holding jpg, jpeg, png, webp, gif, "
                                "bmp, tif or tiff files)")
     index = lookup.open_index(lookup.index_folder(args.index))
-    matches = lookup.find(index, args.images, threshold=args.threshold)
+    verify = None
+    if not args.no_pixels:     # the pixel check where the index's rows have images (lib/pixels.py)
+        from .lib import pixels
+        verify = lambda q, row: pixels.verify_bytes(q, row["image"])   # noqa: E731
+    matches = lookup.find(index, args.images, threshold=args.threshold, verify=verify)
     if not matches.attrs["queries"]:
         raise lookup.FindError(f"none of the {len(files) + len(missing)} given files could be read as an image")
     out = lookup.write(matches, args.out)
@@ -180,6 +184,10 @@ def cmd_find(args) -> int:
     else:
         print("\n".join(lookup.format_table(matches)))
         print(f"{len(matches)} rows copy {matches['query'].nunique()} of the query images")
+        checked = matches["pixel_check"].notna()
+        if checked.any():
+            print(f"  pixel check     {int(matches['pixel_check'].fillna(False).sum())} of {int(checked.sum())} "
+                  "checked rows confirmed as copies (pixel_check in the table); rows without images unchecked")
     print(f"  matches table   {out.resolve()}")
     return 0
 
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the index: indexes/NAME, or an index folder")
     p.add_argument("--threshold", type=float, help="exact cosine for a copy (default: the index's run threshold)")
     p.add_argument("--out", default="find.parquet", help="the matches as parquet (default find.parquet)")
+    p.add_argument("--no-pixels", action="store_true",
+                   help="skip the pixel check of each match (by default done where the rows' images are at hand)")
     return ap
 
 

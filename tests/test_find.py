@@ -83,8 +83,11 @@ def test_the_cli_prints_the_table_and_writes_parquet(built, capsys, monkeypatch)
     table = pq.read_table(built / "hits.parquet")
     assert table.column_names == lookup.COLUMNS
     df = table.to_pandas()
-    assert set(df["key"]) == {"chelsea.jpg", "copies/chelsea_small.jpg"} and df["pixel_check"].isna().all()
-    assert str(table.schema.field("pixel_check").type) == "bool"
+    # the folder run's rows have their images: each match is checked by pixels, and confirmed
+    assert set(df["key"]) == {"chelsea.jpg", "copies/chelsea_small.jpg"} and df["pixel_check"].all()
+    assert str(table.schema.field("pixel_check").type) == "bool" and "pixel check" in out
+    assert main(["find", "queries", "--index", "photos", "--out", "raw.parquet", "--no-pixels"]) == 0
+    assert pq.read_table(built / "raw.parquet").to_pandas()["pixel_check"].isna().all()
     # a query without copies, and --threshold above the copy's similarity: "no copies found", exit 0
     assert main(["find", "queries/coffee.png", "--index", "photos", "--out", "none.parquet"]) == 0
     assert "no copies found" in capsys.readouterr().out
