@@ -261,14 +261,14 @@ def matches_table(index: Index, names: list[str], qi, gid, sim) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------- pixel verification hook
-def row_images(index: Index, gids) -> dict[int, bytes]:
+def row_images(runs: list[dict], gids) -> dict[int, bytes]:
     """The image bytes of registered rows, read back from their runs' inputs (members from each
     run's ingest table, bytes through its source's read_images). Rows of runs whose input holds no
     images (released vectors), or whose run directory or input is gone, are left out."""
     from .driver import open_existing
     wanted = set(int(g) for g in gids)
     out: dict[int, bytes] = {}
-    for r in index.target.runs:
+    for r in runs:             # a registry's runs (registry.Target.runs)
         mine = {g for g in wanted if str(g >> 32) in r["shards"]}
         if not mine:
             continue
@@ -297,7 +297,7 @@ def check_pixels(index: Index, matches: pd.DataFrame, query_bytes: dict[str, byt
     (row: the match as a dict, its image bytes under "image"); null where either is not."""
     if matches.empty or not query_bytes:
         return
-    images = row_images(index, matches["gid"].unique())
+    images = row_images(index.target.runs, matches["gid"].unique())
     result = []
     for row in matches.to_dict("records"):
         q, img = query_bytes.get(row["query"]), images.get(int(row["gid"]))

@@ -27,6 +27,10 @@ def split(tmp_path_factory):
     return root, truth, args
 
 
+def _own_checked(run):
+    return sum(int((pq.read_table(p)["pixels"].to_numpy() >= 0).sum()) for p in (run / "verify" / "decisions").glob("*"))
+
+
 def test_every_planted_leak_is_removed_and_reported(split):
     root, truth, _ = split
     samples = pq.read_table(root / "run" / "report" / "samples.parquet").to_pandas()
@@ -46,6 +50,10 @@ def test_every_planted_leak_is_removed_and_reported(split):
     summary = json.loads((root / "run" / "report" / "summary.json").read_text())
     assert summary["invariant_holds"] and summary["removed_by_reason"]["eval_leak"] == len(planted)
     assert summary["eval_leaks"]["eval-eval"]["eval_items_leaked"] == leaks.eval_key.nunique()
+    # the leak pairs below verify.sure were decided by the pixel check, against the eval rows' images
+    decisions = list((root / "run" / "verify" / "cross" / "leaks").glob("*.parquet"))
+    checked = sum(int((pq.read_table(p)["pixels"].to_numpy() >= 0).sum()) for p in decisions)
+    assert decisions and 0 < checked == summary["pixel_check"]["pairs_checked"] - _own_checked(root / "run")
     page = (root / "run" / "report" / "index.html").read_text()
     assert 'id="leaks"' in page and "Evaluation-set leaks" in page
 

@@ -295,7 +295,7 @@ def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray,
     import pandas as pd
     cfg = run.cfg
     target = registry.Target(cfg.against, cfg.embed.model, run.root)
-    cross = registry.pairs(run, "against", Path(cfg.against).name).to_pandas()
+    cross = verify.cross_pairs(run, "against", Path(cfg.against).name).to_pandas()
     reg = target.registry.set_index("gid")
     clash = set(target.registry["key"]) & set(keys.tolist())
     if clash:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
 from ..core.run import Run
 from ..lib import gallery, registry
+from . import verify
 
 NAME = "report"
 FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate")
@@ -91,7 +92,7 @@ class Groups:
     reports name (grouped rows, nearest neighbours), the leaked rows' groups."""
 
     def __init__(self, run: Run):
-        self.leaked = np.unique(registry.pairs(run, "leaks")["gid"].to_numpy())
+        self.leaked = np.unique(verify.cross_pairs(run, "leaks")["gid"].to_numpy())
         parts, refs, leak_groups = [], [], []
         self.singletons = 0
         for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
@@ -193,7 +194,7 @@ def leaks_table(run: Run, leaked_rows: pd.DataFrame) -> pd.DataFrame:
     parts = []
     for folder in run.cfg.decontaminate.eval:
         folder = Path(folder)
-        got = registry.pairs(run, "leaks", folder.name).to_pandas()
+        got = verify.cross_pairs(run, "leaks", folder.name).to_pandas()
         reg = registry.Target(folder, run.cfg.embed.model, run.root).registry.set_index("gid")
         parts.append(pd.DataFrame({"eval_set": folder.name, "eval_key": got["other_gid"].map(reg["key"]),
                                    "gid": got["gid"], "similarity": got["similarity"]}))

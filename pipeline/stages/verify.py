@@ -8,8 +8,11 @@ checked on the images themselves; pairs at or above `sure` are taken on the desc
   2. decide (a task per search pair file): each pair's decision, aligned row by row with the
      pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
      1 accepted) and pixel_score (the verifier's score; NaN where not checked)
+  3. the same for the pairs against other runs' indexes (decontamination leaks, an incremental
+     run's matches with earlier rows): the other side's images read back from its run's input
+     -> verify/cross/<kind>/<pair file name>
 Group reads the decisions beside the pairs: an edge is a pair with similarity >= sure, or one in
-[low, sure) that the pixels accepted. With verify.method off, or input without images (released
+[low, sure) that the pixels accepted; `cross_pairs` gives the cross pairs that stand. With verify.method off, or input without images (released
 embeddings), nothing is written and group takes pairs at or above search.threshold as before;
 the summary says that no pixel check ran.
 """
@@ -47,12 +50,50 @@ def _band_pairs(path: Path, low: float, sure: float):
 
 
 def needed_gids(run: Run) -> np.ndarray:
+    """This run's rows in a pair to check: its own pairs, and its side of the cross pairs."""
     low, sure = band(run)
     parts = [np.zeros(0, np.int64)]
     for path in run.pair_files():
         for a, b, _ in _band_pairs(path, low, sure):
             parts.append(np.unique(np.concatenate([a, b])))
+    for _, _, path in cross_files(run):
+        t = pq.read_table(path, columns=["gid", "similarity"])
+        sim = t["similarity"].to_numpy()
+        parts.append(t["gid"].to_numpy()[(sim >= low) & (sim < sure)])
     return np.unique(np.concatenate(parts))
+
+
+def cross_files(run: Run) -> list[tuple[str, Path, Path]]:
+    """(kind, target folder, pair file) of the pairs against other runs' indexes (search/against,
+    search/leaks: gid, other_gid, similarity)."""
+    from .search import cross_targets
+    out = []
+    for kind, folder in cross_targets(run):
+        d = run.cross_dir(kind)
+        out += [(kind, folder, p) for p in sorted(d.glob(f"{folder.name}-*.parquet"))] if d.exists() else []
+    return out
+
+
+def cross_decision_file(run: Run, kind: str, pair_file: Path) -> Path:
+    return run.dir(NAME) / "cross" / kind / pair_file.name
+
+
+def cross_pairs(run: Run, kind: str, name: str | None = None) -> pa.Table:
+    """The pairs against other runs' indexes that stand: all of them without the pixel check;
+    with it, those at or above verify.sure and those in the band the pixels accepted."""
+    from ..lib import registry
+    if not active(run):
+        return registry.pairs(run, kind, name)
+    low, sure = band(run)
+    d = run.cross_dir(kind)
+    files = sorted(d.glob(f"{name + '-' if name else ''}*.parquet")) if d.exists() else []
+    keep = []
+    for path in files:
+        t = pq.read_table(path)
+        dec = pq.read_table(cross_decision_file(run, kind, path))["pixels"].to_numpy()
+        sim = t["similarity"].to_numpy()
+        keep.append(t.filter(pa.array((sim >= sure) | ((sim >= low) & (dec == 1)))))
+    return pa.concat_tables(keep) if keep else registry.pairs(run, kind, name)
 
 
 def feature_file(run: Run, shard: str) -> Path:
@@ -169,11 +210,41 @@ def decide_file(job: dict) -> dict:
     return {"checked": checked, "accepted": accepted, "seconds": time.time() - t0}
 
 
+def decide_cross(job: dict) -> dict:
+    """Decisions for one cross pair file (this run's rows vs another run's registered rows), the
+    other side's images read back from its run's input."""
+    from ..lib import pixels
+    from ..lib.registry import Target
+    from ..lookup import row_images
+    t0 = time.time()
+    t = pq.read_table(job["pairs"])
+    sim = t["similarity"].to_numpy()
+    sel = np.flatnonzero((sim >= job["low"]) & (sim < job["sure"]))
+    mine, other = t["gid"].to_numpy()[sel], t["other_gid"].to_numpy()[sel]
+    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
+    theirs = {}
+    for gid, data in row_images(Target(job["target"], job["model"], job["run_dir"]).runs, np.unique(other)).items():
+        try:
+            theirs[gid] = pixels.features(data)
+        except ValueError:
+            pass
+    dec = np.full(len(sim), -1, np.int8)
+    score = np.full(len(sim), np.nan, np.float32)
+    for r, ga, gb in zip(sel, mine, other):
+        fa, fb = store.get(ga), theirs.get(int(gb))
+        ok, sc = pixels.verify(fa, fb) if fa is not None and fb is not None else (False, 0.0)
+        dec[r], score[r] = int(ok), sc
+    path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
+    Marker(Path(job["root"]), job["unit"]).write(job["fp"], [path], checked=len(sel), accepted=int((dec == 1).sum()))
+    return {"checked": len(sel), "accepted": int((dec == 1).sum()), "seconds": time.time() - t0}
+
+
 def units(run: Run) -> list[Marker]:
     if not active(run):
         return [run.marker(NAME, "off")]
     out = [run.marker(NAME, f"features-{s.name}") for s in run.shards]
-    return out + [run.marker(NAME, f"decide-{p.stem}") for p in run.pair_files()]
+    out += [run.marker(NAME, f"decide-{p.stem}") for p in run.pair_files()]
+    return out + [run.marker(NAME, f"cross-{k}-{p.stem}") for k, _, p in cross_files(run)]
 
 
 def run(run: Run, ex, stats: dict) -> dict:
@@ -202,7 +273,12 @@ def run(run: Run, ex, stats: dict) -> dict:
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
     todo = [{"pairs": str(p), "out": str(decision_file(run, p)), "features": files, "low": low, "sure": sure,
              "fp": fp} for p in run.pair_files() if run.pending(NAME, [f"decide-{p.stem}"])]
+    todo_cross = [{"pairs": str(p), "out": str(cross_decision_file(run, kind, p)), "features": files, "low": low,
+                   "sure": sure, "fp": fp, "target": str(folder), "model": run.cfg.embed.model,
+                   "run_dir": str(run.root), "root": str(run.dir(NAME)), "unit": f"cross-{kind}-{p.stem}"}
+                  for kind, folder, p in cross_files(run) if run.pending(NAME, [f"cross-{kind}-{p.stem}"])]
     done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=1)
+    done += ex.map(decide_cross, todo_cross, desc="verify: pixels against other indexes", num_cpus=1)
     checked = sum(r["checked"] for r in done)
     t_dec = sum(r["seconds"] for r in done)
     return {"pixel_check": True, "band": [low, sure], "rows_with_features": sum(r["rows"] for r in feats),
