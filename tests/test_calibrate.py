@@ -160,3 +160,18 @@ def test_cli_is_deterministic_and_reads_a_labels_file(demo_run, tmp_path, capsys
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"a": [1]}), bad)
     assert main(args + ["--labels", str(bad)]) == 2
+
+
+def test_group_check_sees_merges_inside_groups(demo_run, calibrated, tmp_path, demo_corpus):
+    """The pixel check of removed rows against their kept row: the demo's groups (all copies)
+    pass; a run that merges distinct photos (no pixel check, a threshold far too low) is caught,
+    which the synthetic estimate (negatives outside the groups) cannot see."""
+    result, lines = calibrated
+    g = result["groups"]
+    assert g["removed_rows_checked"] >= 50 and g["precision"] >= 0.97
+    assert any(line.startswith("groups: ") for line in lines)
+    _, shards = demo_corpus
+    cfg = make_config(tmp_path, shards, search={"threshold": 0.3}, verify={"method": "off"})
+    run_stages(cfg, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
+    bad = calibrate.calibrate(cfg.run_path, samples=60, copies=1, log=lambda *_: None)["groups"]
+    assert bad["removed_rows_checked"] >= 40 and bad["precision"] < 0.8

@@ -139,10 +139,12 @@ class VerifyConfig:
     # pixels: candidate pairs the descriptor cannot settle alone (similarity in [low, sure)) are
     # checked on the images (local features + geometric verification, lib/pixels.py) where the
     # input has images; off: the descriptor alone decides at search.threshold
+    # (bench/results/copies.md, quality.md: with the default model, copies under heavy edits sit
+    # down to cosine 0.5 and different text pages up to 0.996, so every candidate is checked)
     method: str = "pixels"
-    low: float | None = None    # candidates from here; None = search.threshold - 0.05
-    sure: float | None = None   # at/above: a copy on the descriptor alone; None = search.threshold
-                                # + 0.75 of the way to 1 (0.95 for the default model, 0.9875 for CLIP)
+    low: float | None = None    # candidates from here; None = search.threshold - 0.20
+    sure: float | None = None   # at/above: a copy on the descriptor alone, unchecked; None = 1.0
+                                # (every candidate checked; byte-identical copies never need it)
 
     def validate(self) -> None:
         if self.method not in ("pixels", "off"):
@@ -155,7 +157,8 @@ class VerifyConfig:
 class GroupConfig:
     # A member must be at least this similar to its group's representative; components that chain
     # dissimilar rows through intermediates are split. -1 disables the guard.
-    min_rep_similarity: float | None = None   # None = search.threshold - 0.10
+    min_rep_similarity: float | None = None   # None = search.threshold - 0.10 (verify.low - 0.10
+                                              # where the pixel check runs)
     exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
     # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
@@ -236,11 +239,12 @@ class RunConfig:
         t = self.search.threshold
         if isinstance(t, (int, float)):
             if self.verify.low is None:
-                self.verify.low = round(t - 0.05, 6)
+                self.verify.low = round(t - 0.20, 6)
             if self.verify.sure is None:
-                self.verify.sure = round(t + 0.75 * (1 - t), 6)
+                self.verify.sure = 1.0
         if self.group.min_rep_similarity is None:
-            self.group.min_rep_similarity = round(self.search.threshold - 0.10, 6)
+            # with the pixel check every edge is a checked copy: the guard sits below its band
+            self.group.min_rep_similarity = round((self.verify.low if self.pixel_check else t) - 0.10, 6)
         if not self.run_dir:
             raise ConfigError("run_dir: required (where this run's outputs go)")
         if (self.input.format == "embeddings") != self.embed.model.startswith("precomputed:"):
@@ -251,6 +255,13 @@ class RunConfig:
                               "its own --index-dir")
         for section in ("input", "embed", "codec", "search", "verify", "group", "export", "ray", "decontaminate"):
             getattr(self, section).validate()
+
+    @property
+    def pixel_check(self) -> bool:
+        """Whether candidate pairs are checked by pixels: verify.method pixels and an image input."""
+        from ..sources import SOURCES
+        source = SOURCES.get(self.input.format)
+        return self.verify.method == "pixels" and bool(source is not None and source.HAS_IMAGES)
 
     @property
     def run_path(self) -> Path:

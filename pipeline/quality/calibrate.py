@@ -5,6 +5,9 @@ report's files; summary.json stays the report stage's):
   synthetic  web-crawl-style copies of sampled rows, embedded with the run's model (synthcopies.py):
              a table over a threshold grid (step 0.01, from the run's threshold - 0.30 up) of pair
              precision with a bootstrap 95 % interval, copy recall and estimated pair counts
+  groups     sampled removed rows checked by pixels against the row their group keeps: merges
+             inside groups, which the synthetic estimate cannot see (its negatives are rows
+             outside the row's group)
   audit      sampled flagged pairs recomputed from the stored vectors (a consistency check of the
              reports, not a precision) and, with a labels file, checked against human labels:
              precision with a Wilson 95 % interval (audit.py)
@@ -70,6 +73,38 @@ def synthetic(run: Run, samples: pd.DataFrame, store: VectorStore, n: int, copie
     return synthcopies.estimate(rows, scores, fp, grid, len(ok), seed=seed)
 
 
+def group_check(run: Run, samples: pd.DataFrame, n: int, seed: int) -> dict:
+    """What the synthetic estimate cannot see, merges inside groups: `n` removed duplicates (seeded)
+    each checked by pixels against the row their group keeps (lib/pixels.py on the input images).
+    The share confirmed is the precision of the removals, with a Wilson 95 % interval."""
+    from ..lib import pixels
+    ok = samples[samples["status"] == "ok"]
+    dup = ok[(ok["group_size"] > 1) & (ok["group_id"] != ok["gid"])]
+    pick = dup.sample(min(n, len(dup)), random_state=seed) if len(dup) else dup
+    need = np.unique(np.r_[pick["gid"].to_numpy(np.int64), pick["group_id"].to_numpy(np.int64)])
+    images: dict[int, bytes] = {}
+    for shard in run.shards:
+        ing = pq.read_table(run.ingest_file(shard.name), columns=["gid", "member"]).to_pandas()
+        ing = ing[ing["gid"].isin(need) & ing["member"].notna()]
+        if len(ing):
+            images.update(run.source.read_images(shard, dict(zip(ing["member"], ing["gid"]))))
+    feats: dict[int, object] = {}
+    for gid, data in images.items():
+        try:
+            feats[int(gid)] = pixels.features(data)
+        except ValueError:
+            pass
+    from ..stages.verify import MIN_KEYPOINTS
+    both = [(int(a), int(b)) for a, b in zip(pick["gid"], pick["group_id"]) if int(a) in feats and int(b) in feats]
+    # images without local structure cannot be checked by pixels: counted apart, not as errors
+    checked = [(a, b) for a, b in both if min(len(feats[a].xy), len(feats[b].xy)) >= MIN_KEYPOINTS]
+    k = sum(pixels.verify(feats[a], feats[b])[0] for a, b in checked)
+    lo, hi = audit.wilson(k, len(checked))
+    return {"removed_rows_checked": len(checked), "copies_of_kept_row": int(k),
+            "without_pixel_evidence": len(both) - len(checked),
+            "precision": _r(k / len(checked)) if checked else None, "ci95": [_r(lo), _r(hi)]}
+
+
 def calibrate(run_dir, target: float = DEFAULT_TARGET, samples: int = 200, copies: int = 3,
               audit_pairs: int = 1000, labels=None, seed: int = 0, log=print) -> dict:
     """Both estimates for a finished run; writes the reports, prints the table, returns calibration.json."""
@@ -94,6 +129,7 @@ def calibrate(run_dir, target: float = DEFAULT_TARGET, samples: int = 200, copie
                       recommended_threshold=None if rec is None else _r(rec["threshold"]),
                       recommended_precision=None if rec is None else _r(rec["precision"]),
                       recommended_recall=None if rec is None else _r(rec["recall"]))
+        result["groups"] = group_check(run, table, samples, seed)
     else:
         log("calibrate: no synthetic estimate (it needs the input images); audit only")
     rows, result["audit"] = audit.run_audit(reports / "pairs.parquet", out, table, store, t_run, audit_pairs, seed,
@@ -113,6 +149,8 @@ def summary_entry(c: dict, threshold: float) -> dict:
     keys = ("estimated_precision", "precision_ci95", "recall", "recommended_threshold", "target_precision")
     out = {"threshold": threshold, **{k: c.get(k) for k in keys}}
     # the vectors audit is a consistency check of the reports, not a precision (see audit.py)
+    if c.get("groups"):
+        out.update(group_precision=c["groups"]["precision"], group_precision_ci95=c["groups"]["ci95"])
     out.update(audit_agreement=c["audit"]["agreement"], audit_pairs=c["audit"]["pairs"])
     if "labels" in c["audit"]:
         out.update(labels_precision=c["audit"]["labels"]["precision"], labels_ci95=c["audit"]["labels"]["ci95"])
@@ -139,6 +177,12 @@ def format_table(full: pd.DataFrame, result: dict) -> list[str]:
             "none on the grid" if rec is None else f"{rec:.2f} (precision {result['recommended_precision']:.3f}, "
             f"recall {result['recommended_recall']:.3f})") + f"; run threshold {t_run}: precision "
             f"{result['estimated_precision']:.3f}, recall {result['recall']:.3f}")
+    g = result.get("groups")
+    if g and g["removed_rows_checked"]:
+        lines.append(f"groups: {g['removed_rows_checked']} removed rows checked by pixels against the row their "
+                     f"group keeps: {g['copies_of_kept_row']} are copies, precision {g['precision']:.3f} "
+                     f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}] (merges inside groups, which the synthetic "
+                     "estimate above cannot see)")
     a = result["audit"]
     lines.append(f"audit: {a['pairs']} flagged pairs recomputed from the stored vectors: {a['confirmed']} agree with "
                  "the report (a consistency check of the reports, not a precision estimate; label the sample in "

@@ -118,7 +118,8 @@ class Edges:
         self.decisions = [verify.decision_file(run, p) for p in self.files]
         # without the pixel check the descriptor decides at the threshold; with it, at `sure`,
         # and pairs in [low, sure) are edges where the pixels accepted them
-        self.low, self.sure = verify.band(run) if self.pixels else (run.cfg.search.threshold,) * 2
+        self.threshold = run.cfg.search.threshold
+        self.low, self.sure = verify.band(run) if self.pixels else (self.threshold,) * 2
         self.by_text = run.cfg.group.duplicate_key == "image+text"
         self.gids, self.texts, self.old = gids, texts, old
         self.ea, self.eb = exact
@@ -141,15 +142,13 @@ class Edges:
         for path, decisions in zip(self.files, self.decisions):
             for batch, px, score in self._batches(path, decisions):
                 sim = batch.column(2).to_numpy()
-                sel = sim >= self.sure
-                if px is not None:
-                    sel |= (sim >= self.low) & (px == 1)
+                sel = sim >= self.sure if px is None else verify.accepted(sim, px, self.low, self.sure, self.threshold)
                 lo = np.searchsorted(self.gids, batch.column(0).to_numpy()[sel])
                 hi = np.searchsorted(self.gids, batch.column(1).to_numpy()[sel])
                 keep = self.head[hi] != lo
                 if self.by_text:   # the same picture under another text is not a duplicate
                     keep &= self.texts[lo] == self.texts[hi]
-                by_px = (sim[sel] < self.sure)[keep]
+                by_px = ((sim[sel] < self.sure) & (px[sel] == 1) if px is not None else np.zeros(int(sel.sum()), bool))[keep]
                 sc = score[sel][keep] if score is not None else np.full(int(keep.sum()), np.nan, np.float32)
                 yield lo[keep], hi[keep], sim[sel][keep].astype(np.float32), by_px, sc
 

@@ -54,8 +54,11 @@ class SearchJob:
 
     @property
     def dense_min(self) -> int:
-        """Cells from this size give a spanning forest of their edges (0: every pair everywhere)."""
-        return self.cfg.dense_cell if self.cfg.pairs == "forest" else 0
+        """Cells from this size give a spanning forest of their edges (0: every pair everywhere).
+        Not where the pixel check runs: a forest of the descriptor graph is chosen before the
+        pixels decide, so a rejected look-alike edge would hide the copies' own edges (measured:
+        half the copies of bench.quality lost); there every candidate pair is written."""
+        return self.cfg.dense_cell if self.cfg.pairs == "forest" and self.low is None else 0
 
     def store(self) -> VectorStore:
         return VectorStore(self.embed_dir, self.shards)
@@ -302,7 +305,7 @@ def find_pairs(job: SearchJob, ex) -> dict:
 
 
 def search_job(run: Run) -> SearchJob:
-    low = run.cfg.verify.low if run.cfg.verify.method == "pixels" and run.source.HAS_IMAGES else None
+    low = run.cfg.verify.low if run.cfg.pixel_check else None
     return SearchJob(run.embed_dir(), {s.index: s.name for s in run.shards}, run.dir("index"),
                      run.dir(NAME), run.cfg.search, run.fingerprint("index"), run.fingerprint(NAME), low)
 

@@ -7,7 +7,9 @@ checked on the images themselves; pairs at or above `sure` are taken on the desc
      turned into keypoints + a thumbnail -> verify/features/NNNNN.npz (arrays only, no pickle)
   2. decide (a task per search pair file): each pair's decision, aligned row by row with the
      pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
-     1 accepted) and pixel_score (the verifier's score; NaN where not checked)
+     1 accepted, 2 no pixel evidence: an image without local structure, see MIN_KEYPOINTS, left
+     to the descriptor at search.threshold) and pixel_score (the verifier's score; NaN where not
+     checked)
   3. the same for the pairs against other runs' indexes (decontamination leaks, an incremental
      run's matches with earlier rows): the other side's images read back from its run's input
      -> verify/cross/<kind>/<pair file name>
@@ -30,12 +32,17 @@ from ..core.run import Run
 from ..sources import Shard, source_for
 
 NAME = "verify"
+# an image with fewer keypoints than this (smooth gradients, flat colour) gives the pixel check
+# nothing to decide on: such a pair is left to the descriptor at search.threshold (decision 2).
+# Measured: the demo's colour wheel has 3-17 keypoints; photos, text, tiny upsampled faces 500+.
+MIN_KEYPOINTS = 20
+NO_EVIDENCE = 2
 FIELDS = ("input", "embed.model", "codec", "search", "verify", "against", "decontaminate")
 CHUNK = 1 << 20
 
 
 def active(run: Run) -> bool:
-    return run.cfg.verify.method == "pixels" and run.source.HAS_IMAGES
+    return run.cfg.pixel_check
 
 
 def band(run: Run) -> tuple[float, float]:
@@ -92,7 +99,7 @@ def cross_pairs(run: Run, kind: str, name: str | None = None) -> pa.Table:
         t = pq.read_table(path)
         dec = pq.read_table(cross_decision_file(run, kind, path))["pixels"].to_numpy()
         sim = t["similarity"].to_numpy()
-        keep.append(t.filter(pa.array((sim >= sure) | ((sim >= low) & (dec == 1)))))
+        keep.append(t.filter(pa.array(accepted(sim, dec, low, sure, run.cfg.search.threshold))))
     return pa.concat_tables(keep) if keep else registry.pairs(run, kind, name)
 
 
@@ -185,6 +192,23 @@ class FeatureStore:
         return None if i is None else unpack(z, i)
 
 
+def _decide(pixels, fa, fb) -> tuple[int, float]:
+    """(decision, score) of one pair: 1 copy, 0 not, NO_EVIDENCE where an image has too little
+    local structure to check; an image that could not be read counts as not a copy."""
+    if fa is None or fb is None:
+        return 0, 0.0
+    if min(len(fa.xy), len(fb.xy)) < MIN_KEYPOINTS:
+        return NO_EVIDENCE, float("nan")
+    ok, score = pixels.verify(fa, fb)
+    return int(ok), score
+
+
+def accepted(sim: np.ndarray, dec: np.ndarray, low: float, sure: float, threshold: float) -> np.ndarray:
+    """Which pairs are edges: at/above `sure`; in [low, sure) when the pixels accepted them, or,
+    without pixel evidence, when the descriptor reaches `threshold`."""
+    return (sim >= sure) | ((sim >= low) & ((dec == 1) | ((dec == NO_EVIDENCE) & (sim >= threshold))))
+
+
 def decide_file(job: dict) -> dict:
     """Decisions for one pair file, aligned with its rows."""
     from ..lib import pixels
@@ -197,11 +221,9 @@ def decide_file(job: dict) -> dict:
         s = np.full(len(sel), np.nan, np.float32)
         rows = np.flatnonzero(sel)
         for r, ga, gb in zip(rows, a, b):
-            fa, fb = store.get(ga), store.get(gb)
-            ok, sc = pixels.verify(fa, fb) if fa is not None and fb is not None else (False, 0.0)
-            d[r], s[r] = int(ok), sc
+            d[r], s[r] = _decide(pixels, store.get(ga), store.get(gb))
             checked += 1
-            accepted += int(ok)
+            accepted += int(d[r] == 1)
         dec.append(d); score.append(s)
     table = pa.table({"pixels": np.concatenate(dec or [np.zeros(0, np.int8)]),
                       "pixel_score": np.concatenate(score or [np.zeros(0, np.float32)])})
@@ -231,9 +253,7 @@ def decide_cross(job: dict) -> dict:
     dec = np.full(len(sim), -1, np.int8)
     score = np.full(len(sim), np.nan, np.float32)
     for r, ga, gb in zip(sel, mine, other):
-        fa, fb = store.get(ga), theirs.get(int(gb))
-        ok, sc = pixels.verify(fa, fb) if fa is not None and fb is not None else (False, 0.0)
-        dec[r], score[r] = int(ok), sc
+        dec[r], score[r] = _decide(pixels, store.get(ga), theirs.get(int(gb)))
     path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
     Marker(Path(job["root"]), job["unit"]).write(job["fp"], [path], checked=len(sel), accepted=int((dec == 1).sum()))
     return {"checked": len(sel), "accepted": int((dec == 1).sum()), "seconds": time.time() - t0}

@@ -1,0 +1,139 @@
+"""The pixel-level copy verifier (dedup2b.lib.pixels): edited copies accepted, look-alikes of the
+same kind rejected, deterministic answers, and undecodable bytes named in a ValueError."""
+import io
+import pickle
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench.copies import edited, encode, grid_crops, text_page
+from dedup2b.lib import pixels
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    import skimage.data
+    return Image.fromarray(skimage.data.coffee())
+
+
+@pytest.fixture(scope="module")
+def faces():
+    import skimage.data
+    return [Image.fromarray((f * 255).round().astype(np.uint8)) for f in skimage.data.lfw_subset()[:100]]
+
+
+@pytest.mark.parametrize("plan", [["crop", "mirror", "jpeg"], ["letterbox"], ["rot90"], ["gray"],
+                                  ["text"], ["squash", "rotate", "downscale"]])
+def test_edited_copies_are_accepted(photo, plan):
+    rng = random.Random(7)
+    copy, enc = edited(photo, plan, rng)
+    same, score = pixels.verify_bytes(_jpeg(photo), encode(copy, rng, enc.pop("fmt", None), **enc))
+    assert same, (plan, score)
+    assert pixels.ACCEPT <= score <= 1.0
+
+
+def test_tiny_face_copies_are_accepted(faces):
+    face = faces[3]
+    mirrored = face.transpose(Image.FLIP_LEFT_RIGHT).point(lambda v: round(255 * (v / 255) ** 0.7))
+    upscaled = face.resize((75, 75), Image.BICUBIC)
+    for copy in (mirrored, upscaled):
+        assert pixels.verify_bytes(_png(face), _jpeg(copy, 60))[0]
+
+
+def test_different_faces_are_rejected(faces):
+    # small grayscale portraits of different people: the same layout, not the same picture
+    feats = [pixels.features(_png(f)) for f in faces[:12]]
+    for i in range(len(feats)):
+        for j in range(i + 1, len(feats)):
+            same, score = pixels.verify(feats[i], feats[j])
+            assert not same, (i, j, score)
+
+
+def test_disjoint_crops_of_one_photo_are_rejected(photo):
+    left, right = grid_crops(photo, 1, 2)
+    top, bottom = grid_crops(photo, 2, 1)
+    assert not pixels.verify_bytes(_jpeg(left), _jpeg(right))[0]
+    assert not pixels.verify_bytes(_jpeg(top), _jpeg(bottom))[0]
+
+
+def test_different_text_pages_are_rejected():
+    rng = random.Random(1)
+    a, b = text_page(rng), text_page(rng)              # same font, size and layout; other words
+    assert not pixels.verify_bytes(_png(a), _jpeg(b))[0]
+    big_a, big_b = text_page(rng, (800, 1000), 14), text_page(rng, (800, 1000), 14)   # small print
+    assert not pixels.verify_bytes(_jpeg(big_a), _jpeg(big_b))[0]
+    assert pixels.verify_bytes(_jpeg(big_a), _jpeg(big_a, 15))[0]      # ...while a copy still is one
+
+
+def test_different_star_fields_are_rejected():
+    import skimage.data
+    crops = grid_crops(Image.fromarray(skimage.data.hubble_deep_field()), 2, 3)
+    feats = [pixels.features(_jpeg(c)) for c in crops]
+    for i in range(len(feats)):
+        for j in range(i + 1, len(feats)):
+            assert not pixels.verify(feats[i], feats[j])[0], (i, j)
+
+
+def test_answers_are_deterministic(photo):
+    rng = random.Random(3)
+    copy, _ = edited(photo, ["crop", "rotate", "color"], rng)
+    a, b = _jpeg(photo), _jpeg(copy, 40)
+    first = pixels.verify_bytes(a, b)
+    assert pixels.verify_bytes(a, b) == first
+    assert pixels.verify(pixels.features(a), pixels.features(b)) == first
+    assert pixels.verify_many([(a, b), (a, b)]) == [first, first]
+
+
+def test_features_pickle_and_stay_small(photo):
+    f = pixels.features(_jpeg(photo))
+    g = pickle.loads(pickle.dumps(f))
+    assert pixels.verify(f, g) == pixels.verify(f, f)
+    assert len(pickle.dumps(f)) < 200_000
+    assert f.thumb.dtype == np.uint8 and f.desc.dtype == np.uint8
+
+
+def test_odd_but_valid_images_do_not_crash():
+    tiny = Image.new("RGB", (1, 1), (10, 20, 30))
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (3, 900), dtype=np.uint8))
+    rgba = Image.new("RGBA", (64, 48), (255, 0, 0, 0))
+    for img in (tiny, strip, rgba):
+        same, score = pixels.verify_bytes(_png(img), _png(img))
+        assert 0.0 <= score <= 1.0
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "empty image"),
+    (b"this is not an image at all", "not a known image format"),
+    (_jpeg(Image.new("RGB", (300, 200), (90, 120, 200)))[:400], "undecodable image"),
+])
+def test_undecodable_bytes_raise_a_value_error_naming_the_problem(data, words):
+    with pytest.raises(ValueError) as first:
+        pixels.features(data)
+    assert words in str(first.value)
+    assert " at 0x" not in str(first.value)                   # no object reprs
+    with pytest.raises(ValueError) as second:
+        pixels.verify_bytes(data, data)
+    assert str(second.value) == str(first.value)               # deterministic
+
+
+def test_verify_many_names_the_pair_or_rejects_it(photo):
+    good = _jpeg(photo)
+    pairs = [(good, good), (good, b"garbage")]
+    with pytest.raises(ValueError, match=r"pair 1: undecodable image"):
+        pixels.verify_many(pairs)
+    out = pixels.verify_many(pairs, errors="reject")
+    assert out[0][0] and out[1] == (False, 0.0)
