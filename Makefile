@@ -42,8 +42,8 @@ bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact
 bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings; BASELINE_STAGES (group,report) vs BASELINE=rev (~10 min)
 	$(PY) -m bench.stages --rows 1000000 $(if $(BASELINE),--baseline $(BASELINE)) $(if $(BASELINE_STAGES),--baseline-stages $(BASELINE_STAGES))
 
-bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, same run (~10 min)
-	$(PY) -m bench.scale --rows 1000000 --giant 100000
+bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, then SCALE_SIZES plain (~35 min)
+	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))
 
 bench-equal: $(STAMP)  ## report tables of this checkout vs BASELINE=rev on the demo and 1 M rows (~6 min)
 	$(PY) -m bench.equal_outputs --baseline $(or $(BASELINE),HEAD)
@@ -53,6 +53,7 @@ clean:  ## remove demo outputs (keeps .venv)
 
 # A Ray cluster on this machine (README, "Running on a cluster"). `cluster-down` stops only the
 # processes of the cluster started from RAY_TMP, never another Ray running here.
+SCALE_SIZES     ?= 4000000
 RAY_TMP         ?= /tmp/dedup2b-ray
 RAY_PORT        ?= 6379
 DASHBOARD_PORT  ?= 8265

@@ -1,7 +1,7 @@
 """Scale benchmark: the pipeline on released-style embeddings with and without a giant copy group,
 same box, same run.
 
-    python -m bench.scale --rows 1000000 --giant 100000
+    python -m bench.scale --rows 1000000 --giant 100000 [--sizes 4000000,10000000]
 
 Two corpora of `--rows` rows (bench.corpora.write_clip_like: CLIP-like 768-d, Zipf duplicate
 groups up to 5,000 copies), the second with one more group of `--giant` copies of one source (a
@@ -51,7 +51,8 @@ def one(work: Path, name: str, rows: int, giant: tuple[int, ...]) -> dict:
                corpus_bytes_per_row=round(run_dir_bytes(corpus) / rows, 1),
                index_search_group_s=round(sum(out["stages"][s]["seconds"] for s in ("index", "search", "group")), 1),
                total_s=round(sum(v["seconds"] for v in out["stages"].values()), 1),
-               max_rss_mb=max(v["peak_rss_mb"] for v in out["stages"].values()))
+               max_rss_mb=max(v["peak_rss_mb"] for v in out["stages"].values()),
+               max_anon_mb=max(v.get("peak_anon_mb", 0) for v in out["stages"].values()))
     if giant:
         top = truth["source"].value_counts().index[0]             # the giant group's source
         members = samples.merge(truth, on="gid")
@@ -65,24 +66,45 @@ def one(work: Path, name: str, rows: int, giant: tuple[int, ...]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the corpus run with and without the giant group")
     ap.add_argument("--giant", type=int, default=100_000)
+    ap.add_argument("--sizes", default="", help="more corpus sizes, plain (e.g. 4000000,10000000): the scale curve")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-scale")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     res = {"plain": one(work, "plain", args.rows, ()), "giant": one(work, "giant", args.rows, (args.giant,))}
+    curve = {args.rows: res["plain"]}
+    for n in [int(x) for x in args.sizes.split(",") if x]:
+        (RESULTS / "scale.partial.json").write_text(json.dumps(res, indent=2))   # what is done so far
+        curve[n] = res[f"plain_{n}"] = one(work, f"plain{n}", n, ())
+    (RESULTS / "scale.partial.json").unlink(missing_ok=True)
     p, g = res["plain"], res["giant"]
     ratio = g["index_search_group_s"] / p["index_search_group_s"]
     lines = [f"| measure | {args.rows:,} rows | + one group of {args.giant:,} copies | ratio |", "|---|---|---|---|"]
     for stage in STAGES:
         a, b = p["stages"][stage], g["stages"][stage]
-        lines.append(f"| {stage} wall s / peak RSS MB | {a['seconds']} / {a['peak_rss_mb']} | "
-                     f"{b['seconds']} / {b['peak_rss_mb']} | {b['seconds'] / max(a['seconds'], 1e-9):.2f} |")
-    for key in ("index_search_group_s", "total_s", "max_rss_mb", "groups", "pairs_parquet_rows", "candidate_pairs",
-                "run_dir_bytes_per_row", "corpus_bytes_per_row"):
+        lines.append(f"| {stage} wall s / peak RSS MB / peak anon MB | {a['seconds']} / {a['peak_rss_mb']} / "
+                     f"{a.get('peak_anon_mb')} | {b['seconds']} / {b['peak_rss_mb']} / {b.get('peak_anon_mb')} | "
+                     f"{b['seconds'] / max(a['seconds'], 1e-9):.2f} |")
+    for key in ("index_search_group_s", "total_s", "max_rss_mb", "max_anon_mb", "groups", "pairs_parquet_rows",
+                "candidate_pairs", "run_dir_bytes_per_row", "corpus_bytes_per_row"):
         lines.append(f"| {key} | {p[key]} | {g[key]} | {g[key] / max(p[key], 1e-9):.2f} |")
     lines.append(f"| giant group rows in one group | | {g['giant_rows_in_its_largest_group']:,} of {g['giant_rows']:,} | |")
+    if len(curve) > 1:
+        sizes = sorted(curve)
+        lines += ["", "Scale curve (plain corpora, same generator): per stage wall seconds per million rows "
+                  "and peak anonymous RSS MB (the memory the stage holds; file pages of memory-mapped vectors "
+                  "not counted)", "",
+                  "| stage | " + " | ".join(f"{n:,} rows: s/M, anon MB" for n in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for stage in STAGES:
+            cells = [f"{curve[n]['stages'][stage]['seconds'] / (n / 1e6):.1f}, {curve[n]['stages'][stage].get('peak_anon_mb')}"
+                     for n in sizes]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        for key in ("total_s", "run_dir_bytes_per_row"):
+            lines.append(f"| {key} | " + " | ".join(str(curve[n][key]) for n in sizes) + " |")
+        lines.append("| total s per M rows | " + " | ".join(f"{curve[n]['total_s'] / (n / 1e6):.1f}" for n in sizes) + " |")
     md = "\n".join(lines)
     cmd = "python -m bench.scale " + " ".join(sys.argv[1:] if argv is None else argv)
     head = (f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}); index + search + group "

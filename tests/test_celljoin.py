@@ -124,27 +124,29 @@ def test_torch_path_gives_the_numpy_pairs():
     np.testing.assert_allclose(s1, s2, atol=1e-5)
 
 
-def test_two_level_cells_assign_like_exhaustive():
+def test_two_level_cells_assign_like_exhaustive(monkeypatch):
     """Beyond FLAT_CELLS cells: two-level k-means and an IVF over the centroids; the best cell of
     a row agrees with exhaustive assignment (the rate the index stage measures and records)."""
+    monkeypatch.setattr(celljoin, "FLAT_CELLS", 256)     # two levels from a few hundred cells
     x, _ = clip_like(60_000, 64, seed=3, max_group=50)
-    n = celljoin.FLAT_CELLS + 476
-    cents = celljoin.train_cells(x, n, seed=0)
-    assert abs(len(cents) - n) <= 0.05 * n
-    idx, info = celljoin.cell_index(cents, x[:10_000])
-    assert info["assign"].startswith("ivf") and info["assign_agreement"] >= 0.999
+    n = 1500
+    cents, coarse = celljoin.train_cells(x, n, seed=0)
+    assert abs(len(cents) - n) <= 0.05 * n and coarse is not None
+    idx, info = celljoin.cell_index(cents, coarse, x[:10_000])
+    assert info["assign"].startswith("two-level") and info["assign_agreement"] >= 0.999
     got = celljoin.assign(x[10_000:20_000], idx, 0.01, 3)
     exact = celljoin.assign(x[10_000:20_000], cents, 0.01, 3)
     assert np.mean(got[:, 0] == exact[:, 0]) >= 0.995
 
 
-def test_two_level_search_equals_brute_force(corpus, tmp_path):
+def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(celljoin, "FLAT_CELLS", 256)
     root, shards, truth = corpus
     store = VectorStore(root / "embed", shards)
     counts = {i: len(store.shard(i)[0]) for i in shards}
     codec, _ = index.train_all(store, counts, CodecConfig(train_size=8000), tmp_path / "index", "fp-index",
                                "synthetic", proj_dim=64, cell_rows=6)
-    assert codec["cells"] > celljoin.FLAT_CELLS and codec["assign"].startswith("ivf")
+    assert codec["cells"] > celljoin.FLAT_CELLS and codec["assign"].startswith("two-level")
     job = SearchJob(root / "embed", shards, tmp_path / "index", tmp_path / "s",
                     SearchConfig(threshold=0.95, cells_per_task=64, pairs="all"), "fp-index", "fp-search")
     find_pairs(job, LocalExecutor())

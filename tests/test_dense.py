@@ -76,7 +76,7 @@ def test_join_members_dense_and_pairwise_agree():
     gids = np.arange(len(x), dtype=np.int64) + (3 << 32)
     proj = celljoin.train_projection(x, 16)
     z, _ = celljoin.project(x, proj)
-    cents = celljoin.train_cells(z, 8, seed=0)
+    cents, _ = celljoin.train_cells(z, 8, seed=0)
     sets = celljoin.assign(z, cents, 0.01, 3)
     a0, b0, s0, _ = celljoin.join_members(gids, sets, x, proj, T)
     a1, b1, s1, _ = celljoin.join_members(gids, sets, x, proj, T, dense_min=500, edge_threshold=T)

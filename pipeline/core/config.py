@@ -100,7 +100,7 @@ class SearchConfig:
     band: float = 0.03          # pairs in [threshold - band, threshold) are kept as near misses
     cells: int = 0              # cell-join cells; 0 = rows / cell_rows
     cell_rows: int = 1000       # rows per cell when cells = 0: bounded, so a row's join cost is
-                                # flat in rows (cells beyond 1024 are trained and assigned in two levels)
+                                # flat in rows (cells beyond 8,192 are trained and assigned in two levels)
     proj_dim: int = 128         # cell-join projection; 0 = full dimension
     border: float = 0.01        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most

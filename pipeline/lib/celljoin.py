@@ -6,8 +6,8 @@ Trained once (index stage), from a seeded sample:
   centroids   spherical k-means in the projected space: the cells, of about `search.cell_rows`
               rows each whatever the row count, so a row's join cost stays flat as rows grow
               (two-level k-means beyond FLAT_CELLS cells)
-  cells.faiss the index that assigns rows to cells (cell_index: exhaustive, or two-level IVF
-              over the centroids, sublinear in cells)
+  coarse.npy  for two levels, the coarse centroids: rows are assigned to a few coarse cells,
+              then to the best fine cells inside them (TwoLevel, matrix products; sublinear in cells)
 Search, in two resumable steps that run as Ray tasks:
   assign (per vector shard)   each vector goes to its best cell, and also to every other cell whose
                               centroid score is within `border` of the best (at most `max_cells`),
@@ -56,66 +56,100 @@ def _kmeans(z: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     return km.centroids.astype(np.float32)
 
 
-FLAT_CELLS = 1024   # up to this many cells: one k-means, exhaustive assignment; beyond: two levels
+# up to this many cells: one k-means and exhaustive assignment (one matrix product, the fastest
+# below ~10,000 cells: 1.0 s vs 1.6 s per 100 k rows at 4,000 cells, 2.2 s vs 2.0 s at 10,000,
+# one core); beyond: two levels, sublinear in cells
+FLAT_CELLS = 8192
 
 
-def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 10) -> np.ndarray:
-    """Spherical k-means centroids (the cells). The cells move only the join's cost, never its
-    result. At 1 M rows (bench-search corpus) 100 points a cell and 10 iterations gave the join
-    0.2 % more candidates than 256 points and 20 iterations; 64 points gave 26 % more.
+def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 10) -> tuple[np.ndarray, np.ndarray | None]:
+    """Spherical k-means centroids (the cells), and for two levels the coarse centroids (else
+    None). The cells move only the join's cost, never its result. At 1 M rows (bench-search
+    corpus) 100 points a cell and 10 iterations gave the join 0.2 % more candidates than 256 points
+    and 20 iterations; 64 points gave 26 % more.
     Beyond FLAT_CELLS cells, two levels: sqrt(nlist) coarse cells, then each coarse cell's sample
     split into fine cells in proportion to its share, so training costs sample x (sqrt(nlist) +
-    fine cells per coarse cell) products instead of sample x nlist. Fine centroids come out
-    grouped by coarse cell (cell_index builds the two-level assignment from them)."""
+    fine cells per coarse cell) products instead of sample x nlist. The fine centroids come out
+    grouped by coarse cell, in coarse order (TwoLevel assigns through that grouping)."""
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     if nlist <= FLAT_CELLS:
-        return _kmeans(zn, nlist, seed, niter)
+        return _kmeans(zn, nlist, seed, niter), None
     coarse = _kmeans(zn, int(round(np.sqrt(nlist))), seed, niter)
     owner = np.argmax(zn @ coarse.T, axis=1)
     counts = np.bincount(owner, minlength=len(coarse))
     share = np.maximum(1, np.round(nlist * counts / max(len(zn), 1)).astype(int)) * (counts > 0)
-    out = []
+    out, kept = [], []
     for c in np.flatnonzero(counts):
         pts = zn[owner == c]
         out.append(_kmeans(pts, int(min(share[c], len(pts))), seed + int(c), niter))
-    return np.concatenate(out)
+        kept.append(c)
+    return np.concatenate(out), coarse[kept]
 
 
-def cell_index(centroids: np.ndarray, points: np.ndarray | None = None, seed: int = 0, target: float = 0.999):
-    """The FAISS index that assigns vectors to cells, and how well it agrees with exhaustive
-    assignment: exhaustive inner products up to FLAT_CELLS cells; beyond, two levels (an IVF over
-    the centroids with sqrt(cells) coarse lists), its nprobe twice the one at which the best cell
-    of the sampled `points` agrees with exhaustive assignment at rate >= `target`. A row then costs
-    sqrt(cells) x (1 + nprobe) products, not cells. Returns (index, info)."""
+class TwoLevel:
+    """Assignment to many cells in matrix products: a row's `nprobe` best coarse cells, then the
+    fine cells of those coarse cells, one product per coarse cell over the rows that probe it.
+    A row costs sqrt(cells) x (1 + nprobe) products, not cells. `search(q, k)` answers like a
+    FAISS index: (scores, cell ids), best first, -1 padded."""
+
+    def __init__(self, fine: np.ndarray, coarse: np.ndarray, nprobe: int = 8):
+        self.fine = np.ascontiguousarray(fine, dtype=np.float32)
+        self.coarse = np.ascontiguousarray(coarse, dtype=np.float32)
+        owner = np.argmax(self.fine @ self.coarse.T, axis=1)       # each fine cell's coarse cell
+        self.order = np.argsort(owner, kind="stable")
+        self.bounds = np.searchsorted(owner[self.order], np.arange(len(self.coarse) + 1))
+        self.nprobe = nprobe
+        self.ntotal = len(self.fine)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(q)
+        probe = min(self.nprobe, len(self.coarse))
+        top = np.argpartition(-(q @ self.coarse.T), probe - 1, axis=1)[:, :probe].ravel()
+        by = np.argsort(top, kind="stable")                  # (row, coarse cell) pairs by coarse cell
+        who_all, starts = by // probe, np.searchsorted(top[by], np.arange(len(self.coarse) + 1))
+        best_s = np.full((n, k), -np.inf, np.float32)
+        best_c = np.full((n, k), -1, np.int64)
+        for c in range(len(self.coarse)):
+            who = who_all[starts[c]:starts[c + 1]]
+            cells = self.order[self.bounds[c]:self.bounds[c + 1]]
+            if not len(who) or not len(cells):
+                continue
+            s = np.concatenate([best_s[who], q[who] @ self.fine[cells].T], axis=1)   # keep the best k so far
+            ids = np.concatenate([best_c[who], np.broadcast_to(cells, (len(who), len(cells)))], axis=1)
+            pick = np.argpartition(-s, k - 1, axis=1)[:, :k] if s.shape[1] > k else np.arange(k)[None, :].repeat(len(who), 0)
+            best_s[who] = np.take_along_axis(s, pick, axis=1)
+            best_c[who] = np.take_along_axis(ids, pick, axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_c, order, axis=1)
+
+
+def cell_index(centroids: np.ndarray, coarse: np.ndarray | None = None, points: np.ndarray | None = None,
+               target: float = 0.999):
+    """What assigns rows to cells, and how well it agrees with exhaustive assignment: exhaustive
+    inner products for one level; for two levels a TwoLevel whose nprobe is twice the one at which
+    the best cell of the sampled `points` agrees with exhaustive assignment at rate >= `target`
+    (copies share their cell, so the sampled rate varies between samples: 0.9989 on one, 0.990
+    on another at the same nprobe, bench corpus). Returns (index, info)."""
     import faiss
     c = np.ascontiguousarray(centroids, dtype=np.float32)
-    d = c.shape[1]
-    if len(c) <= FLAT_CELLS:
-        index = faiss.IndexFlatIP(d)
+    if coarse is None:
+        index = faiss.IndexFlatIP(c.shape[1])
         index.add(c)
         return index, {"assign": "flat", "assign_agreement": 1.0}
-    n_coarse = int(round(np.sqrt(len(c))))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_coarse, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.cp.min_points_per_centroid = 1
-    index.train(c)
-    index.add(c)
-    index.nprobe = 8
+    index = TwoLevel(c, coarse)
     agreement = None
     if points is not None and len(points):
         q = np.ascontiguousarray(points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12),
                                  dtype=np.float32)
         exact = np.argmax(q @ c.T, axis=1)
-        for nprobe in (2, 4, 8, 16, 32, 64, n_coarse):
-            index.nprobe = min(nprobe, n_coarse)
+        for nprobe in (1, 2, 4, 8, 16, 32, 64, len(coarse)):
+            index.nprobe = min(nprobe, len(coarse))
             agreement = float(np.mean(index.search(q, 1)[1][:, 0] == exact))
             if agreement >= target:
                 break
-        # copies share their cell, so the sampled rate varies between samples (0.9989 on one,
-        # 0.990 on another at the same nprobe, bench corpus): twice the nprobe that met it
-        index.nprobe = min(2 * index.nprobe, n_coarse)
+        index.nprobe = min(2 * index.nprobe, len(coarse))
         agreement = float(np.mean(index.search(q, 1)[1][:, 0] == exact))
-    return index, {"assign": f"ivf{n_coarse}", "assign_nprobe": int(index.nprobe),
+    return index, {"assign": f"two-level {len(coarse)} x {len(c) / len(coarse):.0f}", "assign_nprobe": index.nprobe,
                    "assign_agreement": None if agreement is None else round(agreement, 5)}
 
 

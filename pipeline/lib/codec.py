@@ -2,7 +2,7 @@
 a FAISS IVF-PQ codec ([OPQ] -> IVF -> PQ, inner product) chosen by rule from the row count, the
 dimension and a bytes/vector budget, trained once on a seeded sample, every vector added with its
 global id. Files (written by their callers, see stages/index.py and stages/register.py):
-  projection.npy, centroids.npy, cells.faiss   the cell-join codec
+  projection.npy, centroids.npy [, coarse.npy]   the cell-join codec
   codec.json       factory string, dimension, model spec, fingerprint, bytes per vector
   index.faiss      a populated IVF-PQ index (read memory-mapped by search workers)
 """
@@ -101,8 +101,6 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
     IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
     runs has it built from the registered rows on first use). Returns codec.json and the files."""
-    import faiss
-
     from . import celljoin
     out = Path(out)
     n = sum(counts.values())
@@ -119,10 +117,12 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     want = min(CELL_SAMPLE, 100 * n_cells)
     zt = celljoin.project(xt, proj)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, proj)
     n_cells = min(n_cells, len(zt))
-    centroids = celljoin.train_cells(zt, n_cells, c.seed)
-    assigner, info = celljoin.cell_index(centroids, zt[:20_000], c.seed)
-    files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids),
-              write_bytes(out / "cells.faiss", faiss.serialize_index(assigner).tobytes())]
+    centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed)
+    _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
+    files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
+    (out / "coarse.npy").unlink(missing_ok=True)
+    if coarse is not None:
+        files.append(write_npy(out / "coarse.npy", coarse))
     codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
                  cells_train_rows=len(zt), **info, cells_train_s=round(time.time() - t0, 3))
     if ivfpq:

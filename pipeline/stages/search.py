@@ -90,10 +90,15 @@ def _write_pairs(job: SearchJob, unit: str, a, b, sim, **extra) -> dict:
 # ---- method: cells ---------------------------------------------------------------------------
 
 def _codec(job: SearchJob):
-    import faiss
-    index_mod.check(job.index_dir, job.index_fp)
-    return (np.load(job.index_dir / "projection.npy", allow_pickle=False),
-            faiss.read_index(str(job.index_dir / "cells.faiss")))
+    """(projection, what assigns rows to cells): exhaustive, or two levels (coarse.npy; the
+    nprobe the index stage measured, in codec.json)."""
+    meta = index_mod.check(job.index_dir, job.index_fp)
+    load = lambda name: np.load(job.index_dir / name, allow_pickle=False)   # noqa: E731
+    coarse = load("coarse.npy") if (job.index_dir / "coarse.npy").exists() else None
+    cells, _ = celljoin.cell_index(load("centroids.npy"), coarse)
+    if coarse is not None:
+        cells.nprobe = int(meta.get("assign_nprobe", 8))
+    return load("projection.npy"), cells
 
 
 def n_cells(index_dir: Path) -> int:
