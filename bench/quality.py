@@ -129,7 +129,9 @@ def main(argv=None) -> int:
         res[method] = {"wall_s": got["wall_s"], **score(cs, keys, got["samples"]),
                        "family_truth": {k: fam[k] for k in ("pair_precision", "pair_recall", "f1",
                                                              "largest_false_group")},
-                       "threshold": got["summary"]["threshold"], "pixel_check": got["summary"].get("pixel_check")}
+                       "threshold": got["summary"]["threshold"],
+                       "pixel_check": {**(got["summary"].get("pixel_check") or {}),
+                                       **(got["summary"].get("pixel_check_cost") or {})}}
         print(method, json.dumps({k: v for k, v in res[method].items() if k != "per_kind"}), flush=True)
     cmd = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     px, off = res["pixels"], res["off"]

@@ -25,7 +25,7 @@ from dedup2b.driver import run_stages
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT = 300
 # run-dependent: wall times, and the run directory's size (stage_stats.json records the tasks per node)
-TIMING = ("stage_seconds", "embed_phases_s", "run_dir_bytes_per_row")
+TIMING = ("stage_seconds", "embed_phases_s", "run_dir_bytes_per_row", "pixel_check_cost")
 
 
 def _free_port_block() -> int:

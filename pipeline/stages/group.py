@@ -134,6 +134,8 @@ class Edges:
                 yield batch, None, None
             return
         for batch, dec in zip(pairs, pq.ParquetFile(decisions).iter_batches(CHUNK)):   # aligned row by row
+            if dec.num_rows != batch.num_rows:
+                raise RuntimeError(f"{decisions}: decisions out of step with {path}; rerun the verify stage")
             yield batch, dec.column(0).to_numpy(), dec.column(1).to_numpy()
 
     def near(self):

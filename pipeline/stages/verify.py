@@ -13,10 +13,11 @@ checked on the images themselves; pairs at or above `sure` are taken on the desc
   3. the same for the pairs against other runs' indexes (decontamination leaks, an incremental
      run's matches with earlier rows): the other side's images read back from its run's input
      -> verify/cross/<kind>/<pair file name>
-Group reads the decisions beside the pairs: an edge is a pair with similarity >= sure, or one in
-[low, sure) that the pixels accepted; `cross_pairs` gives the cross pairs that stand. With verify.method off, or input without images (released
-embeddings), nothing is written and group takes pairs at or above search.threshold as before;
-the summary says that no pixel check ran.
+Group reads the decisions beside the pairs (`accepted`): an edge is a pair with similarity >=
+sure, or one in [low, sure) that the pixels accepted; `cross_pairs` gives the cross pairs that
+stand. With verify.method off, or input without images (released embeddings), nothing is written
+and group takes pairs at or above search.threshold as before; the summary says that no pixel
+check ran.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def pack(feats: list) -> dict[str, np.ndarray]:
         vals = [getattr(x, f.name) for x in feats]
         if _is_array(f):
             out[f"{f.name}__off"] = np.r_[0, np.cumsum([v.size for v in vals])].astype(np.int64)
-            out[f"{f.name}__shape"] = np.array([v.shape for v in vals], np.int64).reshape(len(vals), -1)
+            out[f"{f.name}__shape"] = (np.array([v.shape for v in vals], np.int64) if vals
+                                       else np.zeros((0, 1), np.int64))
             out[f.name] = np.concatenate([v.ravel() for v in vals]) if vals else np.zeros(0, np.uint8)
         else:
             out[f.name] = np.array(vals)
