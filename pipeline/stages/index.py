@@ -1,5 +1,5 @@
 """index: train the codecs search needs and write them to the index folder (index_dir): the
-cell-join codec (projection.npy, centroids.npy, cells.faiss), codec.json, and for search.method pq the
+cell-join codec (projection.npy, centroids.npy [, coarse.npy]), codec.json, and for search.method pq the
 populated IVF-PQ index.faiss. See lib/codec.py."""
 from __future__ import annotations
 
