@@ -128,15 +128,24 @@ def test_two_level_cells_assign_like_exhaustive(monkeypatch):
     """Beyond FLAT_CELLS cells: two-level k-means and an IVF over the centroids; the best cell of
     a row agrees with exhaustive assignment (the rate the index stage measures and records)."""
     monkeypatch.setattr(celljoin, "FLAT_CELLS", 256)     # two levels from a few hundred cells
-    x, _ = clip_like(60_000, 64, seed=3, max_group=50)
+    rng = np.random.default_rng(3)                        # rows around 40 well separated topics
+    topics = rng.standard_normal((40, 64)).astype(np.float32)
+    x = topics[rng.integers(0, 40, 60_000)] + 0.35 * rng.standard_normal((60_000, 64)).astype(np.float32)
     n = 1500
     cents, coarse = celljoin.train_cells(x, n, seed=0)
     assert abs(len(cents) - n) <= 0.05 * n and coarse is not None
     idx, info = celljoin.cell_index(cents, coarse, x[:10_000])
     assert info["assign"].startswith("two-level") and info["assign_agreement"] >= 0.999
+    assert 2 * info["assign_nprobe"] <= len(coarse)
     got = celljoin.assign(x[10_000:20_000], idx, 0.01, 3)
     exact = celljoin.assign(x[10_000:20_000], cents, 0.01, 3)
     assert np.mean(got[:, 0] == exact[:, 0]) >= 0.995
+    # where the coarse level cannot prune (CLIP-like rows: one dominant direction), one exhaustive
+    # product is used instead
+    y, _ = clip_like(60_000, 64, seed=3, max_group=50)
+    cents, coarse = celljoin.train_cells(y, n, seed=0)
+    _, info = celljoin.cell_index(cents, coarse, y[:10_000])
+    assert info["assign"].startswith("flat (two levels would probe")
 
 
 def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
@@ -146,7 +155,7 @@ def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
     counts = {i: len(store.shard(i)[0]) for i in shards}
     codec, _ = index.train_all(store, counts, CodecConfig(train_size=8000), tmp_path / "index", "fp-index",
                                "synthetic", proj_dim=64, cell_rows=6)
-    assert codec["cells"] > celljoin.FLAT_CELLS and codec["assign"].startswith("two-level")
+    assert codec["cells"] > celljoin.FLAT_CELLS and codec["cells_train_rows"] >= codec["cells"]
     job = SearchJob(root / "embed", shards, tmp_path / "index", tmp_path / "s",
                     SearchConfig(threshold=0.95, cells_per_task=64, pairs="all"), "fp-index", "fp-search")
     find_pairs(job, LocalExecutor())

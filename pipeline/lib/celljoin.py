@@ -149,6 +149,12 @@ def cell_index(centroids: np.ndarray, coarse: np.ndarray | None = None, points: 
                 break
         index.nprobe = min(2 * index.nprobe, len(coarse))
         agreement = float(np.mean(index.search(q, 1)[1][:, 0] == exact))
+        if 2 * index.nprobe > len(coarse):
+            # the coarse level does not prune (CLIP-like 10 M rows: 100 of 100 coarse cells):
+            # one exhaustive product is then the faster way
+            flat, _ = cell_index(c)
+            return flat, {"assign": f"flat (two levels would probe {index.nprobe} of {len(coarse)} coarse cells)",
+                          "assign_agreement": 1.0}
     return index, {"assign": f"two-level {len(coarse)} x {len(c) / len(coarse):.0f}", "assign_nprobe": index.nprobe,
                    "assign_agreement": None if agreement is None else round(agreement, 5)}
 
