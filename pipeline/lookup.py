@@ -262,9 +262,9 @@ def matches_table(index: Index, names: list[str], qi, gid, sim) -> pd.DataFrame:
 
 # ------------------------------------------------------------------- pixel verification hook
 def row_images(runs: list[dict], gids) -> dict[int, bytes]:
-    """The image bytes of registered rows, read back from their runs' inputs (members from each
-    run's ingest table, bytes through its source's read_images). Rows of runs whose input holds no
-    images (released vectors), or whose run directory or input is gone, are left out."""
+    """The image bytes of registered rows, read back from their runs' inputs (Run.images). Rows of
+    runs whose input holds no images (released vectors), or whose run directory or input is gone,
+    are left out."""
     from .driver import open_existing
     wanted = set(int(g) for g in gids)
     out: dict[int, bytes] = {}
@@ -274,21 +274,10 @@ def row_images(runs: list[dict], gids) -> dict[int, bytes]:
             continue
         try:
             run = open_existing(r["run_dir"])
+            if run.source.HAS_IMAGES:
+                out.update(run.images(mine))
         except (OSError, ValueError, KeyError):
             continue
-        if not run.source.HAS_IMAGES:
-            continue
-        for shard in run.shards:
-            sel = [g for g in mine if g >> 32 == shard.index]
-            if not sel:
-                continue
-            try:
-                ing = pq.read_table(run.ingest_file(shard.name), columns=["gid", "member"],
-                                    filters=[("gid", "in", sel)]).to_pylist()
-                got = run.source.read_images(shard, {m["member"]: m["gid"] for m in ing if m["member"]})
-            except OSError:
-                continue
-            out.update({int(g): data for g, data in got})
     return out
 
 

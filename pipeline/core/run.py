@@ -97,6 +97,20 @@ class Run:
     def ingest_table(self, columns: list[str] | None = None) -> pa.Table:
         return pa.concat_tables([pq.read_table(self.ingest_file(n), columns=columns) for n in self.shard_names()])
 
+    def images(self, gids) -> dict[int, bytes]:
+        """The input's image bytes of the given rows (gid -> bytes), read shard by shard through
+        the source (its member names from the ingest table); rows without an image are left out."""
+        wanted = {int(g) for g in gids}
+        out: dict[int, bytes] = {}
+        for shard in self.shards:
+            sel = [g for g in wanted if g >> 32 == shard.index]
+            if not sel:
+                continue
+            t = pq.read_table(self.ingest_file(shard.name), columns=["gid", "member"], filters=[("gid", "in", sel)])
+            members = {m: g for g, m in zip(t["gid"].to_pylist(), t["member"].to_pylist()) if m}
+            out.update({int(g): data for g, data in self.source.read_images(shard, members)})
+        return out
+
     def embed_dir(self) -> Path:
         return self.dir("embed")
 

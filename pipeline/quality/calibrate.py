@@ -81,13 +81,7 @@ def group_check(run: Run, samples: pd.DataFrame, n: int, seed: int) -> dict:
     ok = samples[samples["status"] == "ok"]
     dup = ok[(ok["group_size"] > 1) & (ok["group_id"] != ok["gid"])]
     pick = dup.sample(min(n, len(dup)), random_state=seed) if len(dup) else dup
-    need = np.unique(np.r_[pick["gid"].to_numpy(np.int64), pick["group_id"].to_numpy(np.int64)])
-    images: dict[int, bytes] = {}
-    for shard in run.shards:
-        ing = pq.read_table(run.ingest_file(shard.name), columns=["gid", "member"]).to_pandas()
-        ing = ing[ing["gid"].isin(need) & ing["member"].notna()]
-        if len(ing):
-            images.update(run.source.read_images(shard, dict(zip(ing["member"], ing["gid"]))))
+    images = run.images(np.r_[pick["gid"].to_numpy(np.int64), pick["group_id"].to_numpy(np.int64)])
     feats: dict[int, object] = {}
     for gid, data in images.items():
         try:

@@ -138,7 +138,8 @@ def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
 
 
 def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.DataFrame:
-    """The sample rows of one input shard (one row per input row, in gid order)."""
+    """The sample rows of one input shard (one row per input row, in gid order), with the ingest's
+    other columns (member: what the HTML report needs of the shown rows)."""
     ing = pq.read_table(run.ingest_file(shard.name)).to_pandas()
     failed = pq.read_table(run.failed_file(shard.name)).to_pandas()
     lo, hi = shard.index << 32, (shard.index + 1) << 32
@@ -177,9 +178,9 @@ class Shown:
         self.rows = pd.DataFrame()
         self.leaks = pd.DataFrame()
 
-    def add(self, df: pd.DataFrame, ing_member: pd.Series) -> None:
+    def add(self, df: pd.DataFrame) -> None:
+        """`df`: shard_samples' rows (they carry the ingest's member names)."""
         pick = df[df["group_id"].isin(self.top) | df["gid"].isin(self.border) | df["is_leak"].fillna(False)]
-        pick = pick.assign(member=pick["gid"].map(ing_member))
         rows = pd.concat([self.rows, pick], ignore_index=True)
         if len(rows):
             rows = rows.sort_values(["is_representative", "gid"], ascending=[False, True], na_position="last")
@@ -338,8 +339,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     with parquet_writer(out / "samples.parquet", schema) as writer:
         for shard, df in zip(run.shards, itertools.chain([first], parts)):
             tally.add(df)
-            member = pq.read_table(run.ingest_file(shard.name), columns=["gid", "member"]).to_pandas()
-            shown.add(df, member.set_index("gid")["member"])
+            shown.add(df)
             writer.write(pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=schema, preserve_index=False))
         n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
     n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
