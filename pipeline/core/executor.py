@@ -185,7 +185,7 @@ class RayExecutor:
 def _ray_pids() -> list[int]:
     """The processes an embedded ray.init started (GCS, raylet, monitors), as Ray recorded them."""
     import ray
-    node = ray._private.worker._global_node
+    node = getattr(ray._private.worker, "_global_node", None)   # None: the guard follows the driver's new children
     return [info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos]
 
 
