@@ -54,9 +54,9 @@ def test_members_that_are_not_copies_of_their_representative_are_split_off():
     copies = {(1, 0), (3, 2)}
     asked = []
 
-    def confirm(nodes, reps, sims):
-        asked.extend(zip(nodes.tolist(), reps.tolist()))
-        return np.array([(m, r) in copies for m, r in zip(nodes.tolist(), reps.tolist())])
+    def confirm(nodes, rep, sims):
+        asked.extend(zip(nodes.tolist(), rep[nodes].tolist()))
+        return np.array([(m, r) in copies for m, r in zip(nodes.tolist(), rep[nodes].tolist())])
     rep, sim = group.group_nodes(gids, np.arange(4), lambda: [(a, b)], _Store(vecs), 0.0, confirm)
     assert rep.tolist() == [0, 0, 2, 2]
     assert len(asked) == len(set(asked))             # one question per (member, representative)

@@ -168,6 +168,8 @@ class GroupConfig:
     # search.threshold where an image has no pixel evidence); a member that fails is split off and
     # regrouped with the others split off, so no member is in a group through a chain alone
     member_check: bool = True
+    member_hops: int = 1        # 2: an accepted edge to a member that has one to the representative
+                                # also confirms (a bounded path instead of the pixels of the two)
     exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
     # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
@@ -182,6 +184,8 @@ class GroupConfig:
             raise ConfigError(f"group.representative: {self.representative!r}; known: quality, first")
         if self.duplicate_key not in ("image", "image+text"):
             raise ConfigError(f"group.duplicate_key: {self.duplicate_key!r}; known: image, image+text")
+        if self.member_hops not in (1, 2):
+            raise ConfigError(f"group.member_hops: {self.member_hops}; 1 (direct) or 2")
         if self.min_rep_similarity is not None and not -1.0 <= self.min_rep_similarity <= 1.0:
             raise ConfigError("group.min_rep_similarity: a cosine in [-1, 1]")
 

@@ -18,8 +18,11 @@ Method
             orientation bins negated), applied at match time.
   align     descriptors matched (mutual nearest neighbours + Lowe's ratio test), as they are and
             mirrored. Per match set: an affine model by RANSAC (covers crops, canvas, letterbox,
-            rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear, and
-            mapping one image onto >= MIN_COVER of the other; and the 8 full-frame maps (4
+            rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
+            mapping one image onto >= MIN_COVER of the other, and a shared part that holds >=
+            MIN_SHARE of EACH image's keypoints (a crop of half a photo is a copy of it, a quarter
+            is another picture: two disjoint parts must not meet through the whole; plain
+            borders and canvases hold no keypoints, so they do not count); and the 8 full-frame maps (4
             rotations x mirror, any aspect change) that >= MIN_SUPPORT matches agree with. Those
             align tiny and featureless images better than a fit, and being 8 fixed guesses, a
             few agreeing matches are already unlikely by chance.

@@ -81,8 +81,9 @@ def group_nodes(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.nd
                 confirm: Callable | None = None, max_rounds: int = 50):
     """Labels (representative node index per node) and each node's similarity to its representative.
     `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass.
-    `confirm(nodes, reps, sims)`, where given, says which members are copies of their
-    representative; it is asked once per (member, representative), for members the guard keeps.
+    `confirm(nodes, rep, sims)`, where given, says which of `nodes` are copies of their
+    representative (rep: every node's); it is asked once per (member, representative), for
+    members the guard keeps.
     Members that fail either test are split off and regrouped among themselves; after
     `max_rounds` any still failing stands alone."""
     n = len(gids)
@@ -96,7 +97,7 @@ def group_nodes(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.nd
         if confirm is not None:
             ask = multi[~bad[multi] & (asked[multi] != rep[multi])]
             if len(ask):
-                confirmed[ask] = confirm(ask, rep[ask], sim[ask])
+                confirmed[ask] = confirm(ask, rep, sim[ask])
                 asked[ask] = rep[ask]
             bad[multi] |= ~confirmed[multi]
         if not bad.any():
@@ -141,27 +142,35 @@ class MemberCheck:
     Members of an earlier run's group (incremental runs) are taken as the guard left them: that
     group's images belong to another run."""
 
-    def __init__(self, run: Run, ex, gids: np.ndarray, edges: Callable, n_own: int):
-        self.run, self.ex, self.gids, self.edges, self.n_own = run, ex, gids, edges, n_own
-        self.stats = {"member_checks": 0, "member_checks_direct": 0, "member_checks_pixels": 0,
-                      "member_checks_failed": 0, "member_check_s": 0.0}
+    def __init__(self, run: Run, ex, gids: np.ndarray, edges: Callable, n_own: int, hops: int = 1):
+        self.run, self.ex, self.gids, self.edges, self.n_own, self.hops = run, ex, gids, edges, n_own, hops
+        self.stats = {"member_checks": 0, "member_checks_direct": 0, "member_checks_two_hops": 0,
+                      "member_checks_pixels": 0, "member_checks_failed": 0, "member_check_s": 0.0}
 
-    def __call__(self, nodes: np.ndarray, reps: np.ndarray, sims: np.ndarray) -> np.ndarray:
+    def __call__(self, nodes: np.ndarray, rep: np.ndarray, sims: np.ndarray) -> np.ndarray:
         t0 = time.time()
-        want = np.full(len(self.gids), -1, np.int64)
-        want[nodes] = reps
-        direct = np.zeros(len(self.gids), bool)
+        direct = np.zeros(len(self.gids), bool)      # an accepted edge to its representative
         for a, b in self.edges():
-            direct[a[want[a] == b]] = True
-            direct[b[want[b] == a]] = True
-        ok = direct[nodes] | (reps >= self.n_own)
+            direct[a[rep[a] == b]] = True
+            direct[b[rep[b] == a]] = True
+        ok = direct[nodes] | (rep[nodes] >= self.n_own)
+        n_direct = int(ok.sum())
+        if self.hops >= 2 and not ok.all():           # an accepted edge to a member that has one
+            via = np.zeros(len(self.gids), bool)
+            for a, b in self.edges():
+                same = rep[a] == rep[b]
+                via[a[same & direct[b]]] = True
+                via[b[same & direct[a]]] = True
+            ok |= via[nodes]
+        n_two = int(ok.sum()) - n_direct
         todo = np.nonzero(~ok)[0]
         if len(todo):
             ok[todo] = verify.check_members(self.run, self.ex, self.gids[nodes[todo]],
-                                            self.gids[reps[todo]], sims[todo])
+                                            self.gids[rep[nodes[todo]]], sims[todo])
         s = self.stats
         s["member_checks"] += len(nodes)
-        s["member_checks_direct"] += int(direct[nodes].sum())
+        s["member_checks_direct"] += n_direct
+        s["member_checks_two_hops"] += n_two
         s["member_checks_pixels"] += len(todo)
         s["member_checks_failed"] += int((~ok).sum())
         s["member_check_s"] = round(s["member_check_s"] + time.time() - t0, 3)
@@ -303,7 +312,8 @@ def run(run: Run, ex, stats: dict) -> dict:
     old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
     edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
     all_gids = np.concatenate([gids, old["group_ids"]]) if old is not None else gids
-    check = MemberCheck(run, ex, all_gids, edges.pairs, n) if verify.active(run) and cfg.group.member_check else None
+    check = (MemberCheck(run, ex, all_gids, edges.pairs, n, cfg.group.member_hops)
+             if verify.active(run) and cfg.group.member_check else None)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
         all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
         rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity,
