@@ -9,10 +9,10 @@ deduplicated by `dedup2b run` twice in the same run, same box: verify.method=pix
 and verify.method=off (the descriptor alone, at search.threshold). The truth: an image is a copy
 of another exactly when both derive from the same original (the part of its name before "|").
 Reported per setting: pair precision / recall / F1 over every pair of rows (same group vs same
-original; and under "family" truth, where a grid crop of a photo counts as a copy of the photo, so
-crops cut from one photo meet through it), recall per edit kind and false merges per negative kind on the labelled pairs, the
-largest group holding two or more distinct originals, the pixel check's cost, and the printed
-calibration precision where `dedup2b calibrate` runs. Writes bench/results/quality.md and .json.
+original; and under "family" truth, the product's rule: a half of a photo is a copy of it, a
+quarter is not), recall per edit kind and false merges per negative kind on the labelled pairs, the
+largest group holding two or more distinct originals, the pixel check's cost, and `dedup2b
+calibrate`'s printed precision of the removals against the measured one (calibration_error). Writes bench/results/quality.md and .json.
 """
 from __future__ import annotations
 
@@ -111,6 +111,26 @@ def run_one(folder: Path, run_dir: Path, method: str, sets: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "summary": summary, "samples": samples}
 
 
+def calibration_error(cs, keys: list[str], run_dir: Path, samples: int = 200) -> dict:
+    """`dedup2b calibrate`'s printed precision of the removals (sampled removed rows checked by
+    pixels against the row their group keeps) next to the measured one: the share of every
+    removed row that is a copy of its kept row, by origin and by the product's rule (family)."""
+    from dedup2b.quality.calibrate import calibrate
+    t0 = time.time()
+    got = calibrate(run_dir, samples=samples, copies=3, audit_pairs=200, log=lambda *a: None)
+    table = pq.read_table(run_dir / "report" / "samples.parquet", columns=["key", "gid", "group_id"]).to_pandas()
+    name = dict(zip(keys, cs.names))
+    key_of = dict(zip(table["gid"], table["key"]))
+    removed = table[table["gid"] != table["group_id"]]
+    out = {"printed": (got.get("groups") or {}).get("precision"), "ci95": (got.get("groups") or {}).get("ci95"),
+           "removed_rows": len(removed), "seconds": round(time.time() - t0, 1)}
+    for truth, f in (("origin", lambda n: n.split("|")[0]), ("family", family)):
+        same = [f(name[k]) == f(name[key_of[g]]) for k, g in zip(removed["key"], removed["group_id"])]
+        out[f"measured_{truth}"] = round(sum(same) / max(len(same), 1), 4)
+        out[f"error_{truth}"] = round(abs(out["printed"] - out[f"measured_{truth}"]), 4) if out["printed"] else None
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
@@ -131,6 +151,8 @@ def main(argv=None) -> int:
                        "threshold": got["summary"]["threshold"],
                        "pixel_check": {**(got["summary"].get("pixel_check") or {}),
                                        **(got["summary"].get("pixel_check_cost") or {})}}
+        if method == "pixels":
+            res[method]["calibration"] = calibration_error(cs, keys, work / f"run-{method}")
         print(method, json.dumps({k: v for k, v in res[method].items() if k != "per_kind"}), flush=True)
     cmd = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     px, off = res["pixels"], res["off"]
@@ -147,6 +169,11 @@ def main(argv=None) -> int:
     lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair, ms per image | "
                  f"{pc.get('band')}, {pc.get('pairs_checked')} / {pc.get('pairs_accepted')}, {pc.get('ms_per_pair')}, "
                  f"{pc.get('ms_per_image_features')} | (none) |")
+    cal = px.get("calibration")
+    if cal:
+        lines.append(f"| calibrate: printed precision of the removals [95 %] vs measured (origin / family) | "
+                     f"{cal['printed']} {cal['ci95']} vs {cal['measured_origin']} / {cal['measured_family']} "
+                     f"(error {cal['error_origin']} / {cal['error_family']}; {cal['removed_rows']} removed rows) | |")
     lines += ["", "| labelled pairs | merged, pixels | merged, off |", "|---|---|---|"]
     for kind in px["per_kind"]:
         a, b = px["per_kind"][kind], off["per_kind"][kind]
