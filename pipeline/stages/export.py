@@ -32,7 +32,8 @@ from ..core.run import Run
 from ..sources import Shard, source_for
 
 NAME = "export"
-FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "export", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "export", "against", "decontaminate",
+          "requests")
 
 
 def units(run: Run) -> list[Marker]:
@@ -203,7 +204,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     out = run.export_dir()
     samples = pq.read_table(run.report_dir() / "samples.parquet").to_pandas()
     ok = samples[samples["status"] == "ok"]
-    removed = ok["removed_reason"].notna()   # duplicate, or eval_leak (decontamination)
+    removed = ok["removed_reason"].notna()   # duplicate, eval_leak (decontamination), request (dedup2b remove)
     keep, remove = ok[~removed], ok[removed]
     cols = ["key", "uid", "gid", "shard", "group_id", "representative_key", "rep_similarity", "removed_reason"]
     files = {}
