@@ -36,17 +36,23 @@ def read_keys(path) -> list[str]:
     return keys
 
 
-def _registry(index: lookup.Index) -> pd.DataFrame:
-    return pq.read_table(registry_dir(index.folder) / "registry.parquet",
-                         columns=["gid", "key", "group_id", "run"]).to_pandas()
+def _registry(index: lookup.Index, column: str, values) -> pd.DataFrame:
+    """The registry's rows whose `column` is one of `values` (a filtered read: no whole registry)."""
+    values = list(values)
+    path = registry_dir(index.folder) / "registry.parquet"
+    cols = ["gid", "key", "group_id", "run"]
+    if not values:
+        return pq.read_schema(path).empty_table().select(cols).to_pandas()
+    return pq.read_table(path, columns=cols, filters=[(column, "in", values)]).to_pandas()
 
 
 def request_rows(index: lookup.Index, images=None, keys=None, threshold=None, verify=None, warn=None):
     """The rows a request removes (requests.SCHEMA columns) and what to say about it."""
-    reg = _registry(index)
     info: dict = {}
     if images is not None:
         found = lookup.find(index, images, threshold=threshold, verify=verify, warn=warn)
+        if not found.attrs["queries"]:
+            raise lookup.FindError("none of the given files could be read as an image; nothing logged")
         rejected = found["pixel_check"].fillna(True) == False   # noqa: E712 (nullable boolean)
         info.update(images=[str(p) for p in images], queries=found.attrs["queries"],
                     threshold=found.attrs["threshold"], rejected_by_pixels=int(rejected.sum()))
@@ -57,13 +63,14 @@ def request_rows(index: lookup.Index, images=None, keys=None, threshold=None, ve
         named = named.drop_duplicates("gid")
         missing: list[str] = []
     else:
-        hit = reg[reg["key"].isin(keys)]
+        hit = _registry(index, "key", keys)
         named = pd.DataFrame({"gid": hit["gid"].to_numpy(np.int64), "via": "key", "query": hit["key"].to_numpy(),
                               "similarity": np.full(len(hit), np.nan, np.float32)})
         missing = sorted(set(keys) - set(hit["key"]))
         info.update(keys=len(keys), keys_not_in_index=len(missing))
-    named = named.merge(reg, on="gid", how="inner")
-    members = reg[reg["group_id"].isin(named["group_id"]) & ~reg["gid"].isin(named["gid"])]
+    named = named.merge(_registry(index, "gid", named["gid"].tolist()), on="gid", how="inner")
+    members = _registry(index, "group_id", named["group_id"].unique().tolist())
+    members = members[~members["gid"].isin(named["gid"])]
     first = named.drop_duplicates("group_id").set_index("group_id")["query"]
     members = members.assign(via="group", query=members["group_id"].map(first).to_numpy(),
                              similarity=np.float32(np.nan))

@@ -11,12 +11,14 @@ import json
 import tarfile
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from dedup2b import demo
 from dedup2b.cli import main
+from dedup2b.lib import requests
 
 CORPUS = ("astronaut", "chelsea", "rocket", "camera", "brick", "moon", "coins")
 LATER = ("chelsea", "coffee", "horse")          # shard 00001: a cat copy, the requested key, a new photo
@@ -76,6 +78,7 @@ def story(tmp_path_factory):
     out["keep_2"] = pq.read_table(run / "export" / "keep.parquet").to_pandas()
     out["remove_2"] = pq.read_table(run / "export" / "remove.parquet").to_pandas()
     out["tar_2"] = _tar_samples(run)
+    out["logs"] = sorted((index / "requests").glob("req-*"))
     later_run = root / "runs" / "later"
     assert main(["run", "--input", str(root / "later"), "--run-dir", str(later_run), "--index-dir",
                  str(root / "indexes" / "later"), "--against", str(index), "--executor", "local"]) == 0
@@ -109,7 +112,8 @@ def test_remove_by_keys_takes_the_groups_with_them(story):
 
 def test_the_request_log_is_in_the_index(story):
     folder = story["index"] / "requests"
-    logs = [json.loads(p.read_text()) for p in sorted(folder.glob("req-*.json"))]
+    assert [p.suffix for p in story["logs"]] == [".json", ".parquet"] * 2    # a parquet and a json per request
+    logs = [json.loads(p.read_text()) for p in story["logs"] if p.suffix == ".json"]
     assert len(logs) == 2 and logs[0]["time"] <= logs[1]["time"]
     assert logs[0]["rows"] == 1 and logs[0]["rows_by_via"] == {"image": 1} and logs[0]["queries"] == 1
     assert logs[1]["rows"] == 2 and logs[1]["rows_by_via"] == {"key": 1, "group": 1}
@@ -130,3 +134,21 @@ def test_a_later_incremental_run_keeps_removed_rows_out(story):
 
 def pd_isna(value) -> bool:
     return pd.isna(value)
+
+
+def test_a_request_logged_since_the_report_reruns_report_and_export(story, capsys):
+    """The request's version is part of the report's and export's fingerprints: both are pending,
+    an export alone is refused (it would ship rows the request removes), report + export apply it."""
+    run = story["run"]
+    requests.write(story["index"], pa.table({"gid": [2], "key": ["000000002"], "group_id": [2], "run": [str(run)],
+                                             "via": ["key"], "query": ["000000002"], "similarity": [None]}),
+                   {"keys": 1, "rows": 1})
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "report   {'done': 0, 'pending': 1}" in out and "export   {'done': 0, 'pending': 1}" in out
+    assert main(["export", "--run-dir", str(run), "--executor", "local"]) == 2
+    assert "run `dedup2b report`" in capsys.readouterr().err
+    assert main(["report", "--run-dir", str(run), "--executor", "local"]) == 0
+    assert main(["export", "--run-dir", str(run), "--executor", "local"]) == 0
+    assert _samples(run).loc["000000002", "removed_reason"] == "request"
+    assert "000000002" not in set(pq.read_table(run / "export" / "keep.parquet")["key"].to_pylist())

@@ -201,6 +201,10 @@ def export_hf_shard(job: dict) -> dict:
 
 
 def run(run: Run, ex, stats: dict) -> dict:
+    if not run.marker("report", "report").valid(run.fingerprint("report")):
+        # e.g. a removal request logged since the report ran: its samples would export rows it removes
+        raise RuntimeError(f"{run.report_dir()}: the report is not done for this config and the index's "
+                           "removal requests; run `dedup2b report` (or `dedup2b run`) first")
     out = run.export_dir()
     samples = pq.read_table(run.report_dir() / "samples.parquet").to_pandas()
     ok = samples[samples["status"] == "ok"]
