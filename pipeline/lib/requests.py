@@ -12,8 +12,9 @@ changed (the log grows by whole requests; `os.replace` publishes each file whole
   requests/REQ.json      what was asked (images or keys file), when, the threshold, rows by via,
                          keys not found; written last: a request counts once its json exists
 
-REQ = `req-<UTC time>-<8 hex>`: sorted names are the order the requests came in. The report stage
-of every run that registered into the index reads the whole log (`Requests`): a row is removed
+REQ = `req-<UTC time to the microsecond>-<8 hex>`: sorted names are the order the requests came
+in. The report stage of every run that registered into the index reads the whole log (`Requests`):
+a row is removed
 with reason `request` when it is a requested row, sits in a requested row's group (an incremental
 run's copy of a removed image joins that earlier group), or carries a requested key. `version`
 (a digest of the request names) is part of the report's and export's fingerprints, so a new
@@ -22,9 +23,9 @@ request makes them pending and a rerun applies it.
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +56,11 @@ def version(index_folder) -> str:
 
 def write(index_folder, rows: pa.Table, info: dict) -> str:
     """Add one request to the log: its rows, then its json (last). Returns its name."""
-    name = f"req-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    name = f"req-{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"    # microseconds: sorted = in order
     folder = requests_dir(index_folder)
     write_parquet(folder / f"{name}.parquet", rows.cast(SCHEMA))
-    write_json(folder / f"{name}.json", {"request": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                         **info})
+    write_json(folder / f"{name}.json", {"request": name, "time": now.isoformat(timespec="microseconds"), **info})
     return name
 
 
