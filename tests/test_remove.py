@@ -152,3 +152,15 @@ def test_a_request_logged_since_the_report_reruns_report_and_export(story, capsy
     assert main(["export", "--run-dir", str(run), "--executor", "local"]) == 0
     assert _samples(run).loc["000000002", "removed_reason"] == "request"
     assert "000000002" not in set(pq.read_table(run / "export" / "keep.parquet")["key"].to_pylist())
+
+
+def test_the_command_and_the_job_want_images_or_keys(capsys, tmp_path):
+    from jobs import remove as remove_job
+    for argv in (["--index", str(tmp_path)], ["--index", str(tmp_path), "--keys", "k.txt", "--images", "a.jpg"]):
+        with pytest.raises(SystemExit):
+            main(["remove", *argv])
+        with pytest.raises(SystemExit):
+            remove_job.main(argv)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main(["remove", "--index", str(tmp_path), "--keys", str(tmp_path / "empty.txt")]) == 2
+    assert "no keys" in capsys.readouterr().err
