@@ -14,7 +14,8 @@ scikit-learn and matplotlib (no downloads) and pages rendered with matplotlib's 
              `faces`), non-overlapping star-field crops, text (pages rendered from other words in
              one font and layout, small print too, and halves of scanned pages), product shots
              (different coins and objects on white), disjoint crops of one photo, textures
-             (different textures, disjoint crops of one) and unrelated photos
+             (different textures, disjoint crops of one), unrelated photos, and "part-of": a
+             quarter or less of a photo (a 2x2 or 4x5 grid cell) against the whole photo
 Edits (random parameters, see edit()): crop 50-90 % of the area, rot90, rotate 3-15 degrees
 (expanded or not, any fill), mirror, letterbox (bars to another aspect), canvas (picture at
 50-85 % of a bigger plain canvas), meme (white caption band), text (1-3 bold lines), watermark
@@ -319,10 +320,11 @@ def build_set(seed: int = 0, faces: int = 100, chains: int = 4, tiny: int = 20,
                   ("small-print-page", text_page(random.Random(seed + 102), (800, 1000), 14))]
     for name, (r, c) in big.items():
         originals += [(f"{name}[{i}]", im) for i, im in enumerate(grid_crops(ph[name], r, c))]
-    orig_idx = []
+    orig_idx, whole = [], {}
     for name, img in originals:
         o = cs.add(img, name, rng, fmt=rng.choice(["PNG", "JPEG"]))
         orig_idx.append(o)
+        whole.setdefault(name, o)
         copies = []
         plans = [[k] for k in EDITS] + [rng.sample(EDITS, 3) for _ in range(chains)]
         for plan in plans:
@@ -347,6 +349,12 @@ def build_set(seed: int = 0, faces: int = 100, chains: int = 4, tiny: int = 20,
     cs.pairs += [(a, b, False, "faces") for a, b in itertools.combinations(face_ids, 2)]
     stars = [cs.add(im, f"hubble[{i}]", rng) for i, im in enumerate(grid_crops(ph["hubble_deep_field"], 4, 5))]
     cs.pairs += [(a, b, False, "stars") for a, b in itertools.combinations(stars, 2)]
+    # a part of a photo (a quarter or less, cut on a grid) is another picture than the photo: two
+    # disjoint parts must not meet through it
+    cs.pairs += [(whole["hubble_deep_field"], s, False, "part-of") for s in stars]
+    cs.pairs += [(whole[name.split("[")[0]], o, False, "part-of")
+                 for (name, _), o in zip(originals, orig_idx)
+                 if "[" in name and np.prod(big[name.split("[")[0]]) >= 4]
     pages = [cs.add(text_page(rng, family=fam), f"page[{i}]", rng)
              for i, fam in enumerate(["DejaVuSerif"] * 8 + ["DejaVuSans"] * 4)]
     scans = [cs.add(im, f"page-scan[{i}]", rng)
@@ -361,6 +369,7 @@ def build_set(seed: int = 0, faces: int = 100, chains: int = 4, tiny: int = 20,
                  "grace_hopper", "retina", "immunohistochemistry", "moon"):
         ids = [cs.add(im, f"{name}<{i}>", rng) for i, im in enumerate(grid_crops(ph[name], 2, 2))]
         cs.pairs += [(a, b, False, "disjoint-crops") for a, b in itertools.combinations(ids, 2)]
+        cs.pairs += [(whole[name], a, False, "part-of") for a in ids]
     tex = {}
     for name in ("brick", "grass", "gravel"):
         tex[name] = [cs.add(ph[name], name, rng)] + [cs.add(im, f"{name}<{i}>", rng)

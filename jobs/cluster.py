@@ -7,10 +7,12 @@
 
 The head's dashboard and job server listen on 127.0.0.1 only; the object store is capped. A second
 raylet joins the head as another node with its own resource label (`{"node_b": 1}`), so shard tasks
-are scheduled on two nodes of one machine. `down` stops only this cluster's processes (every process
-of the sessions `up` and `add-node` started, their descendants, and anything running from the
-cluster's temp dir), never another Ray on the machine, which `ray stop` would.
-The state (ports, sessions) lives in `<temp dir>/dedup2b-cluster.json`.
+are scheduled on two nodes of one machine. `down` stops only this cluster's processes, never another
+Ray on the machine, which `ray stop` would: the processes each `ray start` left running, recorded by
+pid and start time when it returned, every process below them and the rest of their sessions
+(cluster_processes). It never picks a process by its command line: a `tail -f` of a log, an editor
+or `make cluster-down RAY_TMP=DIR` itself naming the temp dir are not the cluster's.
+The state (ports, sessions, processes) lives in `<temp dir>/dedup2b-cluster.json`.
 
 The temp dir holds the cluster's token and the state `down` acts on, so it must be this user's
 alone: it is created 0700, and one owned by another user, writable by others, or a link is refused.
@@ -19,17 +21,15 @@ The dashboard and job server listen on 127.0.0.1; Ray 2.60's `ray start` turns a
 127.0.0.1 into the machine's outward address for the GCS, raylets and workers of a cluster that
 can take more nodes (its single-node switch refuses a second raylet), guarded by the token.
 The token is created anew, exclusively, 0600; the state file is written 0600 and refused when it
-is not this user's. `down` signals only processes of this user whose session has a process naming
-the cluster's temp dir: a forged state cannot make it kill another process.
+is not this user's. `down` signals only processes of this user, through pidfds checked against
+the recorded start times: a pid reused since is never signalled.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import secrets
-import signal
 import stat
 import subprocess
 import sys
@@ -37,6 +37,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from dedup2b.core import procs
 
 STATE = "dedup2b-cluster.json"
 DEFAULT_TEMP = "/tmp/dedup2b-ray"
@@ -136,20 +138,23 @@ def _write_token(temp_dir) -> None:
     _write_private(Path(temp_dir) / "auth_token", secrets.token_hex(32))
 
 
-def _ray_start(args: list[str], timeout: float, env: dict) -> int:
-    """`ray start` in a session of its own; returns the session id (= the pid of `ray start`)."""
+def _ray_start(args: list[str], timeout: float, env: dict) -> tuple[int, list[list[int]]]:
+    """`ray start` in a session of its own; returns the session id (= the pid of `ray start`) and
+    [pid, start] of the processes it left running (the ids `down` stops them by)."""
     proc = subprocess.Popen([ray_cli(), "start", *args, "--disable-usage-stats"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _stop_sessions([proc.pid], temp_dir=None)
-        raise RuntimeError(f"ray start did not finish within {timeout:.0f}s")
+        proc.kill()
+        proc.communicate()
+        out, proc.returncode = f"ray start did not finish within {timeout:.0f}s", -1
+    started = session_processes(proc.pid)
     if proc.returncode != 0:
-        _stop_sessions([proc.pid], temp_dir=None)
+        procs.stop(procs.descendants({p for p, _ in started}, procs.table()))
         raise RuntimeError(f"ray start failed (exit {proc.returncode}):\n{out[-3000:]}")
-    return proc.pid
+    return proc.pid, started
 
 
 def wait_http(url: str, timeout: float) -> None:
@@ -190,7 +195,7 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
     temp_dir = str(Path(temp_dir).resolve())
     private_dir(temp_dir)
     state = read_state(temp_dir)
-    if state and _alive_pids(state):
+    if state and cluster_processes(state):
         return state
     _write_token(temp_dir)
     args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--ray-client-server-port={port + 1}",
@@ -200,8 +205,8 @@ def up(temp_dir=DEFAULT_TEMP, port: int = 6379, dashboard_port: int = 8265, num_
     if resources:
         args.append("--resources=" + json.dumps(resources))
     state = {"temp_dir": temp_dir, "port": port, "dashboard": f"http://127.0.0.1:{dashboard_port}",
-             "sessions": [], "nodes": ["head"]}
-    state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
+             "sessions": [], "processes": [], "nodes": ["head"]}
+    _add_session(state, _ray_start(args, timeout, cluster_env(temp_dir)))
     _write_state(temp_dir, state)
     try:
         wait_http(state["dashboard"] + "/api/version", timeout)
@@ -225,83 +230,45 @@ def add_node(temp_dir=DEFAULT_TEMP, name: str = "node_b", num_cpus: int = 1, obj
             f"--object-store-memory={object_store_mb * 1024 ** 2}", "--resources=" + json.dumps({name: 1}),
             # a temp dir of its own: nodes sharing one would share (and delete) unpacked working dirs
             f"--temp-dir={ray_dir(state['temp_dir']) / name}", *_node_ports(state["port"], k)]
-    state["sessions"].append(_ray_start(args, timeout, cluster_env(temp_dir)))
+    _add_session(state, _ray_start(args, timeout, cluster_env(temp_dir)))
     state["nodes"].append(name)
     _write_state(temp_dir, state)
     wait_port(state["port"] + 10 + k, timeout)   # its dashboard agent, which may run submitted jobs
     return state
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, command line) of this user's processes, zombies left out."""
-    table = {}
-    uid = os.getuid()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if d.stat().st_uid != uid:
-                continue
-            line = (d / "stat").read_text()
-            fields = line[line.rindex(")") + 2:].split()
-            if fields[0] == "Z":
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            table[int(d.name)] = (int(fields[1]), int(fields[3]), cmd)
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
+def _add_session(state: dict, started: tuple[int, list[list[int]]]) -> None:
+    session, processes = started
+    state["sessions"].append(session)
+    state.setdefault("processes", []).extend(processes)
 
 
-def _self_and_ancestors(table: dict[int, tuple[int, int, str]]) -> set[int]:
+def _self_and_ancestors(tab: dict) -> set[int]:
     """This process and every process above it (its parent, the parent's parent, ...)."""
     out, pid = set(), os.getpid()
     while pid > 1 and pid not in out:
         out.add(pid)
-        pid = table[pid][0] if pid in table else (os.getppid() if pid == os.getpid() else 0)
+        pid = tab[pid][0] if pid in tab else 0
     return out
 
 
-def _cluster_pids(sessions: list[int], temp_dir: str | None) -> set[int]:
-    """This user's processes of these sessions, every descendant of them (a job's driver runs in a
-    session of its own), and every process whose command line names the cluster's temp dir. With
-    a temp dir, a session counts only where one of its processes names it (a Ray process of this
-    cluster): a session id written into the state by someone else selects nothing."""
-    table = _proc_table()
-    names_dir = re.compile(re.escape(temp_dir) + r"(/|\s|$)").search if temp_dir else lambda _: False
-    if temp_dir:
-        sessions = [s for s in sessions if any(sid == s and names_dir(cmd) for _, sid, cmd in table.values())]
-    me = _self_and_ancestors(table)   # `make cluster-down RAY_TMP=...` names the dir too: never them
-    mine = {pid for pid, (_, sid, cmd) in table.items() if (sid in sessions or names_dir(cmd)) and pid not in me}
-    grew = True
-    while grew:
-        kids = {pid for pid, (ppid, _, _) in table.items() if ppid in mine and pid not in mine and pid not in me}
-        mine |= kids
-        grew = bool(kids)
-    return mine
+def session_processes(session: int) -> list[list[int]]:
+    """[pid, start] of every process `ray start` (session leader `session`) left running."""
+    return [[pid, start] for pid, (_, sid, start) in procs.table().items() if sid == session]
 
 
-def _alive_pids(state: dict) -> set[int]:
-    return _cluster_pids(state["sessions"], state["temp_dir"])
-
-
-def _stop_sessions(sessions: list[int], temp_dir: str | None, grace: float = 4) -> int:
-    pids = _cluster_pids(sessions, temp_dir)
-    total = len(pids)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            left = set(_proc_table()) & pids
-            if not left:
-                return total
-            time.sleep(0.2)
-        pids = set(_proc_table()) & pids
-    return total
+def cluster_processes(state: dict) -> set[procs.Proc]:
+    """The cluster's processes, by the ids recorded when `ray start` returned (pid and start time,
+    so a reused pid is never one of them): those still running, every process below them (agents,
+    workers, a job's driver in a session of its own), and the rest of their sessions (a process
+    whose parent died). A session counts only while a recorded process holds it: no other process
+    can then have its id. Never this process or those that started it (`make cluster-down`)."""
+    tab = procs.table()
+    recorded = procs.alive(state.get("processes", []), tab)
+    sessions = {tab[pid][1] for pid, _ in recorded} & set(state.get("sessions", []))
+    tops = {pid for pid, _ in recorded} | {pid for pid, (_, sid, _) in tab.items() if sid in sessions}
+    me = _self_and_ancestors(tab)
+    return {p for p in procs.descendants(tops, tab) if p[0] not in me}
 
 
 def down(temp_dir=DEFAULT_TEMP) -> int:
@@ -311,12 +278,13 @@ def down(temp_dir=DEFAULT_TEMP) -> int:
     if not state:
         return 0
     state["temp_dir"] = temp_dir      # the folder asked for, whatever the file says
-    n = _stop_sessions(state["sessions"], temp_dir)
-    left = _alive_pids(state)
+    targets = cluster_processes(state)
+    left = procs.stop(targets)
+    left |= procs.stop(cluster_processes(state))    # any started while the others stopped
     if left:
-        raise RuntimeError(f"processes still running after SIGKILL: {sorted(left)}")
+        raise RuntimeError(f"processes still running after SIGKILL: {sorted(p for p, _ in left)}")
     _state_path(temp_dir).unlink(missing_ok=True)
-    return n
+    return len(targets)
 
 
 def status(temp_dir=DEFAULT_TEMP) -> int:
@@ -325,7 +293,7 @@ def status(temp_dir=DEFAULT_TEMP) -> int:
         print(f"no cluster started from {temp_dir}")
         return 1
     print(f"head 127.0.0.1:{state['port']}  dashboard {state['dashboard']}  nodes {', '.join(state['nodes'])}  "
-          f"processes {len(_alive_pids(state))}")
+          f"processes {len(cluster_processes(state))}")
     env = cluster_env(temp_dir)
     rc = subprocess.call([ray_cli(), "status", f"--address=127.0.0.1:{state['port']}"], env=env, timeout=60)
     subprocess.call([ray_cli(), "list", "jobs", f"--address={state['dashboard']}"], env=env, timeout=60)

@@ -59,8 +59,9 @@ def start_cluster():
     yield start
     for temp in started:
         try:
+            state = cluster.read_state(temp)
             cluster.down(temp)
-            assert not cluster._cluster_pids([], temp), "cluster processes left running"
+            assert not (state and cluster.cluster_processes(state)), "cluster processes left running"
         finally:
             shutil.rmtree(temp, ignore_errors=True)
 

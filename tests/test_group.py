@@ -45,6 +45,27 @@ def test_chaining_guard_splits_a_chain():
     assert rep[0] == 0 and rep[1] == 0
 
 
+def test_members_that_are_not_copies_of_their_representative_are_split_off():
+    """A chain 0-1-2-3 where only 0-1 and 2-3 are copies (confirm says so): every member of a
+    group is confirmed against its representative, whatever the descriptor says."""
+    vecs = _unit(np.ones((4, 3)))                    # the descriptor cannot tell them apart
+    gids = np.arange(4)
+    a, b = np.array([0, 1, 2]), np.array([1, 2, 3])
+    copies = {(1, 0), (3, 2)}
+    asked = []
+
+    def confirm(nodes, rep, sims):
+        asked.extend(zip(nodes.tolist(), rep[nodes].tolist()))
+        return np.array([(m, r) in copies for m, r in zip(nodes.tolist(), rep[nodes].tolist())])
+    rep, sim = group.group_nodes(gids, np.arange(4), lambda: [(a, b)], _Store(vecs), 0.0, confirm)
+    assert rep.tolist() == [0, 0, 2, 2]
+    assert len(asked) == len(set(asked))             # one question per (member, representative)
+    # a member confirmed by no one stands alone
+    rep, _ = group.group_nodes(gids, np.arange(4), lambda: [(a, b)], _Store(vecs), 0.0,
+                               lambda n, r, s: np.zeros(len(n), bool))
+    assert rep.tolist() == [0, 1, 2, 3]
+
+
 def test_chunked_edges_give_the_same_groups_and_nearest_neighbours():
     """group() and Nearest see the edges in chunks (bounded memory): any chunking, same result."""
     rng = np.random.default_rng(3)

@@ -93,3 +93,46 @@ def test_an_increment_must_continue_the_shard_numbering(parts, tmp_path):
     with pytest.raises(TargetError, match="no registry"):
         run_stages(from_dict({"input": {"path": str(root / "b")}, "run_dir": str(tmp_path / "x"),
                                 "against": str(tmp_path)}), LocalExecutor(), log=lambda *_: None)
+
+
+def test_cross_search_finds_copies_that_a_short_code_underestimates():
+    """The cross search's candidates are nearest neighbours by the IVF-PQ estimate, re-scored
+    exactly: a short code shrinks every estimate (cosine 0.98 estimated below 0.1 here), so a
+    range search at any fixed radius finds nothing, while the estimate's order still finds every
+    copy; k grows past a group of 300 copies of one row."""
+    import faiss
+    import numpy as np
+
+    from dedup2b.lib.registry import knn_matches
+    rng = np.random.default_rng(0)
+    n, d, base = 5000, 768, 3 << 32
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[1000:1300] = x[0] + 0.15 * rng.standard_normal((300, d)).astype(np.float32) / np.sqrt(d)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.index_factory(d, "IVF16,PQ8x8", faiss.METRIC_INNER_PRODUCT)
+    index.do_polysemous_training = False
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)                     # seconds, not a minute, on a busy box
+    try:
+        index.train(x)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    index.add_with_ids(x, np.arange(n, dtype=np.int64) + base)
+    faiss.extract_index_ivf(index).nprobe = 16     # every cell: the estimate alone is tested
+    q = x[:20] + 0.2 * rng.standard_normal((20, d)).astype(np.float32) / np.sqrt(d)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = q @ x.T
+    truth = set(zip(*np.nonzero(exact >= 0.9)))
+    assert len(truth) == 20 + 300 and index.range_search(q[1:], 0.80)[2].size == 0   # the single copies
+
+    class Stored:
+        def get(self, ids):
+            return x[ids - base]
+    rows, ids, sims, scored = knn_matches(index, q, Stored(), 0.9, lambda i: np.ones(len(i), bool))
+    got = set(zip(rows.tolist(), (ids - base).tolist()))
+    assert got == truth
+    np.testing.assert_allclose(sims, exact[rows, ids - base], atol=1e-5)
+    assert scored < 20 * 16 + 4 * 2048               # k grew for the one query that needed it
+    # rows the registry does not hold are never returned
+    rows, ids, _, _ = knn_matches(index, q, Stored(), 0.9, lambda i: i - base >= 1000)
+    assert set((ids - base).tolist()) <= set(range(1000, 1300)) and set(rows.tolist()) == {0}

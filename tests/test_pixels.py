@@ -70,6 +70,23 @@ def test_disjoint_crops_of_one_photo_are_rejected(photo):
     assert not pixels.verify_bytes(_jpeg(top), _jpeg(bottom))[0]
 
 
+def test_a_quarter_of_a_photo_is_not_a_copy_of_it_but_a_large_crop_is(photo):
+    """Two disjoint parts of a photo must not meet through the whole photo: a copy shares at
+    least MIN_SHARE of each image's content with the other."""
+    import skimage.data
+    whole = pixels.features(_jpeg(photo))
+    for part in grid_crops(photo, 2, 2):
+        assert not pixels.verify(whole, pixels.features(_jpeg(part)))[0]
+    stars = Image.fromarray(skimage.data.hubble_deep_field())
+    sky = pixels.features(_jpeg(stars))
+    for part in grid_crops(stars, 2, 2):
+        assert not pixels.verify(sky, pixels.features(_jpeg(part)))[0]
+    w, h = photo.size
+    big = photo.crop((w // 10, h // 8, w - w // 10, h - h // 8))       # 60 % of the area
+    assert pixels.verify(whole, pixels.features(_jpeg(big, 80)))[0]
+    assert pixels.explain(whole, pixels.features(_jpeg(grid_crops(photo, 2, 2)[0])), {"min_share": 0.0})["copy"]
+
+
 def test_different_text_pages_are_rejected():
     rng = random.Random(1)
     a, b = text_page(rng), text_page(rng)              # same font, size and layout; other words

@@ -114,7 +114,10 @@ class SearchConfig:
     pairs: str = "forest"
     dense_cell: int = 512
     margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
-    nprobe: int = 8             # pq: IVF cells visited per query
+    nprobe: int = 8             # pq, and the cross search: IVF cells visited per query
+    cross_k: int = 16           # cross search (--against, decontaminate): nearest registered rows per
+                                # query by the IVF-PQ estimate, each re-scored exactly (k grows where
+                                # the k-th still matches)
     query_batch: int = 4096
 
     def validate(self) -> None:
@@ -126,8 +129,9 @@ class SearchConfig:
             raise ConfigError(f"search.method: {self.method!r}; known: cells, pq")
         if self.device not in ("auto", "numpy", "cpu", "cuda"):
             raise ConfigError(f"search.device: {self.device!r}; known: auto, numpy, cpu, cuda")
-        if self.max_cells < 1 or self.cells_per_task < 1 or self.cell_rows < 1:
-            raise ConfigError("search.max_cells / search.cells_per_task / search.cell_rows: must be >= 1")
+        if self.max_cells < 1 or self.cells_per_task < 1 or self.cell_rows < 1 or self.cross_k < 1:
+            raise ConfigError("search.max_cells / search.cells_per_task / search.cell_rows / search.cross_k: "
+                              "must be >= 1")
         if self.pairs not in ("forest", "all"):
             raise ConfigError(f"search.pairs: {self.pairs!r}; known: forest, all")
         if self.dense_cell < 2:
@@ -159,6 +163,13 @@ class GroupConfig:
     # dissimilar rows through intermediates are split. -1 disables the guard.
     min_rep_similarity: float | None = None   # None = search.threshold - 0.10 (verify.low - 0.10
                                               # where the pixel check runs)
+    # where the pixel check runs: every member is checked against its group's representative,
+    # by an accepted edge between them or else by the pixels of the two (the descriptor at
+    # search.threshold where an image has no pixel evidence); a member that fails is split off and
+    # regrouped with the others split off, so no member is in a group through a chain alone
+    member_check: bool = True
+    member_hops: int = 1        # 2: an accepted edge to a member that has one to the representative
+                                # also confirms (a bounded path instead of the pixels of the two)
     exact_bytes: bool = True    # rows with equal sha256 are duplicates even without vectors
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
     # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
@@ -173,6 +184,8 @@ class GroupConfig:
             raise ConfigError(f"group.representative: {self.representative!r}; known: quality, first")
         if self.duplicate_key not in ("image", "image+text"):
             raise ConfigError(f"group.duplicate_key: {self.duplicate_key!r}; known: image, image+text")
+        if self.member_hops not in (1, 2):
+            raise ConfigError(f"group.member_hops: {self.member_hops}; 1 (direct) or 2")
         if self.min_rep_similarity is not None and not -1.0 <= self.min_rep_similarity <= 1.0:
             raise ConfigError("group.min_rep_similarity: a cosine in [-1, 1]")
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
+from . import procs
 from .config import RayConfig
 
 
@@ -65,6 +66,7 @@ class RayExecutor:
     def __init__(self, cfg: RayConfig | None = None):
         self.cfg = cfg or RayConfig()
         self._started = False
+        self._guard = None
         # which node ran each shard task: {desc: {node_id: tasks}}; on_task(desc, done, total, node_id)
         # is called as each task finishes (a job's progress lines)
         self.tasks_by_node: dict[str, dict[str, int]] = {}
@@ -81,13 +83,16 @@ class RayExecutor:
         if self.cfg.address:
             ray.init(address=self.cfg.address, log_to_driver=False, runtime_env=env)
         else:
-            # address="local": always a fresh embedded instance, never a cluster started on this machine
+            # address="local": always a fresh embedded instance, never a cluster started on this machine;
+            # its processes end with this one, however it ends (procs.guard)
+            self._guard = procs.start_guard()
             with _loopback_only():
                 ray.init(address="local", num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
                          runtime_env=env,
                          object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
                          _node_ip_address="127.0.0.1", log_to_driver=False,
                          configure_logging=True, logging_level="warning")
+            procs.guard_add(self._guard, _ray_pids())
         self._started = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -171,6 +176,17 @@ class RayExecutor:
         import ray
         if self._started and ray.is_initialized():
             ray.shutdown()
+        if self._guard is not None:       # it stops what the shutdown left, then exits
+            self._guard.stdin.close()
+            self._guard.wait(timeout=30)
+            self._guard = None
+
+
+def _ray_pids() -> list[int]:
+    """The processes an embedded ray.init started (GCS, raylet, monitors), as Ray recorded them."""
+    import ray
+    node = getattr(ray._private.worker, "_global_node", None)   # None: the guard follows the driver's new children
+    return [info.process.pid for infos in getattr(node, "all_processes", {}).values() for info in infos]
 
 
 @contextmanager

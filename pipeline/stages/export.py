@@ -5,7 +5,9 @@ export/webdataset/NNNNN.tar     kept samples resharded to export.rows_per_shard 
                                 a source without tars (folder: webdataset_members) the kept files'
                                 bytes unchanged, sidecar caption as .txt, the row as .json
 export/webdataset/NNNNN.parquet the input parquet's rows for the tar's samples, in the tar's order
-                                (folder: key, sample, caption, sha256, width, height, uid)
+                                (a column typed differently in two input shards: binary where
+                                one is binary, else text; concat_rows) (folder: key, sample,
+                                caption, sha256, width, height, uid)
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative, similarity, removed_reason
 export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.io import Marker, write_json, write_npy, write_parquet
@@ -77,11 +78,10 @@ def export_shard(job: dict) -> dict:
                         seen.append(key)
             if found != wanted:
                 raise RuntimeError(f"{src_tar}: kept samples missing from the tar: {sorted(wanted - found)[:5]}")
-            meta = pq.read_table(src_parquet)
-            metas.append(meta.filter(pc.is_in(meta["key"].cast(pa.string()), pa.array(keys, pa.string()))))
+            metas.append(first_rows(pq.read_table(src_parquet), wanted))
     tmp.replace(dst)
     if metas:
-        meta = pa.concat_tables(metas, promote_options="permissive")
+        meta = concat_rows(metas)
     else:
         meta = pa.table({"key": pa.array([], pa.string())})
     if meta.num_rows:   # the parquet lists the samples in the tar's order
@@ -115,6 +115,39 @@ def export_members_shard(job: dict) -> dict:
                         ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("uid", pa.string())])
     write_parquet(dst.with_suffix(".parquet"), pa.Table.from_pylist(rows, schema=schema))
     return {"tar": dst.name, "samples": len(rows)}
+
+
+def first_rows(meta: pa.Table, keys: set[str]) -> pa.Table:
+    """The parquet rows of these keys, the first of each only: a key the parquet repeats is a row
+    ingest failed, never a second row of the kept sample."""
+    first: dict[str, int] = {}
+    for i, k in enumerate(meta["key"].cast(pa.string()).to_pylist()):
+        if k in keys:
+            first.setdefault(k, i)
+    return meta.take(sorted(first.values()))
+
+
+def concat_rows(metas: list[pa.Table]) -> pa.Table:
+    """The input parquets' rows of one output shard as one table. A column whose type differs
+    between them (integer keys in one shard, text in another; a binary caption column beside a
+    text one) is written in one type: binary where any of them is binary (lossless), else text."""
+    try:
+        return pa.concat_tables(metas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        pass
+    types: dict[str, set] = {}
+    for t in metas:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(f.type)
+    common = {name: pa.binary() if any(pa.types.is_binary(k) or pa.types.is_large_binary(k) for k in kinds)
+              else pa.string() for name, kinds in types.items() if len(kinds - {pa.null()}) > 1}
+    out = []
+    for t in metas:
+        for name, to in common.items():
+            if name in t.column_names:
+                t = t.set_column(t.schema.get_field_index(name), name, t[name].cast(to))
+        out.append(t)
+    return pa.concat_tables(out, promote_options="permissive")
 
 
 def plan_shards(keep, shards, out: Path, rows_per_shard: int) -> list[dict]:
@@ -180,7 +213,9 @@ def export_hf_shard(job: dict) -> dict:
     # the input's own per-row parquet, where the source has one (img2dataset): its other columns pass through
     meta = pq.read_table(job["parquet"]) if Path(job["parquet"]).is_file() else pa.table({"key": pa.array([], pa.string())})
     extra = [c for c in meta.column_names if c not in ("key", "url", "caption", "uid")]
-    by_key = {str(k): i for i, k in enumerate(meta["key"].to_pylist())} if "key" in meta.column_names else {}
+    by_key: dict[str, int] = {}         # a repeated key's first row: the one ingest kept
+    for i, k in enumerate(meta["key"].to_pylist() if "key" in meta.column_names else []):
+        by_key.setdefault(str(k), i)
     cols = {"image": pa.array([{"bytes": d, "path": r["member"]} for d, r in zip(data, rows)],
                               pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
             "text": pa.array([r["caption"] for r in rows], pa.string()),

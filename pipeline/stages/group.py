@@ -6,9 +6,10 @@ verify.sure (descriptor) and pairs in [verify.low, sure) the pixel check accepte
 (unionfind.py), fed in bounded chunks. Each group gets one representative by a deterministic
 rule: most pixels, then most bytes, then the smallest key (group.representative: quality), or
 the first row in input order (first). Chaining guard: a member less similar than
-`min_rep_similarity` to its representative is split off; the split-off members are regrouped
-among themselves (by the edges between them) and the rule repeats until every member is close
-to its representative.
+`min_rep_similarity` to its representative is split off, and where the pixel check runs
+(group.member_check) so is a member that is not a copy of its representative (no accepted edge
+between the two, and their pixels say no: MemberCheck); the split-off members are regrouped
+among themselves (by the edges between them) and the rule repeats until every member passes.
 Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
 nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind, pixel_score).
 The group id is the representative's gid: stable and deterministic.
@@ -77,20 +78,28 @@ def normalize_text(text) -> str:
 
 
 def group_nodes(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], store, guard: float,
-          max_rounds: int = 50):
+                confirm: Callable | None = None, max_rounds: int = 50):
     """Labels (representative node index per node) and each node's similarity to its representative.
-    `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass."""
+    `edges()` streams the edges as (a, b) node-index chunks; it is called once per pass.
+    `confirm(nodes, rep, sims)`, where given, says which of `nodes` are copies of their
+    representative (rep: every node's); it is asked once per (member, representative), for
+    members the guard keeps.
+    Members that fail either test are split off and regrouped among themselves; after
+    `max_rounds` any still failing stands alone."""
     n = len(gids)
     labels = components(n, edges())
-    sim = np.ones(n, np.float32)
+    asked = np.full(n, -1, np.int64)      # the representative a member was confirmed against
+    confirmed = np.zeros(n, bool)
     for _ in range(max_rounds):
         rep = representatives(labels, rank)
-        multi = np.nonzero(rep != np.arange(n))[0]
-        sim = np.ones(n, np.float32)
-        for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
-            m = multi[i:i + 65536]
-            sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[rep[m]]))
+        multi, sim = _rep_similarity(gids, rep, store)
         bad = sim < guard
+        if confirm is not None:
+            ask = multi[~bad[multi] & (asked[multi] != rep[multi])]
+            if len(ask):
+                confirmed[ask] = confirm(ask, rep, sim[ask])
+                asked[ask] = rep[ask]
+            bad[multi] |= ~confirmed[multi]
         if not bad.any():
             return rep, sim
         # regroup the split-off members among themselves, by edges inside their old component
@@ -104,7 +113,68 @@ def group_nodes(gids, rank, edges: Callable[[], Iterable[tuple[np.ndarray, np.nd
         labels = labels.copy()
         labels[idx] = labels.max() + 1 + components(len(idx), inside())
     rep = representatives(labels, rank)
+    multi, sim = _rep_similarity(gids, rep, store)
+    bad = sim < guard                         # still failing after max_rounds: alone
+    if confirm is not None:
+        bad[multi] |= ~confirmed[multi] | (asked[multi] != rep[multi])
+    rep[bad] = np.nonzero(bad)[0]
+    sim[bad] = 1.0
     return rep, sim
+
+
+def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes that are not their own representative, and every node's cosine to its
+    representative (1 for representatives)."""
+    n = len(gids)
+    multi = np.nonzero(rep != np.arange(n))[0]
+    sim = np.ones(n, np.float32)
+    for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
+        m = multi[i:i + 65536]
+        sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[rep[m]]))
+    return multi, sim
+
+
+class MemberCheck:
+    """confirm() for group_nodes where the pixel check runs: a member is a copy of its
+    representative when an accepted edge joins the two, else when the pixels of the two say so
+    (checked in parallel tasks over the verify stage's features), and where an image has no pixel
+    evidence (too few keypoints, or no features) when the descriptor reaches search.threshold.
+    Members of an earlier run's group (incremental runs) are taken as the guard left them: that
+    group's images belong to another run."""
+
+    def __init__(self, run: Run, ex, gids: np.ndarray, edges: Callable, n_own: int, hops: int = 1):
+        self.run, self.ex, self.gids, self.edges, self.n_own, self.hops = run, ex, gids, edges, n_own, hops
+        self.stats = {"member_checks": 0, "member_checks_direct": 0, "member_checks_two_hops": 0,
+                      "member_checks_pixels": 0, "member_checks_failed": 0, "member_check_s": 0.0}
+
+    def __call__(self, nodes: np.ndarray, rep: np.ndarray, sims: np.ndarray) -> np.ndarray:
+        t0 = time.time()
+        direct = np.zeros(len(self.gids), bool)      # an accepted edge to its representative
+        for a, b in self.edges():
+            direct[a[rep[a] == b]] = True
+            direct[b[rep[b] == a]] = True
+        ok = direct[nodes] | (rep[nodes] >= self.n_own)
+        n_direct = int(ok.sum())
+        if self.hops >= 2 and not ok.all():           # an accepted edge to a member that has one
+            via = np.zeros(len(self.gids), bool)
+            for a, b in self.edges():
+                same = rep[a] == rep[b]
+                via[a[same & direct[b]]] = True
+                via[b[same & direct[a]]] = True
+            ok |= via[nodes]
+        n_two = int(ok.sum()) - n_direct
+        todo = np.nonzero(~ok)[0]
+        if len(todo):
+            ok[todo] = verify.check_members(self.run, self.ex, self.gids[nodes[todo]],
+                                            self.gids[rep[nodes[todo]]], sims[todo])
+        s = self.stats
+        s["member_checks"] += len(nodes)
+        s["member_checks_direct"] += n_direct
+        s["member_checks_two_hops"] += n_two
+        s["member_checks_pixels"] += len(todo)
+        s["member_checks_failed"] += int((~ok).sum())
+        s["member_check_s"] = round(s["member_check_s"] + time.time() - t0, 3)
+        return ok
 
 
 class Edges:
@@ -241,16 +311,19 @@ def run(run: Run, ex, stats: dict) -> dict:
     store = run.vectors()
     old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
     edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
+    all_gids = np.concatenate([gids, old["group_ids"]]) if old is not None else gids
+    check = (MemberCheck(run, ex, all_gids, edges.pairs, n, cfg.group.member_hops)
+             if verify.active(run) and cfg.group.member_check else None)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
-        all_gids = np.concatenate([gids, old["group_ids"]])
         all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
-        rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity)
+        rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity,
+                                   check)
         rep, rep_sim = rep[:n], rep_sim[:n]
         group_ids = all_gids[rep]
         earlier = old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)   # earlier members of the group
         size = np.bincount(rep, minlength=len(all_gids))[rep] + earlier
     else:
-        rep, rep_sim = group_nodes(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity)
+        rep, rep_sim = group_nodes(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity, check)
         group_ids = gids[rep]
         size = np.bincount(rep, minlength=n)[rep]
 
@@ -284,7 +357,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     n_groups = int(len(np.unique(group_ids)))
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
     stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "verified_edges_read": n_verified,
-             "seconds": round(time.time() - t0, 3)}
+             "seconds": round(time.time() - t0, 3), **(check.stats if check is not None else {})}
     if old is not None:
         stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
                      earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))

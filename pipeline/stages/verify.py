@@ -194,11 +194,11 @@ class FeatureStore:
         return None if i is None else unpack(z, i)
 
 
-def _decide(pixels, fa, fb) -> tuple[int, float]:
+def _decide(pixels, fa, fb, missing: int = 0) -> tuple[int, float]:
     """(decision, score) of one pair: 1 copy, 0 not, NO_EVIDENCE where an image has too little
-    local structure to check; an image that could not be read counts as not a copy."""
+    local structure to check; an image without features (could not be read) gives `missing`."""
     if fa is None or fb is None:
-        return 0, 0.0
+        return missing, 0.0 if missing == 0 else float("nan")
     if min(len(fa.xy), len(fb.xy)) < MIN_KEYPOINTS:
         return NO_EVIDENCE, float("nan")
     ok, score = pixels.verify(fa, fb)
@@ -232,6 +232,29 @@ def decide_file(job: dict) -> dict:
     path = write_parquet(Path(job["out"]), table)
     Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked, accepted=accepted)
     return {"checked": checked, "accepted": accepted, "seconds": time.time() - t0}
+
+
+def decide_members(job: dict) -> dict:
+    """Decisions for (member, representative) pairs the group stage asks about."""
+    from ..lib import pixels
+    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
+    out = [_decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE) for a, b in zip(job["a"], job["b"])]
+    return {"pixels": [d for d, _ in out]}
+
+
+def check_members(run: Run, ex, members: np.ndarray, reps: np.ndarray, sims: np.ndarray,
+                  per_task: int = 2048) -> np.ndarray:
+    """Is each member a copy of its representative? The pixels decide; where an image has no
+    pixel evidence (or no features: a row no candidate pair needed), the descriptor at
+    search.threshold. Tasks of `per_task` pairs, grouped by the representative's shard."""
+    files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
+    order = np.lexsort((members >> 32, reps >> 32))
+    jobs = [{"a": members[order[i:i + per_task]].tolist(), "b": reps[order[i:i + per_task]].tolist(),
+             "features": files} for i in range(0, len(order), per_task)]
+    dec = np.empty(len(members), np.int8)
+    done = ex.map(decide_members, jobs, desc="group: members vs representatives", num_cpus=1)
+    dec[order] = np.concatenate([np.array(r["pixels"], np.int8) for r in done]) if done else []
+    return accepted(sims, dec, -np.inf, run.cfg.verify.sure, run.cfg.search.threshold)
 
 
 def decide_cross(job: dict) -> dict:

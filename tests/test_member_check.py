@@ -1,0 +1,57 @@
+"""Groups that never hold two distinct images (a folder of real photos through the whole pipeline):
+each image below is a copy of the next (they share half or more of each other's content), yet
+the last holds too little of the first to be a copy of it. Connected components chain the three;
+the member check splits off the row that is not a copy of the row the group keeps."""
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageOps
+
+from dedup2b.core import config
+from dedup2b.core.executor import LocalExecutor
+from dedup2b.driver import run_stages
+from dedup2b.stages import open_run
+
+
+def _strip(parts: list[Image.Image]) -> Image.Image:
+    w, h = parts[0].size
+    out = Image.new("RGB", (w * len(parts), h))
+    for k, p in enumerate(parts):
+        out.paste(p, (k * w, 0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A strip of three panels (a photo, its mirror image, its upside-down image: equally rich in
+    detail), its last two panels, and the last panel alone: each shares half or more of its
+    neighbour's content, the single panel only a third of the strip's."""
+    import skimage.data
+    root = tmp_path_factory.mktemp("chain")
+    photo = Image.fromarray(skimage.data.coffee()).convert("RGB")
+    panels = [photo, ImageOps.mirror(photo), ImageOps.flip(photo)]
+    for name, img in {"a_strip": _strip(panels), "b_two_panels": _strip(panels[1:]), "c_one_panel": panels[2],
+                      "d_other": Image.fromarray(skimage.data.chelsea())}.items():
+        img.save(root / f"{name}.png")
+    return root
+
+
+def test_a_member_that_is_not_a_copy_of_the_kept_row_is_split_off(folder, tmp_path):
+    found = {}
+    for check in ("true", "false"):   # verify.low 0: every pair is a candidate (a strip and one of
+                                      # its panels are far apart in a global descriptor)
+        cfg = config.build(None, [f"group.member_check={check}", "verify.low=0.0"], tmp_path / check,
+                           {"input.path": str(folder)})
+        stats = run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify", "group"])
+        run = open_run(cfg)
+        rows = pq.read_table(run.group_rows_file()).to_pandas()
+        ing = run.ingest_table(columns=["gid", "key"]).to_pandas().set_index("gid")["key"]
+        rows["key"] = rows["gid"].map(ing)
+        groups = rows.groupby("group_id")["key"].apply(lambda k: tuple(sorted(k))).tolist()
+        found[check] = (sorted(groups), stats)
+    chained, checked = found["false"][0], found["true"][0]
+    # the chain is there: without the check the crop of the crop joins the photo's group
+    assert ("a_strip.png", "b_two_panels.png", "c_one_panel.png") in chained, chained
+    assert ("a_strip.png", "b_two_panels.png") in checked and ("c_one_panel.png",) in checked, checked
+    assert ("d_other.png",) in checked
+    group_stats = found["true"][1]["group"]
+    assert group_stats["member_checks_pixels"] >= 1 and group_stats["member_checks_failed"] >= 1
