@@ -1,5 +1,6 @@
 """`dedup2b` command line: the whole pipeline, each stage on its own, decontamination, threshold
-calibration, lookups of images in a built index (find), the demo, and status."""
+calibration, lookups of images in a built index (find), removal requests (remove), the demo, and
+status."""
 from __future__ import annotations
 
 import argparse
@@ -161,21 +162,31 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_find(args) -> int:
-    """Rows of a built index that copy the given images: a table, and --out as parquet."""
+def _query_images(images) -> None:
     from . import lookup
-    files, missing = lookup.image_files(args.images)
+    files, missing = lookup.image_files(images)
     if not files and not missing:
         raise lookup.FindError("no images given (image files, or folders holding jpg, jpeg, png, webp, gif, "
                                "bmp, tif or tiff files)")
+
+
+def _verifier(no_pixels: bool):
+    """The pixel check of a match (lib/pixels.py), where the index's rows have images; None: skipped."""
+    if no_pixels:
+        return None
+    from .lib import pixels
+    return lambda q, row: pixels.verify_bytes(q, row["image"])
+
+
+def cmd_find(args) -> int:
+    """Rows of a built index that copy the given images: a table, and --out as parquet."""
+    from . import lookup
+    _query_images(args.images)
     index = lookup.open_index(lookup.index_folder(args.index))
-    verify = None
-    if not args.no_pixels:     # the pixel check where the index's rows have images (lib/pixels.py)
-        from .lib import pixels
-        verify = lambda q, row: pixels.verify_bytes(q, row["image"])   # noqa: E731
+    verify = _verifier(args.no_pixels)
     matches = lookup.find(index, args.images, threshold=args.threshold, verify=verify)
     if not matches.attrs["queries"]:
-        raise lookup.FindError(f"none of the {len(files) + len(missing)} given files could be read as an image")
+        raise lookup.FindError("none of the given files could be read as an image")
     out = lookup.write(matches, args.out)
     print(f"index {index.folder} ({index.model}), {matches.attrs['queries']} query images, "
           f"threshold {matches.attrs['threshold']:.3f} ({matches.attrs['threshold_from']})")
@@ -190,6 +201,33 @@ def cmd_find(args) -> int:
                   "checked rows confirmed as copies (pixel_check in the table); rows without images unchecked")
     print(f"  matches table   {out.resolve()}")
     return 0
+
+
+def cmd_remove(args) -> int:
+    """A removal request: the rows (copies of images, or keys with their groups) logged in the
+    index's requests/, then every registered run's report and export again without them."""
+    from . import lookup, removal
+    from .core.executor import open_executor
+    if args.images:
+        _query_images(args.images)
+    keys = removal.read_keys(args.keys) if args.keys else None
+    folder = lookup.index_folder(args.index)
+    with open_executor(args.executor) as ex:
+        out = removal.remove(folder, images=args.images or None, keys=keys, threshold=args.threshold,
+                             verify=_verifier(args.no_pixels), ex=ex)
+    print(f"request {out['request']}: {out['rows']} rows removed "
+          f"({', '.join(f'{n} by {v}' for v, n in out['rows_by_via'].items()) or 'none in the index'})")
+    if out.get("rejected_by_pixels"):
+        print(f"  pixel check     {out['rejected_by_pixels']} descriptor matches are no copies by pixels: kept")
+    if out.get("keys_not_in_index"):
+        print(f"  keys not found  {out['keys_not_in_index']} (kept in the request: a later run that ingests "
+              "them removes them)")
+    for r in out["runs"]:
+        if "error" not in r:
+            print(f"  run             {r['run_dir']}: kept {r['kept']}, removed {r['removed']} "
+                  f"({r['removed_by_request']} by request), failed {r['failed']}")
+    print(f"  request log     {out['log']}")
+    return 0 if all("error" not in r for r in out["runs"]) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="find.parquet", help="the matches as parquet (default find.parquet)")
     p.add_argument("--no-pixels", action="store_true",
                    help="skip the pixel check of each match (by default done where the rows' images are at hand)")
+    p = sub.add_parser("remove", help="a removal request (takedown, opt-out): every copy of the given images, "
+                       "or the listed keys, with their duplicate groups, logged in the index (requests/) and "
+                       "removed from its runs' exports; later incremental runs keep them out")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    what.add_argument("--keys", metavar="FILE", help="a text file of keys, one a line")
+    p.add_argument("--index", required=True, metavar="NAME_OR_PATH", help="the index: indexes/NAME, or an index folder")
+    p.add_argument("--threshold", type=float, help="exact cosine for a copy (default: the index's run threshold)")
+    p.add_argument("--no-pixels", action="store_true", help="skip the pixel check of each image match")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray")
     return ap
 
 
@@ -254,6 +302,8 @@ def main(argv=None) -> int:
             return cmd_calibrate(args)
         if args.cmd == "find":
             return cmd_find(args)
+        if args.cmd == "remove":
+            return cmd_remove(args)
         if args.cmd == "status":
             for stage, info in status(args.run_dir).items():
                 print(f"{stage:8s} {info}")

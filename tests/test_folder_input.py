@@ -1,7 +1,10 @@
 """A folder of images as input (real demo photos and their copies, nested folders, sidecar
 captions, a link out of the tree, a broken file): detected, grouped like the same images in
-img2dataset shards, keys = relative paths, every file accounted for."""
+img2dataset shards, keys = relative paths, every file accounted for; the webdataset export read back
+byte for byte."""
+import json
 import os
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,7 +59,32 @@ def test_a_folder_tree_is_detected_and_deduplicated(tree, tmp_path):
     hf = pq.read_table(cfg.run_path / "export" / "hf").to_pandas()
     assert sorted(hf.key) == sorted(keep.key)
     assert all(r["image"]["bytes"] == (root / r["key"]).read_bytes() for _, r in hf.iterrows())
-    assert "no tar shards" in stats["export"]["webdataset"]
+    # webdataset: a sample per kept file, its bytes, sidecar caption and row, read back from the tars
+    wds = cfg.run_path / "export" / "webdataset"
+    members = {}
+    for tar in sorted(wds.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            members.update({m.name: t.extractfile(m).read() for m in t})
+    want = {}
+    for key in keep.key:
+        sample = folder.sample_name(key)
+        want[f"{sample}.{key.rpartition('.')[2]}"] = (root / key).read_bytes()
+        side = (root / key).with_suffix(".txt")
+        if side.exists():
+            want[f"{sample}.txt"] = side.read_bytes()
+    assert {k: v for k, v in members.items() if not k.endswith(".json")} == want
+    metas = [json.loads(v) for k, v in members.items() if k.endswith(".json")]
+    assert sorted(m["key"] for m in metas) == sorted(keep.key) and stats["export"]["exported"] == len(keep)
+    assert sum(json.loads((wds / "sizes.json").read_text()).values()) == len(keep)
+    assert sorted(pq.read_table(next(wds.glob("*.parquet"))).to_pandas().key) == sorted(keep.key)
+    assert "webdataset" not in stats["export"]
+
+
+def test_sample_names_keep_every_file_apart():
+    names = ["cats/a.jpg", "cats/a.png", "v1.0/b.c.jpg", "x%2Ejpg.jpg"]
+    got = [folder.sample_name(n) for n in names]
+    assert got == ["cats/a%2Ejpg", "cats/a%2Epng", "v1.0/b%2Ec%2Ejpg", "x%252Ejpg%2Ejpg"]
+    assert len(set(got)) == len(got) and all("." not in g.rpartition("/")[2] for g in got)
 
 
 def test_reads_never_follow_a_link_out_of_the_tree(tree):

@@ -55,3 +55,37 @@ def test_a_member_that_is_not_a_copy_of_the_kept_row_is_split_off(folder, tmp_pa
     assert ("d_other.png",) in checked
     group_stats = found["true"][1]["group"]
     assert group_stats["member_checks_pixels"] >= 1 and group_stats["member_checks_failed"] >= 1
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory, folder):
+    """The chain above, plus a photo and four copies of it (JPEG at three qualities, mirrored)."""
+    import shutil
+
+    import skimage.data
+    root = tmp_path_factory.mktemp("copies")
+    for f in folder.iterdir():
+        shutil.copy(f, root / f.name)
+    cat = Image.fromarray(skimage.data.chelsea())
+    for q in (90, 70, 50):
+        cat.save(root / f"cat_q{q}.jpg", quality=q)
+    ImageOps.mirror(cat).save(root / "cat_mirror.png")
+    return root
+
+
+def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp_path):
+    """verify.skip_connected: pairs are checked most similar first and a pair whose rows accepted
+    edges already connect is not checked; the groups are those of checking every pair."""
+    folder = copies
+    found = {}
+    for skip in ("true", "false"):
+        cfg = config.build(None, [f"verify.skip_connected={skip}", "verify.low=0.0"], tmp_path / skip,
+                           {"input.path": str(folder)})
+        stats = run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify", "group"])
+        run = open_run(cfg)
+        rows = pq.read_table(run.group_rows_file()).to_pandas()
+        found[skip] = (sorted(rows.groupby("group_id")["gid"].apply(lambda g: tuple(sorted(g))).tolist()),
+                       stats["verify"])
+    assert found["true"][0] == found["false"][0]
+    assert found["true"][1]["pairs_implied"] >= 1
+    assert found["true"][1]["pairs_checked"] + found["true"][1]["pairs_implied"] == found["false"][1]["pairs_checked"]

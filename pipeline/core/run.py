@@ -19,6 +19,7 @@ Layout under run_dir (LAYOUT, recorded in manifest.json; a run dir of another la
 and in the index folder (index_dir, default indexes/<run name>):
   codec.json, projection.npy, centroids.npy [, index.faiss]   the index stage
   registry/                           the register stage: rows a later run can search against
+  requests/                           `dedup2b remove`: the removal requests (lib/requests.py)
 Each stage folder has _done/UNIT.json markers, written last.
 """
 from __future__ import annotations
@@ -43,6 +44,10 @@ class StaleRunError(RuntimeError):
     """The run directory was made with another config or layout; outputs must not be mixed."""
 
 
+# a FIELDS entry that is no config field: the stage reads the index's removal requests, and their
+# version (lib/requests.version) joins its fingerprint; no request: the fingerprint is the config's
+REQUESTS = "requests"
+
 # config fields a run may change between resumes: how the work runs, not what it outputs
 RESUMABLE_FIELDS = ("ray.", "export.", "embed.batch_size", "embed.actors", "embed.threads", "embed.decode_cpus")
 
@@ -65,14 +70,25 @@ class Run:
 
     # ---- resume protocol -----------------------------------------------------------------------
     def fingerprint(self, stage: str) -> str:
-        return self.cfg.fingerprint(self.stage_fields[stage])
+        fields = self.stage_fields[stage]
+        fp = self.cfg.fingerprint(tuple(f for f in fields if f != REQUESTS))
+        if REQUESTS in fields:
+            from ..lib import requests
+            version = requests.version(self.index_folder())
+            if version:
+                fp = hashlib.sha256(f"{fp}:{version}".encode()).hexdigest()[:16]
+        return fp
+
+    def index_folder(self) -> Path:
+        """The index this run registers into: its own, or the one an incremental run extends."""
+        return Path(self.cfg.against or self.cfg.index_path)
 
     def dir(self, stage: str) -> Path:
         """The one folder a stage writes (its outputs and its _done markers)."""
         if stage == "index":
             return self.cfg.index_path
         if stage == "register":    # an incremental run extends the index it searched against
-            return Path(self.cfg.against or self.cfg.index_path) / "registry"
+            return self.index_folder() / "registry"
         return self.root / stage
 
     def marker(self, stage: str, unit: str) -> Marker:

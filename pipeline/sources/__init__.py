@@ -16,6 +16,8 @@
     copy_rows(shard, members, out) (optional: sources whose rows are parquet rows) the rows of those
                                    members written to `out` with the input file's own schema; the
                                    hf export then keeps the input's columns unchanged
+    webdataset_members(shard, row) (optional: image sources without tar shards) a kept row as
+                                   webdataset members (name, bytes, mtime), bytes unchanged
   vector sources also:
     unit_vectors(shard, rows, cfg) the input's vectors of those rows as fp16 unit vectors
     in_place(shard, rows, cfg)     the input's own vector file where the run reads it as it is

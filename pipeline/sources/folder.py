@@ -6,11 +6,16 @@ where one exists. Files are taken in sorted path order, FILES_PER_SHARD to a sha
 files [i*N, (i+1)*N) of that order), so the tree must not change while a run works on it; the
 report's invariant counts the files again. A link that leads out of the root is a failed row
 (its bytes are never read); other files (sidecars, anything not an image) are not rows.
+
+The webdataset export writes a kept file as a sample (webdataset_members): its bytes unchanged
+under its own extension, its sidecar caption as .txt, a .json of the row; the sample's name is
+the key with the dots of its file name escaped (sample_name), the key itself is in the .json.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +26,7 @@ from .base import SCHEMA, InputError, Shard, content_uid, make_gid
 
 FORMAT = "folder"
 HAS_IMAGES = True
-TAR_SHARDS = False      # the webdataset export copies tar members; a folder has none (keep / hf exports)
+TAR_SHARDS = False      # no tar members to copy: the webdataset export writes webdataset_members
 LOOKS_FOR = "image files (jpg, png, webp, gif, bmp, tiff) anywhere in a folder tree"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 FILES_PER_SHARD = 10_000
@@ -133,4 +138,31 @@ def read_images(shard: Shard, wanted: dict) -> list[tuple[object, bytes]]:
         path = inside(shard.data, rel)
         if path is not None:
             out.append((wanted[rel], path.read_bytes()))
+    return out
+
+
+def sample_name(key: str) -> str:
+    """The webdataset sample name of a key (a relative path): dots of its file name (extension
+    included, so `a.jpg` and `a.png` stay two samples) written %2E, `%` as %25. webdataset takes a
+    sample's name up to the first dot of the member's file name; folders may hold dots."""
+    folder, _, name = key.rpartition("/")
+    name = name.replace("%", "%25").replace(".", "%2E")
+    return f"{folder}/{name}" if folder else name
+
+
+def webdataset_members(shard: Shard, row: dict) -> list[tuple[str, bytes, float]]:
+    """A kept row as webdataset members (name, bytes, mtime): the image file's bytes under its own
+    extension, the sidecar caption's bytes as `.txt` where it has one, and a `.json` of the row
+    (key = relative path, caption, sha256, width, height, uid). Nothing is re-encoded."""
+    root, rel = shard.data, row["key"]
+    path = inside(root, rel)
+    if path is None:
+        raise FileNotFoundError(f"{root / rel}: kept file no longer in the tree")
+    sample = sample_name(rel)
+    out = [(f"{sample}.{rel.rpartition('.')[2].lower()}", path.read_bytes(), path.stat().st_mtime)]
+    side = inside(root, rel.rpartition(".")[0] + ".txt")
+    if side is not None:
+        out.append((f"{sample}.txt", side.read_bytes(), side.stat().st_mtime))
+    meta = {k: row.get(k) for k in ("key", "caption", "sha256", "width", "height", "uid")}
+    out.append((f"{sample}.json", json.dumps(meta, ensure_ascii=False).encode(), 0.0))
     return out

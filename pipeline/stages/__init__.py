@@ -4,7 +4,8 @@ per-stage subcommands and `jobs/stage.py` are derived from.
 Every stage module has the same shape (the Stage protocol):
     NAME                  its name: CLI subcommand, stats key, folder (Run.dir(NAME))
     FIELDS                the config fields its outputs depend on, its inputs' included: their
-                          hash is the fingerprint in its done markers
+                          hash is the fingerprint in its done markers; the entry "requests"
+                          adds the version of the index's removal requests (core.run.REQUESTS)
     units(run)            the done markers (core.io.Marker) that say its work is complete
     run(run, ex, stats)   do the pending work with executor `ex`; `stats` holds the earlier stages'
                           stats; returns this stage's stats

@@ -1,10 +1,13 @@
 """export: the kept rows, losslessly, selected by key (never by position).
 
 export/webdataset/NNNNN.tar     kept samples resharded to export.rows_per_shard (0: one per input shard),
-                                every member (image, .txt, .json) byte-identical, in input order
+                                every member (image, .txt, .json) byte-identical, in input order; for
+                                a source without tars (folder: webdataset_members) the kept files'
+                                bytes unchanged, sidecar caption as .txt, the row as .json
 export/webdataset/NNNNN.parquet the input parquet's rows for the tar's samples, in the tar's order
                                 (a column typed differently in two input shards: binary where
-                                one is binary, else text; concat_rows)
+                                one is binary, else text; concat_rows) (folder: key, sample,
+                                caption, sha256, width, height, uid)
 export/webdataset/sizes.json    samples per tar (open_clip reads it for the sample count)
 export/keep.parquet, remove.parquet   keys with group id, representative, similarity, removed_reason
 export/hf/NNNNN.parquet         HF-style: image {bytes, path} embedded, text, key, url, uid, group_id,
@@ -16,6 +19,7 @@ export/subset.npy               DataComp-style sorted uid array (two uint64 halv
 """
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -29,7 +33,8 @@ from ..core.run import Run
 from ..sources import Shard, source_for
 
 NAME = "export"
-FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "export", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "export", "against", "decontaminate",
+          "requests")
 
 
 def units(run: Run) -> list[Marker]:
@@ -86,6 +91,32 @@ def export_shard(job: dict) -> dict:
     return {"tar": dst.name, "samples": len(seen)}
 
 
+def export_members_shard(job: dict) -> dict:
+    """Write one output shard from a source without tars: each kept row's members as the source
+    gives them (webdataset_members: bytes unchanged), and a parquet of the rows in the tar's order."""
+    dst = Path(job["out"])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    source = source_for(job["format"])
+    rows = []
+    with tarfile.open(tmp, "w") as out:
+        for index, name, root, part in job["sources"]:
+            shard = Shard(index, name, Path(root), Path(root))
+            for row in part:
+                members = source.webdataset_members(shard, row)
+                for member, data, mtime in members:
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+                    out.addfile(info, io.BytesIO(data))
+                rows.append({"key": row["key"], "sample": members[0][0].rpartition(".")[0],
+                             **{k: row.get(k) for k in ("caption", "sha256", "width", "height", "uid")}})
+    tmp.replace(dst)
+    schema = pa.schema([("key", pa.string()), ("sample", pa.string()), ("caption", pa.string()),
+                        ("sha256", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("uid", pa.string())])
+    write_parquet(dst.with_suffix(".parquet"), pa.Table.from_pylist(rows, schema=schema))
+    return {"tar": dst.name, "samples": len(rows)}
+
+
 def first_rows(meta: pa.Table, keys: set[str]) -> pa.Table:
     """The parquet rows of these keys, the first of each only: a key the parquet repeats is a row
     ingest failed, never a second row of the kept sample."""
@@ -138,6 +169,23 @@ def plan_shards(keep, shards, out: Path, rows_per_shard: int) -> list[dict]:
     return jobs
 
 
+def member_jobs(run: Run, keep, jobs: list[dict]) -> list[dict]:
+    """plan_shards' jobs for a source without tars: each source shard's kept rows with the ingest's
+    columns (caption, sha256, width, height, uid), instead of tar paths."""
+    ingest = run.ingest_table(columns=["gid", "shard", "key", "caption", "sha256", "width", "height", "uid"])
+    ingest = ingest.filter(pc.is_in(ingest["gid"], pa.array(keep["gid"].to_numpy(np.int64))))
+    by_key = {r["key"]: r for r in ingest.to_pylist()}
+    out = []
+    for job in jobs:
+        sources = []
+        for _, _, keys in job["sources"]:
+            part = [by_key[k] for k in keys]
+            shard = run.shard_by_name[part[0]["shard"]]
+            sources.append((shard.index, shard.name, str(shard.data), part))
+        out.append({"out": job["out"], "format": run.cfg.input.format, "sources": sources})
+    return out
+
+
 _HF_DTYPES = {"string": "string", "large_string": "string", "int64": "int64", "int32": "int32",
               "double": "float64", "float": "float32", "bool": "bool"}
 
@@ -188,10 +236,14 @@ def export_hf_shard(job: dict) -> dict:
 
 
 def run(run: Run, ex, stats: dict) -> dict:
+    if not run.marker("report", "report").valid(run.fingerprint("report")):
+        # e.g. a removal request logged since the report ran: its samples would export rows it removes
+        raise RuntimeError(f"{run.report_dir()}: the report is not done for this config and the index's "
+                           "removal requests; run `dedup2b report` (or `dedup2b run`) first")
     out = run.export_dir()
     samples = pq.read_table(run.report_dir() / "samples.parquet").to_pandas()
     ok = samples[samples["status"] == "ok"]
-    removed = ok["removed_reason"].notna()   # duplicate, or eval_leak (decontamination)
+    removed = ok["removed_reason"].notna()   # duplicate, eval_leak (decontamination), request (dedup2b remove)
     keep, remove = ok[~removed], ok[removed]
     cols = ["key", "uid", "gid", "shard", "group_id", "representative_key", "rep_similarity", "removed_reason"]
     files = {}
@@ -202,14 +254,18 @@ def run(run: Run, ex, stats: dict) -> dict:
         write_npy(out / "subset.npy", np.sort(uids, order=["hi", "lo"]))
     exported = 0
     stats_note = {}
-    if "webdataset" in run.cfg.export.formats and run.source.HAS_IMAGES and not run.source.TAR_SHARDS:
+    members = hasattr(run.source, "webdataset_members")       # no tars, but files to write as samples
+    if "webdataset" in run.cfg.export.formats and run.source.HAS_IMAGES and not (run.source.TAR_SHARDS or members):
         stats_note["webdataset"] = (f"not written: {run.cfg.input.format} input has no tar shards to copy; "
                                     "keep.parquet lists the kept files, hf holds their bytes")
-    if "webdataset" in run.cfg.export.formats and run.source.TAR_SHARDS:
+    if "webdataset" in run.cfg.export.formats and (run.source.TAR_SHARDS or members):
         for stale in (out / "webdataset").glob("*") if (out / "webdataset").exists() else []:
             stale.unlink()              # a changed rows_per_shard must not leave old shards behind
         jobs = plan_shards(keep, run.shards, out / "webdataset", run.cfg.export.rows_per_shard)
-        results = ex.map(export_shard, jobs, desc="export", num_cpus=1)
+        if run.source.TAR_SHARDS:
+            results = ex.map(export_shard, jobs, desc="export", num_cpus=1)
+        else:
+            results = ex.map(export_members_shard, member_jobs(run, keep, jobs), desc="export", num_cpus=1)
         files = {r["tar"]: r["samples"] for r in results}
         write_json(out / "webdataset" / "sizes.json", files)
         exported = sum(files.values())

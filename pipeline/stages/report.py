@@ -10,8 +10,9 @@ report/groups.parquet      groups of 2+ rows: group_id, size, representative_key
 report/histogram.parquet   groups per group size; similarity.parquet: candidate-pair similarities
 report/histogram.png       both, log-log sizes and the similarity distribution with the threshold
 report/leaks.parquet       decontamination: eval_set, eval_key, key, url, caption, group_id, similarity
-samples.parquet's removed_reason says why a row is not kept: duplicate, or eval_leak (its group
-holds a near duplicate of an evaluation row: the whole group goes)
+samples.parquet's removed_reason says why a row is not kept: duplicate, eval_leak (its group
+holds a near duplicate of an evaluation row: the whole group goes), or request (a removal request
+in the index's requests/ names the row, its group or its key: `dedup2b remove`, lib/requests.py)
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ import pyarrow.parquet as pq
 
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
 from ..core.run import Run
-from ..lib import gallery, registry
+from ..lib import gallery, registry, requests
 from . import verify
 
 NAME = "report"
-FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate")
+FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against", "decontaminate", "requests")
 
 
 def units(run: Run) -> list[Marker]:
@@ -97,7 +98,10 @@ class Groups:
 
     def __init__(self, run: Run):
         self.leaked = np.unique(verify.cross_pairs(run, "leaks")["gid"].to_numpy())
-        parts, refs, leak_groups = [], [], []
+        req = requests.read(run.index_folder())
+        self.requests = req.count
+        self.request_gids = np.union1d(req.gids, rows_with_keys(run, req.keys))
+        parts, refs, leak_groups, request_groups = [], [], [], [req.groups]
         self.singletons = 0
         for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
                 1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"]):
@@ -107,9 +111,11 @@ class Groups:
             self.singletons += int((~multi).sum())
             refs.append(t["nearest_gid"].dropna().to_numpy(np.int64))
             leak_groups.append(t.loc[t["gid"].isin(self.leaked), "group_id"].to_numpy(np.int64))
+            request_groups.append(t.loc[t["gid"].isin(self.request_gids), "group_id"].to_numpy(np.int64))
         self.members = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             {"gid": [], "group_id": [], "group_size": [], "rep_similarity": []})
         self.leak_groups = np.unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
+        self.request_groups = np.unique(np.concatenate(request_groups))
         m = self.members
         self.refs = np.unique(np.concatenate([m["gid"].to_numpy(np.int64), m["group_id"].to_numpy(np.int64), *refs]))
         agg = m.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"),
@@ -121,6 +127,18 @@ class Groups:
     @property
     def count(self) -> int:
         return self.singletons + len(self.table)
+
+
+def rows_with_keys(run: Run, keys) -> np.ndarray:
+    """gids of this run's rows whose key is one of `keys` (read shard by shard)."""
+    if not keys:
+        return np.zeros(0, np.int64)
+    want = pa.array(sorted(keys), pa.string())
+    parts = [np.zeros(0, np.int64)]
+    for name in run.shard_names():
+        t = pq.read_table(run.ingest_file(name), columns=["gid", "key"])
+        parts.append(t.filter(pc.is_in(t["key"], want))["gid"].to_numpy())
+    return np.concatenate(parts).astype(np.int64)
 
 
 def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
@@ -162,8 +180,10 @@ def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.Data
     # decontamination: a row near an evaluation item leaks it; its whole group is removed
     df["is_leak"] = (ok & df["gid"].isin(groups.leaked)).astype("boolean")
     df.loc[~ok, "is_leak"] = pd.NA
-    reason = np.where(df["group_id"].isin(groups.leak_groups), "eval_leak",
-                      np.where(df["is_duplicate"].fillna(False).astype(bool), "duplicate", None))
+    # a removal request (its rows, their groups, its keys) goes first: those rows never come back
+    requested = df["group_id"].isin(groups.request_groups) | df["gid"].isin(groups.request_gids)
+    reason = np.where(requested, "request", np.where(df["group_id"].isin(groups.leak_groups), "eval_leak",
+                      np.where(df["is_duplicate"].fillna(False).astype(bool), "duplicate", None)))
     df["removed_reason"] = pd.array(np.where(ok, reason, None), dtype="string")
     return df.sort_values("gid").reset_index(drop=True)
 
@@ -374,6 +394,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
         "kept": kept, "removed": removed,
         "invariant_holds": True,   # checked above (invariant), before any report was written
         "removed_by_reason": dict(tally.removed_by.most_common()),
+        "removal_requests": groups.requests,    # requests in the index's log applied (dedup2b remove)
         # incremental runs: rows removed because they copy rows of earlier runs (their groups grew)
         "rows_joining_earlier_groups": groups.joining,
         "eval_leaks": {name: {"eval_items_leaked": int(part["eval_key"].nunique()), "pairs": int(len(part)),

@@ -8,8 +8,9 @@ checked on the images themselves; pairs at or above `sure` are taken on the desc
   2. decide (a task per search pair file): each pair's decision, aligned row by row with the
      pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
      1 accepted, 2 no pixel evidence: an image without local structure, see MIN_KEYPOINTS, left
-     to the descriptor at search.threshold) and pixel_score (the verifier's score; NaN where not
-     checked)
+     to the descriptor at search.threshold, 3 implied: not checked, the accepted edges checked
+     before it, most similar first, already connect its rows; verify.skip_connected) and
+     pixel_score (the verifier's score; NaN where not checked)
   3. the same for the pairs against other runs' indexes (decontamination leaks, an incremental
      run's matches with earlier rows): the other side's images read back from its run's input
      -> verify/cross/<kind>/<pair file name>
@@ -38,6 +39,7 @@ NAME = "verify"
 # Measured: the demo's colour wheel has 3-17 keypoints; photos, text, tiny upsampled faces 500+.
 MIN_KEYPOINTS = 20
 NO_EVIDENCE = 2
+IMPLIED = 3      # not checked: accepted edges checked before it already connect its two rows
 FIELDS = ("input", "embed.model", "codec", "search", "verify", "against", "decontaminate")
 CHUNK = 1 << 20
 
@@ -211,27 +213,57 @@ def accepted(sim: np.ndarray, dec: np.ndarray, low: float, sure: float, threshol
     return (sim >= sure) | ((sim >= low) & ((dec == 1) | ((dec == NO_EVIDENCE) & (sim >= threshold))))
 
 
+class _Forest:
+    """Union-find over a pair file's rows (Python ints: one find per checked pair)."""
+
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        while p[x] != x:
+            p[x] = p[p[x]]
+            x = p[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
 def decide_file(job: dict) -> dict:
-    """Decisions for one pair file, aligned with its rows."""
+    """Decisions for one pair file, aligned with its rows. With `skip_connected`, pairs are checked
+    from the most similar down and a pair whose rows the accepted edges before it already connect
+    is not checked (IMPLIED): its edge could not change any component, and the group stage checks
+    every member against its representative anyway. A group of n copies then costs about n checks,
+    not n^2 / 2."""
     from ..lib import pixels
     t0 = time.time()
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
-    dec, score = [], []
-    checked = accepted = 0
-    for a, b, sel in _band_pairs(Path(job["pairs"]), job["low"], job["sure"]):
-        d = np.full(len(sel), -1, np.int8)
-        s = np.full(len(sel), np.nan, np.float32)
-        rows = np.flatnonzero(sel)
-        for r, ga, gb in zip(rows, a, b):
-            d[r], s[r] = _decide(pixels, store.get(ga), store.get(gb))
-            checked += 1
-            accepted += int(d[r] == 1)
-        dec.append(d); score.append(s)
-    table = pa.table({"pixels": np.concatenate(dec or [np.zeros(0, np.int8)]),
-                      "pixel_score": np.concatenate(score or [np.zeros(0, np.float32)])})
-    path = write_parquet(Path(job["out"]), table)
-    Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked, accepted=accepted)
-    return {"checked": checked, "accepted": accepted, "seconds": time.time() - t0}
+    t = pq.read_table(job["pairs"], columns=["gid_a", "gid_b", "similarity"])
+    a, b, sim = (t.column(i).to_numpy() for i in range(3))
+    dec = np.full(len(sim), -1, np.int8)
+    score = np.full(len(sim), np.nan, np.float32)
+    nodes, local = np.unique(np.r_[a, b], return_inverse=True)
+    la, lb = local[:len(sim)].tolist(), local[len(sim):].tolist()
+    forest = _Forest(len(nodes))
+    for r in np.flatnonzero(sim >= job["sure"]):            # edges on the descriptor alone
+        forest.union(la[r], lb[r])
+    band = np.flatnonzero((sim >= job["low"]) & (sim < job["sure"]))
+    checked = accepted_n = implied = 0
+    for r in band[np.argsort(-sim[band], kind="stable")].tolist():
+        if job["skip_connected"] and forest.find(la[r]) == forest.find(lb[r]):
+            dec[r] = IMPLIED
+            implied += 1
+            continue
+        dec[r], score[r] = _decide(pixels, store.get(a[r]), store.get(b[r]))
+        checked += 1
+        if dec[r] == 1 or (dec[r] == NO_EVIDENCE and sim[r] >= job["threshold"]):
+            accepted_n += int(dec[r] == 1)
+            forest.union(la[r], lb[r])
+    path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
+    Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked,
+                                                            accepted=accepted_n, implied=implied)
+    return {"checked": checked, "accepted": accepted_n, "implied": implied, "seconds": time.time() - t0}
 
 
 def decide_members(job: dict) -> dict:
@@ -316,8 +348,11 @@ def run(run: Run, ex, stats: dict) -> dict:
     feats = ex.map(features_shard, jobs, desc="verify: features", num_cpus=1)
     t_feat = sum(r["seconds"] for r in feats)
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
+    # edges the group stage may drop after the pixels (a caption mismatch) could leave a pair needed
+    skip = run.cfg.verify.skip_connected and run.cfg.group.duplicate_key == "image"
     todo = [{"pairs": str(p), "out": str(decision_file(run, p)), "features": files, "low": low, "sure": sure,
-             "fp": fp} for p in run.pair_files() if run.pending(NAME, [f"decide-{p.stem}"])]
+             "threshold": run.cfg.search.threshold, "skip_connected": skip, "fp": fp}
+            for p in run.pair_files() if run.pending(NAME, [f"decide-{p.stem}"])]
     todo_cross = [{"pairs": str(p), "out": str(cross_decision_file(run, kind, p)), "features": files, "low": low,
                    "sure": sure, "fp": fp, "target": str(folder), "model": run.cfg.embed.model,
                    "run_dir": str(run.root), "root": str(run.dir(NAME)), "unit": f"cross-{kind}-{p.stem}"}
@@ -329,6 +364,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     return {"pixel_check": True, "band": [low, sure], "rows_with_features": sum(r["rows"] for r in feats),
             "feature_errors": sum(r["errors"] for r in feats), "pairs_checked": checked,
             "pairs_accepted": sum(r["accepted"] for r in done),
+            "pairs_implied": sum(r.get("implied", 0) for r in done),
             "ms_per_image_features": round(1000 * t_feat / max(1, sum(r["rows"] for r in feats)), 2),
             "ms_per_pair": round(1000 * t_dec / max(checked, 1), 2),
             "worker_s_per_million_pairs": round(1e6 * t_dec / max(checked, 1), 1),
