@@ -151,7 +151,8 @@ class VerifyConfig:
                                 # (every candidate checked; byte-identical copies never need it)
     # pairs checked most similar first; a pair whose rows accepted edges already connect is not
     # checked (its edge changes no group; group.member_check confirms members): a group of n
-    # copies costs ~n checks, not n^2/2. Off: every candidate pair checked
+    # copies costs ~n checks, not n^2/2. Off (and with search.pairs all or group.duplicate_key
+    # image+text): every candidate pair checked
     skip_connected: bool = True
 
     def validate(self) -> None:

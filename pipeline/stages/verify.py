@@ -348,8 +348,10 @@ def run(run: Run, ex, stats: dict) -> dict:
     feats = ex.map(features_shard, jobs, desc="verify: features", num_cpus=1)
     t_feat = sum(r["seconds"] for r in feats)
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
-    # edges the group stage may drop after the pixels (a caption mismatch) could leave a pair needed
-    skip = run.cfg.verify.skip_connected and run.cfg.group.duplicate_key == "image"
+    # edges the group stage may drop after the pixels (a caption mismatch) could leave a pair
+    # needed; search.pairs all asks for every pair, checked
+    skip = (run.cfg.verify.skip_connected and run.cfg.group.duplicate_key == "image"
+            and run.cfg.search.pairs == "forest")
     todo = [{"pairs": str(p), "out": str(decision_file(run, p)), "features": files, "low": low, "sure": sure,
              "threshold": run.cfg.search.threshold, "skip_connected": skip, "fp": fp}
             for p in run.pair_files() if run.pending(NAME, [f"decide-{p.stem}"])]
