@@ -257,9 +257,9 @@ def decide_file(job: dict) -> dict:
             continue
         dec[r], score[r] = _decide(pixels, store.get(a[r]), store.get(b[r]))
         checked += 1
-        if dec[r] == 1 or (dec[r] == NO_EVIDENCE and sim[r] >= job["threshold"]):
-            accepted_n += int(dec[r] == 1)
-            forest.union(la[r], lb[r])
+        accepted_n += int(dec[r] == 1)
+        if accepted(sim[r:r + 1], dec[r:r + 1], job["low"], job["sure"], job["threshold"])[0]:
+            forest.union(la[r], lb[r])      # an edge of the group stage: the same rule
     path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
     Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked,
                                                             accepted=accepted_n, implied=implied)
