@@ -1,11 +1,13 @@
 import io
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from dedup2b.sources import img2dataset as ingest
+from dedup2b.sources.base import InputError
 
 
 def test_demo_shards_ingest(demo_corpus):
@@ -117,3 +119,21 @@ def test_a_parquet_without_keys_and_odd_uids_are_handled_at_ingest(tmp_path):
     from dedup2b.stages.export import uid128
     assert rows[1]["uid"] == "abcdef0123456789abcdef0123456789" and len(rows[0]["uid"]) == 32
     assert len(uid128([r["uid"] for r in rows])) == 2          # the export can read every uid
+
+
+@pytest.mark.parametrize("budget", [1 << 27, 1000])     # one pass; several passes over the hash space
+def test_unique_key_check_by_hashes(budget):
+    from dedup2b.sources.base import check_unique_keys
+    rng = np.random.default_rng(3)
+    words = [f"k{v}" for v in rng.permutation(10**6)[:20_000]]
+    shards = {f"{i:05d}": pa.array(words[i * 5000:(i + 1) * 5000]) for i in range(4)}
+    shards["00002"] = pa.concat_arrays([shards["00002"], pa.array(["k-local", "k-local"])])  # a repeat inside one shard
+    calls = []
+    readers = {n: (lambda a=a, n=n: calls.append(n) or a) for n, a in shards.items()}
+    check_unique_keys(readers, 20_002, budget=budget)                      # unique across shards
+    passes = -(-20_002 // budget)
+    assert len(calls) >= 4 * passes
+    shards["00003"] = pa.concat_arrays([shards["00003"], pa.array([words[1234]])])   # a key of shard 00000 again
+    readers = {n: (lambda a=a: a) for n, a in shards.items()}
+    with pytest.raises(InputError, match=f"key '{words[1234]}' appears in shard 00000 and shard 00003"):
+        check_unique_keys(readers, 20_003, budget=budget)

@@ -226,11 +226,22 @@ def manifest_shards(manifest: dict) -> list[Shard]:
     return [Shard(int(i["index"]), i["shard"], Path(i["parquet"]), Path(i["data"])) for i in manifest["inputs"]]
 
 
+_DISTRIBUTIONS = {"numpy": ("numpy",), "pyarrow": ("pyarrow",), "faiss": ("faiss-cpu", "faiss-gpu"),
+                  "torch": ("torch",), "timm": ("timm",), "open_clip": ("open_clip_torch", "open-clip-torch"),
+                  "ray": ("ray",)}
+
+
 def _versions() -> dict[str, str]:
+    """Versions of the libraries that shape the outputs, from their installed metadata (importing
+    torch and timm only to read a version costs seconds per stage process)."""
+    from importlib.metadata import PackageNotFoundError, version
     out = {"dedup2b": __version__, "python": platform.python_version()}
-    for mod in ("numpy", "pyarrow", "faiss", "torch", "timm", "open_clip", "ray"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = "missing"
+    for mod, dists in _DISTRIBUTIONS.items():
+        out[mod] = "missing"
+        for dist in dists:
+            try:
+                out[mod] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
     return out

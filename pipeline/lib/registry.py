@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.io import Marker, read_json, write_bytes, write_json, write_parquet
+from ..core.io import Marker, parquet_writer, read_json, write_bytes, write_json, write_parquet
 from ..core.vectors import StoreUnion, VectorStore
 from . import codec as codec_lib
 
@@ -185,37 +185,48 @@ def pairs(run, kind: str, name: str | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else empty
 
 
-def register(run, rows: pa.Table, keys: list[str], texts: list[str]) -> dict:
+REGISTRY_SCHEMA = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("group_id", pa.int64()),
+                             ("text", pa.string()), ("run", pa.string())])
+
+
+def register(run, n_rows: int, shard_rows) -> dict:
     """Make this run searchable by later runs: the registry of its own index folder, or, for an
     incremental run, of the folder it searched against (rows added to index.faiss and the registry).
-    Writes only run.dir("register"); returns its stats and the files written."""
+    `shard_rows` yields (gids, keys, group ids, texts) a shard at a time; the registry is written
+    as they come (an earlier registry's rows first, row group by row group), so memory holds one
+    shard's strings. Writes only run.dir("register"); returns its stats."""
     import faiss
     cfg = run.cfg
     out = run.dir("register")
-    gids = rows["gid"].to_numpy()
     me = str(run.root.resolve())
-    new = pa.table({"gid": gids, "key": pa.array(keys, pa.string()),
-                    "group_id": rows["group_id"].to_numpy(), "text": pa.array(texts, pa.string()),
-                    "run": pa.array([me] * len(gids), pa.string())})
     # a run's own index folder holds that run alone; an incremental run adds itself to the list
     runs = [r for r in _runs(Path(cfg.against)) if r["run_dir"] != me] if cfg.against else []
     entry = {"run_dir": me, "embed_dir": str(run.embed_dir().resolve()),
-             "shards": {str(s.index): s.name for s in run.shards}, "rows": len(gids)}
-    files = []
+             "shards": {str(s.index): s.name for s in run.shards}, "rows": n_rows}
+    if cfg.against and not any(r.get("added") == me for r in _runs(Path(cfg.against))):
+        base = Target(cfg.against, cfg.embed.model, run.root).index_file(run)   # add this run's vectors once
+        index = faiss.read_index(str(base))
+        store = run.vectors()
+        for s in run.shards:
+            sg, sv = store.shard(s.index)
+            for i in range(0, len(sg), 65536):
+                index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
+        write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())
     if cfg.against:
-        old = pq.read_table(out / "registry.parquet")
-        old = old.filter(pa.compute.not_equal(old["run"], me))
-        if not any(r.get("added") == me for r in _runs(Path(cfg.against))):   # add this run's vectors once
-            base = Target(cfg.against, cfg.embed.model, run.root).index_file(run)
-            index = faiss.read_index(str(base))
-            store = run.vectors()
-            for s in run.shards:
-                sg, sv = store.shard(s.index)
-                for i in range(0, len(sg), 65536):
-                    index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
-            write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())
         entry["added"] = me
-        new = pa.concat_tables([old, new])
-    files.append(write_parquet(out / "registry.parquet", new))
-    files.append(write_json(out / "runs.json", {"runs": runs + [entry]}))
-    return {"registered": str(Path(out).parent), "rows": new.num_rows}
+    total = 0
+    with parquet_writer(out / "registry.parquet", REGISTRY_SCHEMA) as w:
+        if cfg.against and (out / "registry.parquet").exists():
+            old = pq.ParquetFile(out / "registry.parquet")
+            for g in range(old.num_row_groups):
+                t = old.read_row_group(g).select(REGISTRY_SCHEMA.names)
+                t = t.filter(pa.compute.not_equal(t["run"], me)).cast(REGISTRY_SCHEMA)
+                w.write_table(t)
+                total += t.num_rows
+        for gids, keys, group_ids, texts in shard_rows:
+            w.write_table(pa.table({"gid": pa.array(gids, pa.int64()), "key": keys,
+                                    "group_id": pa.array(group_ids, pa.int64()), "text": texts,
+                                    "run": pa.array([me] * len(gids), pa.string())}, schema=REGISTRY_SCHEMA))
+            total += len(gids)
+    write_json(out / "runs.json", {"runs": runs + [entry]})
+    return {"registered": str(Path(out).parent), "rows": total}

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.io import read_json, write_json, write_parquet
+from ..core.io import write_json, write_parquet
 from ..core.run import Run
 from ..core.vectors import VectorStore
 from ..driver import open_existing

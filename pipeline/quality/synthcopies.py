@@ -12,7 +12,6 @@ import io
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
 from ..core.vectors import VectorStore

@@ -5,6 +5,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA = pa.schema([
@@ -54,12 +55,43 @@ def make_gid(shard_index: int, row: int) -> int:
     return (shard_index << 32) | row
 
 
-def check_unique_keys(tables: dict[str, pa.Table]) -> None:
-    """Keys identify rows in reports and keep-lists: the same key in two shards is an input error."""
-    seen: dict[str, str] = {}
-    for name, t in tables.items():
-        for key in t["key"].to_pylist():
-            if key in seen and seen[key] != name:
-                raise InputError(f"key {key!r} appears in shard {seen[key]} and shard {name}; "
-                                 "keys must be unique across the input")
-            seen[key] = name
+KEY_CHECK_ROWS = 1 << 27     # hashes held at once by the unique-key check: 8 B each (1 GiB)
+
+
+def _key_hashes(keys: pa.Array) -> np.ndarray:
+    import pandas as pd
+    return pd.util.hash_array(np.asarray(keys.to_numpy(zero_copy_only=False), dtype=object))
+
+
+def check_unique_keys(shard_keys: dict, rows: int | None = None, budget: int = KEY_CHECK_ROWS) -> None:
+    """Keys identify rows in reports and keep-lists: the same key in two shards is an input error.
+    `shard_keys`: shard name -> a function returning that shard's key column (read on demand).
+    Memory is bounded: 64-bit hashes of the keys, in passes of at most `budget` hashes (the
+    passes split the hash space; each pass reads the key columns again); only keys whose hashes
+    repeat are compared as strings."""
+    passes = max(1, -(-(rows or 0) // budget))
+    for p in range(passes):
+        hashes, owners = [], []
+        for i, (name, read) in enumerate(shard_keys.items()):
+            h = _key_hashes(read())
+            h = h[h % np.uint64(passes) == p] if passes > 1 else h
+            hashes.append(h)
+            owners.append(np.full(len(h), i, np.int32))
+        h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        owner = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+        order = np.argsort(h, kind="stable")
+        h, owner = h[order], owner[order]
+        rep = np.flatnonzero(h[1:] == h[:-1])
+        suspect = set(h[np.concatenate([rep, rep + 1])].tolist()) if len(rep) else set()
+        if not suspect:
+            continue
+        names = list(shard_keys)
+        seen: dict[str, str] = {}
+        for i in sorted(set(owner[np.isin(h, list(suspect))].tolist())):
+            keys = shard_keys[names[i]]()
+            hit = np.isin(_key_hashes(keys), np.fromiter(suspect, np.uint64))
+            for key in keys.filter(pa.array(hit)).to_pylist():
+                if key in seen and seen[key] != names[i]:
+                    raise InputError(f"key {key!r} appears in shard {seen[key]} and shard {names[i]}; "
+                                     "keys must be unique across the input")
+                seen[key] = names[i]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, normalize_uid
@@ -88,46 +89,90 @@ def validate(shards: list[Shard]) -> int:
     return next(iter(dims))
 
 
-def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tuple[np.ndarray, np.ndarray, list]:
-    """(unit float32 vectors, ok mask, error per row) for one chunk."""
+def _norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(finite mask, L2 norms in float64) of a chunk; non-finite rows get norm 0. Squares are
+    summed in float32 and only rows that overflow it (|x_i| > 1.8e19, float32 input) again in
+    float64, so a chunk is never widened whole."""
     x = np.asarray(x, dtype=np.float32)
     finite = np.isfinite(x).all(axis=1)
-    # float64: a float32 vector's squared norm can overflow float32 (|x_i| > 1.8e19) and read as inf
-    norms = np.linalg.norm(np.where(finite[:, None], x, 0).astype(np.float64), axis=1)
-    ok = finite & (norms > 1e-6)
-    errors = [None if o else ("vector: non-finite values" if not f else "vector: zero norm")
-              for o, f in zip(ok, finite)]
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float32).astype(np.float64)
+    big = finite & ~np.isfinite(sq)
+    if big.any():
+        xb = x[big].astype(np.float64)
+        sq[big] = np.einsum("ij,ij->i", xb, xb)
+    sq[~finite] = 0
+    return finite, np.sqrt(sq)
+
+
+def _errors(ok: np.ndarray, finite: np.ndarray) -> list:
+    out = [None] * len(ok)
+    for i in np.flatnonzero(~ok):
+        out[i] = "vector: non-finite values" if not finite[i] else "vector: zero norm"
+    return out
+
+
+def _check_norms(norms, ok, renormalize: bool, tolerance: float, path) -> None:
     off = ok & (np.abs(norms - 1) > tolerance)
     if off.any() and not renormalize:
         raise InputError(f"{path}: {int(off.sum())} vectors have norms off 1 by more than {tolerance} "
                          f"(e.g. {norms[off][0]:.4f}); set input.renormalize: true to normalise them")
+
+
+def row_status(x: np.ndarray, renormalize: bool, tolerance: float, path) -> tuple[np.ndarray, np.ndarray, list]:
+    """(unit float32 vectors, ok mask, error per row) for one chunk."""
+    finite, norms = _norms(x)
+    ok = finite & (norms > 1e-6)
+    _check_norms(norms, ok, renormalize, tolerance, path)
+    x = np.asarray(x, dtype=np.float32)
     unit = np.zeros_like(x)
-    unit[ok] = (x[ok].astype(np.float64) / norms[ok, None]).astype(np.float32)
-    return unit, ok, errors
+    unit[ok] = (x[ok] / norms[ok, None]).astype(np.float32)
+    return unit, ok, _errors(ok, finite)
+
+
+def _text(meta: pa.Table, name: str) -> pa.Array:
+    """A metadata column as strings: string columns as they are, anything else (binary captions,
+    numbers) through as_text; a missing column is all null."""
+    if name not in meta.column_names:
+        return pa.nulls(meta.num_rows, pa.string())
+    col = meta[name].combine_chunks()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    return pa.array([as_text(v) for v in col.to_pylist()], pa.string())
 
 
 def ingest_shard(shard: Shard, cfg) -> pa.Table:
-    """`cfg`: the run's InputConfig (renormalize, norm_tolerance)."""
+    """`cfg`: the run's InputConfig (renormalize, norm_tolerance). Columnar: per-row Python only
+    for the uids (a hash per row)."""
     renormalize, tolerance = cfg.renormalize, cfg.norm_tolerance
     meta = pq.read_table(shard.parquet)
     x = open_vectors(shard)
-    if meta.num_rows != len(x):
-        raise InputError(f"{shard.data}: {len(x)} vectors but {shard.parquet} has {meta.num_rows} rows")
-    cols = set(meta.column_names)
-    get = lambda c: [as_text(v) for v in meta[c].to_pylist()] if c in cols else [None] * meta.num_rows  # noqa: E731
-    url, caption = get("url"), get("caption")
-    keys, uids = get("key"), get("uid")
-    rows = []
-    for s in range(0, len(x), CHUNK):
-        _, ok, errors = row_status(x[s:s + CHUNK], renormalize, tolerance, shard.data)
-        for i in range(len(ok)):
-            r = s + i
-            rows.append({"key": keys[r] if keys[r] not in (None, "") else f"{shard.name}_{r:07d}",
-                         "shard": shard.name, "row": r, "gid": make_gid(shard.index, r), "url": url[r],
-                         "caption": caption[r], "status": "ok" if ok[i] else "failed", "error": errors[i],
-                         "member": None, "sha256": None, "width": None, "height": None, "nbytes": None,
-                         "uid": normalize_uid(uids[r]) or content_uid(url[r], caption[r])})
-    return pa.Table.from_pylist(rows, schema=SCHEMA)
+    n = meta.num_rows
+    if n != len(x):
+        raise InputError(f"{shard.data}: {len(x)} vectors but {shard.parquet} has {n} rows")
+    ok = np.zeros(n, bool)
+    errors: list = []
+    for s in range(0, n, CHUNK):
+        finite, norms = _norms(x[s:s + CHUNK])
+        ok[s:s + CHUNK] = finite & (norms > 1e-6)
+        _check_norms(norms, ok[s:s + CHUNK], renormalize, tolerance, shard.data)
+        errors += _errors(ok[s:s + CHUNK], finite)
+    url, caption, key = _text(meta, "url"), _text(meta, "caption"), _text(meta, "key")
+    rows = np.arange(n, dtype=np.int64)
+    missing = pc.fill_null(pc.equal(key, ""), True)
+    if pc.any(missing).as_py():
+        names = pa.array([f"{shard.name}_{r:07d}" for r in np.flatnonzero(missing.to_numpy(zero_copy_only=False))],
+                         pa.string())
+        key = pc.replace_with_mask(key, missing, names)
+    uids = [normalize_uid(g) for g in meta["uid"].to_pylist()] if "uid" in meta.column_names else [None] * n
+    urls, caps = url.to_pylist(), caption.to_pylist()
+    uids = [u or content_uid(urls[r], caps[r]) for r, u in enumerate(uids)]
+    nulls_s, nulls_i = pa.nulls(n, pa.string()), pa.nulls(n, pa.int64())
+    cols = {"key": key, "shard": pa.array([shard.name] * n, pa.string()), "row": pa.array(rows),
+            "gid": pa.array(make_gid(shard.index, 0) + rows), "url": url, "caption": caption,
+            "status": pa.array(np.where(ok, "ok", "failed").tolist(), pa.string()),
+            "error": pa.array(errors, pa.string()), "member": nulls_s, "sha256": nulls_s,
+            "width": nulls_i, "height": nulls_i, "nbytes": nulls_i, "uid": pa.array(uids, pa.string())}
+    return pa.Table.from_arrays([cols[f.name] for f in SCHEMA], schema=SCHEMA)
 
 
 def in_place(shard: Shard, ok_rows: np.ndarray, cfg) -> Path | None:

@@ -32,5 +32,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     pending = set(run.pending(NAME, run.shard_names()))
     jobs = [{"run": run, "shard": s.name, "index": s.index} for s in run.shards if s.name in pending]
     results = ex.map(ingest_one, jobs, desc="ingest", num_cpus=1)
-    check_unique_keys({n: pq.read_table(run.ingest_file(n), columns=["key"]) for n in run.shard_names()})
+    rows = sum(pq.ParquetFile(run.ingest_file(n)).metadata.num_rows for n in run.shard_names())
+    check_unique_keys({n: (lambda n=n: pq.read_table(run.ingest_file(n), columns=["key"])["key"].combine_chunks())
+                       for n in run.shard_names()}, rows)
     return {"shards": len(jobs), "rows": sum(r["rows"] for r in results), "ok": sum(r["ok"] for r in results)}

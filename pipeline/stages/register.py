@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -25,11 +27,21 @@ def run(run: Run, ex, stats: dict) -> dict:
     if not run.pending(NAME, [run.run_id]):
         return {"skipped": True}
     t0 = time.time()
-    rows = pq.read_table(run.group_rows_file(), columns=["gid", "group_id"])
-    ingest = run.ingest_table(columns=["gid", "key", "caption"])
-    nodes = ingest.filter(pc.is_in(ingest["gid"], rows["gid"])).sort_by("gid")
-    texts = [normalize_text(t) for t in nodes["caption"].to_pylist()]
-    out = registry.register(run, rows, nodes["key"].to_pylist(), texts)
+    rows = pq.read_table(run.group_rows_file(), columns=["gid", "group_id"]).sort_by("gid")
+    gids, group_ids = rows["gid"].to_numpy(), rows["group_id"].to_numpy()
+
+    def shard_rows():
+        """This run's registry rows, a shard at a time: only one shard's keys and captions held."""
+        for shard in run.shards:
+            lo, hi = np.searchsorted(gids, [shard.index << 32, (shard.index + 1) << 32])
+            if hi == lo:
+                continue
+            t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key", "caption"])
+            t = t.filter(pc.is_in(t["gid"], pa.array(gids[lo:hi]))).sort_by("gid")
+            yield (gids[lo:hi], t["key"], group_ids[lo:hi],
+                   pa.array([normalize_text(c) for c in t["caption"].to_pylist()], pa.string()))
+
+    out = registry.register(run, len(gids), shard_rows())
     folder = run.dir(NAME)
     run.marker(NAME, run.run_id).write(run.fingerprint(NAME), [folder / "registry.parquet", folder / "runs.json"],
                                        rows=rows.num_rows)
