@@ -51,7 +51,7 @@ def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple 
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", cli_module(code), stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
            "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim(code)), str(code)]), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=out, stderr=err, text=True)
@@ -67,6 +67,16 @@ def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple 
         raise RuntimeError(f"{stage} ({code}) failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
     return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1), "peak_anon_mb": round(anon / 1024, 1)}
+
+
+def shim(code: Path) -> Path:
+    """A folder that makes `import dedup2b` load the checkout under `code`: its pipeline/ under the
+    package's name (the editable install of this checkout would otherwise answer for any code)."""
+    folder = Path(code) / ".shim"
+    if (Path(code) / "pipeline" / "stages").is_dir() and not (folder / "dedup2b").exists():
+        folder.mkdir(exist_ok=True)
+        (folder / "dedup2b").symlink_to(Path(code).resolve() / "pipeline")
+    return folder
 
 
 def checkout(rev: str, into: Path) -> Path:

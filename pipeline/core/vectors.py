@@ -95,7 +95,7 @@ class VectorStore:
                 sel = order[s:s + GATHER_CHUNK]
                 out[sel] = np.take(sv, pos[sel], axis=0)
         if index in self._linked:          # the input's vectors, normalised as the embed stage would
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            out *= (1 / np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), 1e-12))[:, None]
 
 
 class StoreUnion:
