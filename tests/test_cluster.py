@@ -164,3 +164,28 @@ def test_url_paths_are_staged(tmp_path):
     assert fs.cat("/out/run/reports/summary.json") == b"{}"
     with pytest.raises(ValueError, match="--stage-dir"):
         paths.resolve({"input": {"path": "s3://bucket/corpus"}}, tmp_path, None)
+
+
+def test_removal_request_as_a_job(start_cluster, job_config, tmp_path):
+    """`jobs.remove` submitted like `jobs.dedup`: the listed key goes from the run's report and
+    export with reason `request`, and the index logs the request."""
+    state = start_cluster(head_cpus=2)
+    config, run = job_config("removal")
+    submit(state, config)
+    samples = pq.read_table(run / "report" / "samples.parquet").to_pandas().set_index("key")
+    kept = samples[(samples["status"] == "ok") & samples["removed_reason"].isna()]
+    victim = sorted(kept.index[kept["group_size"].fillna(1) <= 1])[0]       # a row alone: it goes by itself
+    (tmp_path / "takedown.txt").write_text(f"{victim}\n")
+    index_dir = yaml.safe_load(config.read_text())["index_dir"]
+    cmd = [cluster.ray_cli(), "job", "submit", "--address", state["dashboard"], "--working-dir", str(ROOT),
+           "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--",
+           "python", "-m", "jobs.remove", "--index", index_dir, "--keys", str(tmp_path / "takedown.txt")]
+    out = subprocess.run(cmd, cwd=ROOT, env=cluster.cluster_env(state["temp_dir"]), capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT)
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    after = pq.read_table(run / "report" / "samples.parquet").to_pandas().set_index("key")
+    assert after.loc[victim, "removed_reason"] == "request"
+    assert len(after) == len(samples)                       # every input row still accounted for
+    keep = set(pq.read_table(run / "export" / "keep.parquet", columns=["key"])["key"].to_pylist())
+    assert victim not in keep and len(keep) == len(kept) - 1
+    assert list((Path(index_dir) / "requests").glob("*.parquet"))

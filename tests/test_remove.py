@@ -78,6 +78,7 @@ def story(tmp_path_factory):
     out["keep_2"] = pq.read_table(run / "export" / "keep.parquet").to_pandas()
     out["remove_2"] = pq.read_table(run / "export" / "remove.parquet").to_pandas()
     out["tar_2"] = _tar_samples(run)
+    out["html_2"] = (run / "report" / "index.html").read_text()
     out["logs"] = sorted((index / "requests").glob("req-*"))
     later_run = root / "runs" / "later"
     assert main(["run", "--input", str(root / "later"), "--run-dir", str(later_run), "--index-dir",
@@ -107,6 +108,9 @@ def test_remove_by_keys_takes_the_groups_with_them(story):
     assert set(story["remove_2"]["key"]) == {"000000000", "000000001", "000000007"}
     assert set(story["remove_2"]["removed_reason"]) == {"request"}
     assert story["tar_2"] == set(story["keep_2"]["key"])                  # the shards hold the kept rows only
+    html = story["html_2"]                  # the gallery says why: the astronaut's group was requested away
+    assert "<th>removed by reason</th><td>request: 3</td>" in html
+    assert html.count("(removed: request)") == 2 and "(kept)" not in html
     assert len(s) == len(story["keep_2"]) + len(story["remove_2"]) + int((s["status"] != "ok").sum())
 
 

@@ -132,7 +132,9 @@ def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataF
             rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (
                 ("input rows", s["input_rows"]), ("ok / failed", f'{s["ok"]} / {s["failed"]}'),
                 ("groups", s["groups"]), ("duplicates", f'{s["duplicates"]} ({100 * s["duplicate_fraction"]:.1f}%)'),
-                ("kept / removed", f'{s["kept"]} / {s["removed"]}'), ("threshold", s["threshold"]),
+                ("kept / removed", f'{s["kept"]} / {s["removed"]}'),
+                ("removed by reason", ", ".join(f"{k}: {v}" for k, v in s.get("removed_by_reason", {}).items()) or "-"),
+                ("threshold", s["threshold"]),
                 ("model", s["model"]), ("codec", f'{s["codec"]} ({s["bytes_per_vector"]} B/vector)')))
             png = (out / "histogram.png").read_bytes()
             parts.append(f'<table class="summary">{rows}</table><p><img alt="histograms" style="max-width:100%" '
@@ -148,13 +150,21 @@ def write(run, samples: pd.DataFrame, groups: pd.DataFrame, pairs_near: pd.DataF
                 parts.append(_leak_section(leaks, by_key, thumbs))
         parts.append(f"<h2>Largest groups</h2><p>{nav}</p>")
         for _, g in chunk.iterrows():
-            cards = "".join(_card(r, thumbs, "(kept)" if r["is_representative"] else f'{r["rep_similarity"]:.3f}')
-                            for _, r in shown[shown["group_id"] == g["group_id"]].iterrows())
+            cards = "".join(_card(r, thumbs, _label(r)) for _, r in shown[shown["group_id"] == g["group_id"]].iterrows())
             parts.append(f'<div class="group" data-size="{int(g["size"])}"><b>{int(g["size"])} rows</b>, '
                          f'min similarity to the kept row {g["min_similarity"]:.3f}<div class="row">{cards}</div></div>')
         files.append(write_bytes(out / name, _page("dedup2b report" if p == 0 else f"dedup2b groups, page {p + 1}",
                                                    "".join(parts))))
     return files
+
+
+def _label(r) -> str:
+    """What a group member's card says: the kept row, a row removed for another reason than being
+    a copy (a removal request, an evaluation leak), or a copy's similarity to the kept row."""
+    reason = r.get("removed_reason")
+    if isinstance(reason, str) and reason != "duplicate":
+        return f"(removed: {reason})"
+    return "(kept)" if r["is_representative"] else f'{r["rep_similarity"]:.3f}'
 
 
 def _leak_section(leaks: pd.DataFrame, by_key: pd.DataFrame, thumbs: dict) -> str:
