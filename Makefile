@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-scale bench-equal clean \
+.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-ab bench-scale bench-equal clean \
         cluster-up cluster-node submit cluster-status cluster-down
 
 help:  ## list the targets
@@ -41,6 +41,9 @@ bench-embed: $(STAMP)  ## embed benchmark: stage vs bare model throughput, exact
 
 bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings; BASELINE_STAGES (group,report) vs BASELINE=rev (~10 min)
 	$(PY) -m bench.stages --rows 1000000 $(if $(BASELINE),--baseline $(BASELINE)) $(if $(BASELINE_STAGES),--baseline-stages $(BASELINE_STAGES))
+
+bench-ab: $(STAMP)  ## STAGES (ingest,search,register) of this checkout vs BASELINE=rev on one 1 M run folder, alternating rounds (~12 min)
+	$(PY) -m bench.ab --rev $(or $(BASELINE),HEAD) $(if $(STAGES),--stages $(STAGES))
 
 bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, then SCALE_SIZES plain (~35 min)
 	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))

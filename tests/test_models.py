@@ -1,5 +1,6 @@
 """The embedder registry: the offline encoder's real weights, open_clip's real loader, preprocessing."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -106,3 +107,66 @@ def test_decode_errors_read_the_same_on_every_run():
     assert list(first) == list(second) and all(e.startswith("decode: ") for e in first)
     assert not any("0x" in e for e in first), first
     assert np.all(preprocess_batch(dict(batch), pp)["pixels"] == 0)
+
+
+class _TinyDescriptor(torch.nn.Module):
+    """A stand-in for a released copy-detection descriptor: conv features, pooled, 64-d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 7, stride=4)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1)
+
+
+def test_sscd_torchscript_descriptor_runs_the_pipeline(tmp_path, demo_corpus):
+    """sscd:FILE loads a TorchScript file (exported here with random weights, as a user's download
+    would be) and the whole run embeds with it at SSCD's 288 px, its default threshold 0.75."""
+    from dedup2b.core.config import default_threshold
+    from dedup2b.driver import run_stages
+    from dedup2b.core.executor import LocalExecutor
+    from conftest import make_config
+    torch.manual_seed(0)
+    path = tmp_path / "sscd_tiny.torchscript.pt"
+    torch.jit.script(_TinyDescriptor().eval()).save(str(path))
+    spec = f"sscd:{path}"
+    assert parse_spec(spec) == ("sscd", str(path), "")
+    assert preprocess_for(spec).size == 288 and default_threshold(spec) == 0.75
+    emb = Embedder(spec, device="cpu")
+    v = emb(np.random.default_rng(0).integers(0, 255, (3, 288, 288, 3), dtype=np.uint8))
+    assert v.shape == (3, 64) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    _, shards = demo_corpus
+    cfg = make_config(tmp_path, shards, embed={"model": spec}, verify={"method": "off"},
+                      export={"formats": ["keep"]})
+    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    vecs = np.load(next((cfg.run_path / "embed" / "img_emb").glob("*.npy")))
+    assert vecs.shape[1] == 64
+    summary = json.loads((cfg.run_path / "report" / "summary.json").read_text())
+    assert summary["model"] == spec and summary["threshold"] == 0.75
+    with pytest.raises(RuntimeError, match="not a TorchScript model"):
+        (tmp_path / "bad.pt").write_bytes(b"not a model")
+        build_model(f"sscd:{tmp_path / 'bad.pt'}")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_model(f"sscd:{tmp_path / 'missing.pt'}")
+
+
+def test_dinov2_weights_load_by_name_from_a_local_file(tmp_path):
+    """timm's DINOv2 with a local file in Meta's layout (timm's tensor names plus mask_token, the
+    order shuffled): every tensor lands by name; the threshold starts at 0.90."""
+    import timm
+    from dedup2b.core.config import default_threshold
+    torch.manual_seed(1)
+    ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    state = dict(reversed(list(ref.state_dict().items())))          # another order than the model's
+    state["mask_token"] = torch.zeros(1, ref.embed_dim)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    spec = f"timm:vit_small_patch14_dinov2:{path}"
+    model = build_model(spec)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert default_threshold(spec) == 0.90 and preprocess_for(spec).size == 518
+    x = torch.randn(1, 3, 518, 518)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-5)

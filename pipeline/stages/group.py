@@ -130,7 +130,9 @@ def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
     sim = np.ones(n, np.float32)
     for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
         m = multi[i:i + 65536]
-        sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[rep[m]]))
+        # each representative read once, in gid order (a memory map read forward), not once per member
+        reps, inv = np.unique(rep[m], return_inverse=True)
+        sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[reps])[inv])
     return multi, sim
 
 
