@@ -165,3 +165,32 @@ def test_caption_aware_duplicates(tmp_path):
     assert groups["image"].nunique() == 1                               # one picture, four rows
     t = groups["image+text"]
     assert t["a"] == t["b"] == t["d"] and t["c"] != t["a"]              # same normalised text only
+
+
+def test_quality_rank_equals_a_sort_of_the_whole_keys():
+    """The rank from numbers and 16-byte key prefixes (full keys read back only for tied runs)
+    orders rows exactly as sorting (pixels desc, bytes desc, key asc, input order) over every
+    row's whole key: keys sharing long prefixes, non-ASCII keys, short keys, equal sizes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from dedup2b.lib.nodes import key_prefix, quality_rank
+    rng = np.random.default_rng(7)
+    n = 4000
+    stems = ["a", "img", "photos/2023/summer/holiday/IMG_", "photos/2023/summer/holiday/IMG_0", "zé/ü/", ""]
+    keys = [stems[rng.integers(len(stems))] + str(rng.integers(0, 300)) for _ in range(n)]
+    pixels = rng.choice([0, 640 * 480, 1024 * 768], n).astype(np.int64)
+    nbytes = rng.choice([0, 1000, 2000], n).astype(np.int64)
+    gids = np.arange(n, dtype=np.int64) * 3 + 5
+    asked = []
+
+    def full(g):
+        asked.append(len(g))
+        return [keys[(int(x) - 5) // 3] for x in g]
+    rank = quality_rank(gids, pixels, nbytes, key_prefix(keys), full)
+    table = pa.table({"pixels": pixels, "nbytes": nbytes, "key": keys})
+    order = pc.sort_indices(table, sort_keys=[("pixels", "descending"), ("nbytes", "descending"),
+                                              ("key", "ascending")]).to_numpy()   # stable: input order last
+    expect = np.empty(n, np.int64)
+    expect[order] = np.arange(n)
+    assert np.array_equal(rank, expect)
+    assert 0 < sum(asked) < n                     # only the tied long-prefix rows were read back

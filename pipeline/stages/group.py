@@ -24,13 +24,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
+from ..lib.nodes import keys_of, quality_rank, read_nodes
 from ..lib.unionfind import UnionFind, exact_edges
 from . import verify
 
@@ -54,20 +54,6 @@ def representatives(labels: np.ndarray, rank: np.ndarray) -> np.ndarray:
     best = np.empty(labels.max() + 1 if len(labels) else 0, np.int64)
     best[labels[order][first]] = order[first]
     return best[labels]
-
-
-def fixed_width(column: pa.ChunkedArray) -> np.ndarray:
-    """A string column of equal-length values (hex digests) as a numpy fixed-width bytes array:
-    the bytes themselves, with no Python object per row."""
-    width = max((len(v) for v in column.slice(0, 1).to_pylist()), default=1)
-    parts = []
-    for chunk in column.chunks:
-        offsets = np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
-        if not np.all(np.diff(offsets) == width):
-            return np.array(column.to_pylist(), dtype=f"S{width}") if width else np.zeros(len(column), "S1")
-        data = chunk.buffers()[2]
-        parts.append(np.frombuffer(data, f"S{width}", len(chunk), int(offsets[0])))
-    return np.concatenate(parts) if parts else np.zeros(0, f"S{width}")
 
 
 def normalize_text(text) -> str:
@@ -281,33 +267,25 @@ def run(run: Run, ex, stats: dict) -> dict:
     t0 = time.time()
     cfg = run.cfg
     by_text = cfg.group.duplicate_key == "image+text"
-    # only the columns grouping needs, and no Python string per row: the rank sorts in Arrow, exact
-    # copies compare fixed-width hashes; captions only for duplicate_key image+text, keys as
-    # Python strings only for an incremental run's clash check
-    cols = ["gid", "width", "height", "nbytes", "key", "sha256"] + (["caption"] if by_text else [])
-    ingest = run.ingest_table(columns=cols)
-    embedded = pa.concat_tables([pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])
-                                 for n in run.shard_names()])
-    nodes = ingest.filter(pc.is_in(ingest["gid"], embedded["gid"])).sort_by("gid")
-    del ingest, embedded
-    gids = nodes["gid"].to_numpy()
+    # per-row numbers only, read shard by shard (lib/nodes.py): no key or digest string per row;
+    # captions only for duplicate_key image+text, keys only for an incremental run's clash check
+    embedded = {n: pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])["gid"].to_numpy()
+                for n in run.shard_names()}
+    nodes = read_nodes(run, embedded, captions=by_text, keys=bool(cfg.against))
+    del embedded
+    gids = nodes.gids
     n = len(gids)
-    rank = np.empty(n, np.int64)   # lower is better: most pixels, most bytes, smallest key
     if cfg.group.representative == "first":
         rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
-    else:
-        by = pa.table({"pixels": pc.multiply(pc.cast(nodes["width"].fill_null(0), pa.int64()),
-                                             pc.cast(nodes["height"].fill_null(0), pa.int64())),
-                       "nbytes": nodes["nbytes"].fill_null(0), "key": nodes["key"]})
-        order = pc.sort_indices(by, sort_keys=[("pixels", "descending"), ("nbytes", "descending"), ("key", "ascending")])
-        rank[order.to_numpy()] = np.arange(n)
-    texts = np.array([normalize_text(t) for t in nodes["caption"].to_pylist()], dtype=object) if by_text else None
-    if cfg.group.exact_bytes and nodes["sha256"].null_count == 0:
-        exact = exact_edges(np.array(nodes["sha256"].to_pylist(), object) + "\x00" + texts if by_text
-                            else fixed_width(nodes["sha256"]))
+    else:                                     # most pixels, most bytes, smallest key
+        rank = quality_rank(gids, nodes.pixels, nodes.nbytes, nodes.prefix, lambda g: keys_of(run, g))
+    texts = np.array([normalize_text(t) for t in nodes.captions], dtype=object) if by_text else None
+    if cfg.group.exact_bytes and nodes.sha is not None:
+        exact = exact_edges(np.array([d.hex() for d in nodes.sha.tolist()], object) + "\x00" + texts if by_text
+                            else nodes.sha)
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    keys = np.array(nodes["key"].to_pylist(), dtype=object) if cfg.against else None
+    keys = np.array(nodes.keys, dtype=object) if cfg.against else None
     del nodes
 
     store = run.vectors()

@@ -1,0 +1,131 @@
+"""The group stage's nodes (rows with a vector) in bounded memory: per-row numbers only.
+
+Read shard by shard from the ingest and embed stages' files, in gid order: gid, pixels
+(width x height), bytes, a 16-byte prefix of the key, and the sha256 digest as 32 raw bytes. No
+string per row is held: the representative rule's "smallest key" compares the prefixes, and only
+rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their full keys
+read back, a tied run at a time. Captions (duplicate_key image+text) and keys (the clash check of
+an incremental run) are read only where asked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+PREFIX = 16          # bytes of the key kept per row for the rank
+
+_HEX = np.zeros(256, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+@dataclass
+class Nodes:
+    gids: np.ndarray             # int64, ascending
+    pixels: np.ndarray           # int64 (0 where unknown)
+    nbytes: np.ndarray           # int64 (0 where unknown)
+    prefix: np.ndarray           # S16: the key's first 16 UTF-8 bytes
+    sha: np.ndarray | None       # S32 raw digests; None where any row has none
+    captions: list | None = None  # per row, only when asked
+    keys: list | None = None      # per row, only when asked
+
+
+def key_prefix(keys: list) -> np.ndarray:
+    """The first PREFIX UTF-8 bytes of each key (byte order is the keys' sort order)."""
+    return np.array([(k or "").encode()[:PREFIX] for k in keys], dtype=f"S{PREFIX}")
+
+
+def fixed_width(column: pa.ChunkedArray) -> np.ndarray:
+    """A string column of equal-length values (hex digests) as a numpy fixed-width bytes array:
+    the bytes themselves, with no Python object per row."""
+    width = max((len(v) for v in column.slice(0, 1).to_pylist()), default=1)
+    parts = []
+    for chunk in column.chunks:
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32, len(chunk) + 1, chunk.offset * 4)
+        if not np.all(np.diff(offsets) == width):
+            return np.array(column.to_pylist(), dtype=f"S{width}") if width else np.zeros(len(column), "S1")
+        data = chunk.buffers()[2]
+        parts.append(np.frombuffer(data, f"S{width}", len(chunk), int(offsets[0])))
+    return np.concatenate(parts) if parts else np.zeros(0, f"S{width}")
+
+
+def raw_digest(hexes: pa.ChunkedArray) -> np.ndarray:
+    """Hex sha256 strings -> S32 raw bytes (half the memory, no Python object per row)."""
+    h = fixed_width(hexes)
+    if not len(h):
+        return np.zeros(0, "S32")
+    u = _HEX[np.frombuffer(h.tobytes(), np.uint8).reshape(len(h), -1)]
+    raw = np.ascontiguousarray((u[:, 0::2] << 4) | u[:, 1::2])
+    return raw.view(f"S{raw.shape[1]}").ravel()
+
+
+def read_nodes(run, embedded: dict, captions: bool = False, keys: bool = False) -> Nodes:
+    """`embedded`: shard name -> the gids with a vector (the embed stage's metadata)."""
+    parts = {k: [] for k in ("gids", "pixels", "nbytes", "prefix", "sha", "captions", "keys")}
+    has_sha = True
+    for name in run.shard_names():
+        cols = ["gid", "width", "height", "nbytes", "key", "sha256"] + (["caption"] if captions else [])
+        t = pq.read_table(run.ingest_file(name), columns=cols)
+        t = t.filter(pc.is_in(t["gid"], pa.array(embedded[name], pa.int64()))).sort_by("gid")
+        parts["gids"].append(t["gid"].to_numpy())
+        w = pc.cast(t["width"].fill_null(0), pa.int64()).to_numpy()
+        h = pc.cast(t["height"].fill_null(0), pa.int64()).to_numpy()
+        parts["pixels"].append(w * h)
+        parts["nbytes"].append(pc.cast(t["nbytes"].fill_null(0), pa.int64()).to_numpy())
+        key_list = t["key"].to_pylist()
+        parts["prefix"].append(key_prefix(key_list))
+        if keys:
+            parts["keys"] += key_list
+        if captions:
+            parts["captions"] += t["caption"].to_pylist()
+        has_sha = has_sha and t["sha256"].null_count == 0
+        if has_sha:
+            parts["sha"].append(raw_digest(t["sha256"]))
+    cat = lambda k, dt: np.concatenate(parts[k]) if parts[k] else np.zeros(0, dt)  # noqa: E731
+    return Nodes(cat("gids", np.int64), cat("pixels", np.int64), cat("nbytes", np.int64), cat("prefix", f"S{PREFIX}"),
+                 cat("sha", "S32") if has_sha else None,
+                 parts["captions"] if captions else None, parts["keys"] if keys else None)
+
+
+def quality_rank(gids, pixels, nbytes, prefix, full_keys) -> np.ndarray:
+    """Rank per node, lower is better: most pixels, then most bytes, then the smallest key, then
+    input order (gid). `full_keys(gids)` returns the keys of the given gids (same order): asked only
+    for runs of rows that tie on pixels, bytes and a key prefix that fills all PREFIX bytes."""
+    n = len(gids)
+    order = np.lexsort((gids, prefix, -nbytes, -pixels))
+    sp, sn, sk = pixels[order], nbytes[order], prefix[order]
+    same = (sp[1:] == sp[:-1]) & (sn[1:] == sn[:-1]) & (sk[1:] == sk[:-1])
+    if same.any():
+        tied = np.zeros(n, bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        tied &= np.char.str_len(sk) >= PREFIX          # shorter prefixes are whole keys: truly equal
+        pos = np.flatnonzero(tied)
+        if len(pos):
+            run_id = np.cumsum(np.r_[True, ~same])[pos]   # one id per tied run
+            rows = order[pos]
+            keys = full_keys(gids[rows])
+            resort = sorted(range(len(pos)), key=lambda i: (run_id[i], keys[i], gids[rows[i]]))
+            order[pos] = rows[resort]
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def keys_of(run, gids: np.ndarray) -> list:
+    """The keys of the given gids (any order), read from the ingest files of their shards."""
+    gids = np.asarray(gids, np.int64)
+    found: dict[int, str] = {}
+    for shard in run.shards:
+        sel = gids[(gids >> 32) == shard.index]
+        if not len(sel):
+            continue
+        t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key"])
+        t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
+        found.update(zip(t["gid"].to_pylist(), t["key"].to_pylist()))
+    return [found[int(g)] for g in gids]
