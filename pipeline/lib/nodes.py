@@ -68,7 +68,7 @@ def read_nodes(run, embedded: dict, captions: bool = False, keys: bool = False) 
     """`embedded`: shard name -> the gids with a vector (the embed stage's metadata)."""
     parts = {k: [] for k in ("gids", "pixels", "nbytes", "prefix", "sha", "captions", "keys")}
     has_sha = True
-    for name in run.shard_names():
+    for name in [sh.name for sh in sorted(run.shards, key=lambda sh: sh.index)]:   # gid order: shard high
         cols = ["gid", "width", "height", "nbytes", "key", "sha256"] + (["caption"] if captions else [])
         t = pq.read_table(run.ingest_file(name), columns=cols)
         t = t.filter(pc.is_in(t["gid"], pa.array(embedded[name], pa.int64()))).sort_by("gid")
