@@ -189,3 +189,50 @@ def test_removal_request_as_a_job(start_cluster, job_config, tmp_path):
     keep = set(pq.read_table(run / "export" / "keep.parquet", columns=["key"])["key"].to_pylist())
     assert victim not in keep and len(keep) == len(kept) - 1
     assert list((Path(index_dir) / "requests").glob("*.parquet"))
+
+
+def test_hf_and_folder_inputs_and_find_as_jobs(start_cluster, tmp_path):
+    """The other input formats through `jobs.dedup` on the cluster (a folder tree of images and
+    Hugging Face parquet of the same photos, a re-encoded copy in each), then `jobs.find` with a
+    copy of one photo against the folder run's index."""
+    import io
+    import datasets
+    from dedup2b import demo
+    photos = dict(demo.base_images()[:4])
+
+    def jpeg(img, q):
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=q)
+        return buf.getvalue()
+    name0 = next(iter(photos))
+    files = {f"{n}.jpg": jpeg(img, 90) for n, img in photos.items()} | {f"copy/{name0}.jpg": jpeg(photos[name0], 60)}
+    folder = tmp_path / "folder"
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    (tmp_path / "hf").mkdir()
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": k} for k, b in files.items()],
+                                "caption": list(files)},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "caption": datasets.Value("string")})
+                               ).to_parquet(str(tmp_path / "hf" / "train.parquet"))
+    state = start_cluster(head_cpus=2)
+    for fmt in ("folder", "hf"):
+        config = tmp_path / f"{fmt}.yaml"
+        config.write_text(yaml.safe_dump({"input": {"path": str(tmp_path / fmt), "format": fmt},
+                                          "run_dir": str(tmp_path / f"run-{fmt}"),
+                                          "index_dir": str(tmp_path / f"index-{fmt}")}))
+        submit(state, config)
+        samples = pq.read_table(tmp_path / f"run-{fmt}" / "report" / "samples.parquet").to_pandas()
+        assert len(samples) == len(files) and (samples["status"] == "ok").all()
+        assert (samples["removed_reason"] == "duplicate").sum() == 1            # the copy
+    query = tmp_path / "query.jpg"
+    query.write_bytes(jpeg(photos[name0].resize((photos[name0].width // 2, photos[name0].height // 2)), 75))
+    cmd = [cluster.ray_cli(), "job", "submit", "--address", state["dashboard"], "--working-dir", str(ROOT),
+           "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"), "--", "python", "-m", "jobs.find",
+           str(query), "--index", str(tmp_path / "index-folder"), "--out", str(tmp_path / "find.parquet")]
+    out = subprocess.run(cmd, cwd=ROOT, env=cluster.cluster_env(state["temp_dir"]), capture_output=True,
+                         text=True, timeout=JOB_TIMEOUT)
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
+    found = pq.read_table(tmp_path / "find.parquet").to_pandas()
+    assert set(found["key"]) == {f"{name0}.jpg", f"copy/{name0}.jpg"}
