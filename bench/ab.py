@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpora import write_clip_like
-from bench.stages import REPO, RESULTS, STAGES, checkout, run_stage
+from bench.stages import REPO, RESULTS, STAGES, checkout, fresh_corpus, run_stage
 
 
 def main(argv=None) -> int:
@@ -35,9 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/dedup2b-bench-ab")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    corpus, run_dir = work / "corpus", work / "run"
-    write_clip_like(corpus, args.rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000)
+    corpus, run_dir = fresh_corpus(work, args.rows)
     base = checkout(args.rev, Path(tempfile.mkdtemp()) / "code")
     wanted = [s for s in STAGES if s in args.stages.split(",")]
     times: dict[str, dict[str, list]] = {s: {"rev": [], "ours": []} for s in wanted}

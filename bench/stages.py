@@ -79,6 +79,14 @@ def shim(code: Path) -> Path:
     return folder
 
 
+def fresh_corpus(work: Path, rows: int) -> tuple[Path, Path]:
+    """(corpus, run folder) under an emptied `work`: the CLIP-like corpus of `rows` rows written."""
+    shutil.rmtree(work, ignore_errors=True)
+    corpus, run_dir = work / "corpus", work / "run"
+    write_clip_like(corpus, rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000)
+    return corpus, run_dir
+
+
 def checkout(rev: str, into: Path) -> Path:
     """The tree of git revision `rev`, unpacked (never touching this checkout's index)."""
     into.mkdir(parents=True)
@@ -95,9 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/dedup2b-bench-stages")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    corpus, run_dir = work / "corpus", work / "run"
-    write_clip_like(corpus, args.rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000)
+    corpus, run_dir = fresh_corpus(work, args.rows)
     ours: dict[str, dict] = {}
     base: dict[str, dict] = {}
     try:
