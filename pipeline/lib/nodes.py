@@ -117,16 +117,15 @@ def quality_rank(gids, pixels, nbytes, prefix, full_keys) -> np.ndarray:
     return rank
 
 
-def keys_by_gid(run, gids: np.ndarray):
-    """gid -> key (a pandas Series) of those of the given gids this run's input holds, read from
-    the ingest files of the shards the gids name only."""
-    import pandas as pd
+def keys_of(run, gids: np.ndarray) -> list:
+    """The keys of the given gids (any order), read from the ingest files of their shards."""
     gids = np.asarray(gids, np.int64)
-    parts = []
+    found: dict[int, str] = {}
     for shard in run.shards:
         sel = gids[(gids >> 32) == shard.index]
-        if len(sel):
-            t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key"])
-            parts.append(t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64()))).to_pandas())
-    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"gid": [], "key": []})
-    return keys.set_index("gid")["key"]
+        if not len(sel):
+            continue
+        t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key"])
+        t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
+        found.update(zip(t["gid"].to_pylist(), t["key"].to_pylist()))
+    return [found[int(g)] for g in gids]

@@ -30,7 +30,7 @@ from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
-from ..lib.nodes import keys_by_gid, quality_rank, read_nodes
+from ..lib.nodes import keys_of, quality_rank, read_nodes
 from ..lib.unionfind import UnionFind, exact_edges
 from . import verify
 
@@ -278,8 +278,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     if cfg.group.representative == "first":
         rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
     else:                                     # most pixels, most bytes, smallest key
-        rank = quality_rank(gids, nodes.pixels, nodes.nbytes, nodes.prefix,
-                            lambda g: keys_by_gid(run, g).reindex(g).tolist())
+        rank = quality_rank(gids, nodes.pixels, nodes.nbytes, nodes.prefix, lambda g: keys_of(run, g))
     texts = np.array([normalize_text(t) for t in nodes.captions], dtype=object) if by_text else None
     if cfg.group.exact_bytes and nodes.sha is not None:
         exact = exact_edges(np.array([d.hex() for d in nodes.sha.tolist()], object) + "\x00" + texts if by_text

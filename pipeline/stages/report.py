@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
 from ..core.run import Run
 from ..lib import gallery, registry, requests
-from ..lib.nodes import keys_by_gid
 from . import verify
 
 NAME = "report"
@@ -145,11 +144,15 @@ def rows_with_keys(run: Run, keys) -> np.ndarray:
 def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
     """gid -> key of the given gids only (read shard by shard), the earlier runs' rows included
     for an incremental run."""
-    keys = keys_by_gid(run, gids)
+    parts = []
+    for name in run.shard_names():
+        t = pq.read_table(run.ingest_file(name), columns=["gid", "key"])
+        parts.append(t.filter(pc.is_in(t["gid"], pa.array(gids, pa.int64()))).to_pandas())
     if run.cfg.against:
         reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
-        keys = pd.concat([keys, reg.loc[reg["gid"].isin(gids)].set_index("gid")["key"]])
-    return keys
+        parts.append(reg.loc[reg["gid"].isin(gids), ["gid", "key"]])
+    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"gid": [], "key": []})
+    return keys.set_index("gid")["key"]
 
 
 def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.DataFrame:
