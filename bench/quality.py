@@ -8,18 +8,19 @@ product shots on white, disjoint crops of one photo, textures) is written as an 
 deduplicated by `dedup2b run` twice in the same run, same box: verify.method=pixels (the default)
 and verify.method=off (the descriptor alone, at search.threshold). The truth: an image is a copy
 of another exactly when both derive from the same original (the part of its name before "|").
+A part of a photo (a grid cell: half of it or less) is another original, as the product's rule
+says (a copy holds more than half of each image's content, dedup2b.lib.pixels.MIN_SHARE).
 Reported per setting: pair precision / recall / F1 over every pair of rows (same group vs same
-original; and under "family" truth, the product's rule: a half of a photo is a copy of it, a
-quarter is not), recall per edit kind and false merges per negative kind on the labelled pairs, the
+original), recall per edit kind and false merges per negative kind on the labelled pairs, the
 largest group holding two or more distinct originals, the pixel check's cost, and `dedup2b
-calibrate`'s printed precision of the removals against the measured one (calibration_error). Writes bench/results/quality.md and .json.
+calibrate`'s printed precision of the removals against the measured one (calibration_error); the groups that hold distinct originals, with what they hold. `--methods
+pixels` runs the default setting alone. Writes bench/results/quality.md and .json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -45,31 +46,11 @@ def write_folder(cs, folder: Path) -> list[str]:
     return keys
 
 
-def family(name: str) -> str:
-    """The picture an image is a copy of under the product's rule (a copy holds >= 40 % of each
-    image's content, dedup2b.lib.pixels.MIN_SHARE): a half of a photo (a 1 x 2 grid cell:
-    "motorcycle[0]", the halves of the scanned pages "page-scan[0]") is a copy of the photo, as a
-    50 % crop is; a quarter or less ("astronaut<2>", "retina[1]", the star-field crops
-    "hubble[7]") is another picture."""
-    base = name.split("|")[0]
-    m = re.fullmatch(r"(.+?)\[(\d+)\]", base)
-    if not m:
-        return base
-    stem, i = m.group(1), int(m.group(2))
-    if stem == "page-scan":                      # the two halves of page, then of text
-        return "page" if i < 2 else "text"
-    return stem if stem in HALVES else base
-
-
-HALVES = {"motorcycle", "china", "flower"}      # big photos cut in two (bench.copies.build_set)
-
-
-
-def score(cs, keys: list[str], samples, truth: str = "origin") -> dict:
-    """truth origin: a copy derives from the same original (a half of a photo is another image);
-    family: the product's rule (a half of a photo is a copy of it, so the two halves meet
-    through it; a quarter is not, see family())."""
-    origin = [n.split("|")[0] if truth == "origin" else family(n) for n in cs.names]
+def score(cs, keys: list[str], samples) -> dict:
+    """Pair precision / recall / F1 over every pair of rows: same group (predicted) vs same
+    original (truth: a copy derives from the same original; a part of a photo, half or less, is
+    another picture, as the product's rule says: a copy holds more than half of each image)."""
+    origin = [n.split("|")[0] for n in cs.names]
     group = dict(zip(samples["key"], samples["group_id"]))
     g = [group.get(k) for k in keys]
     # every pair of rows: same group (predicted) vs same original (truth), counted by group sizes
@@ -87,14 +68,16 @@ def score(cs, keys: list[str], samples, truth: str = "origin") -> dict:
         per_kind.setdefault(("copy " if is_copy else "negative ") + kind, [0, 0])
         per_kind[("copy " if is_copy else "negative ") + kind][0] += int(same)
         per_kind[("copy " if is_copy else "negative ") + kind][1] += 1
-    origins_in = {}
+    origins_in: dict = {}
     for gi, oi in zip(g, origin):
-        origins_in.setdefault(gi, set()).add(oi)
+        origins_in.setdefault(gi, Counter())[oi] += 1
     false_groups = sorted(((by_group[gi], len(o)) for gi, o in origins_in.items() if len(o) > 1), reverse=True)
+    detail = sorted(({"rows": by_group[gi], "originals": o.most_common()} for gi, o in origins_in.items()
+                     if gi is not None and len(o) > 1), key=lambda x: -x["rows"])
     return {"pair_precision": round(p, 4), "pair_recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-9), 4),
             "true_pairs": true, "predicted_pairs": pred,
             "largest_false_group": {"rows": false_groups[0][0], "originals": false_groups[0][1]} if false_groups else None,
-            "groups_with_distinct_originals": len(false_groups),
+            "groups_with_distinct_originals": len(false_groups), "false_groups": detail,
             "per_kind": {k: {"merged": v[0], "pairs": v[1], "rate": round(v[0] / v[1], 4)} for k, v in sorted(per_kind.items())}}
 
 
@@ -114,40 +97,38 @@ def run_one(folder: Path, run_dir: Path, method: str, sets: list[str]) -> dict:
 def calibration_error(cs, keys: list[str], run_dir: Path, samples: int = 200) -> dict:
     """`dedup2b calibrate`'s printed precision of the removals (sampled removed rows checked by
     pixels against the row their group keeps) next to the measured one: the share of every
-    removed row that is a copy of its kept row, by origin and by the product's rule (family)."""
+    removed row that derives from the same original as its kept row."""
     from dedup2b.quality.calibrate import calibrate
     t0 = time.time()
     got = calibrate(run_dir, samples=samples, copies=3, audit_pairs=200, log=lambda *a: None)
     table = pq.read_table(run_dir / "report" / "samples.parquet", columns=["key", "gid", "group_id"]).to_pandas()
-    name = dict(zip(keys, cs.names))
+    origin = {k: n.split("|")[0] for k, n in zip(keys, cs.names)}
     key_of = dict(zip(table["gid"], table["key"]))
     removed = table[table["gid"] != table["group_id"]]
-    out = {"printed": (got.get("groups") or {}).get("precision"), "ci95": (got.get("groups") or {}).get("ci95"),
-           "removed_rows": len(removed), "seconds": round(time.time() - t0, 1)}
-    for truth, f in (("origin", lambda n: n.split("|")[0]), ("family", family)):
-        same = [f(name[k]) == f(name[key_of[g]]) for k, g in zip(removed["key"], removed["group_id"])]
-        out[f"measured_{truth}"] = round(sum(same) / max(len(same), 1), 4)
-        out[f"error_{truth}"] = round(abs(out["printed"] - out[f"measured_{truth}"]), 4) if out["printed"] else None
-    return out
+    same = [origin[k] == origin[key_of[g]] for k, g in zip(removed["key"], removed["group_id"])]
+    printed = (got.get("groups") or {}).get("precision")
+    measured = round(sum(same) / max(len(same), 1), 4)
+    return {"printed": printed, "ci95": (got.get("groups") or {}).get("ci95"), "measured": measured,
+            "error": round(abs(printed - measured), 4) if printed is not None else None,
+            "removed_rows": len(removed), "seconds": round(time.time() - t0, 1)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="/tmp/dedup2b-bench-quality")
-    ap.add_argument("--set", action="append", default=[], help="config fields for both runs (FIELD=VALUE)")
+    ap.add_argument("--methods", default="pixels,off", help="verify.method values to run, in order")
+    ap.add_argument("--set", action="append", default=[], help="config fields for every run (FIELD=VALUE)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     cs = build_set(args.seed)
     keys = write_folder(cs, work / "images")
     res = {}
-    for method in ("pixels", "off"):
+    methods = args.methods.split(",")
+    for method in methods:
         got = run_one(work / "images", work / f"run-{method}", method, args.set)
-        fam = score(cs, keys, got["samples"], truth="family")
         res[method] = {"wall_s": got["wall_s"], **score(cs, keys, got["samples"]),
-                       "family_truth": {k: fam[k] for k in ("pair_precision", "pair_recall", "f1",
-                                                             "largest_false_group")},
                        "threshold": got["summary"]["threshold"],
                        "pixel_check": {**(got["summary"].get("pixel_check") or {}),
                                        **(got["summary"].get("pixel_check_cost") or {})}}
@@ -155,29 +136,32 @@ def main(argv=None) -> int:
             res[method]["calibration"] = calibration_error(cs, keys, work / f"run-{method}")
         print(method, json.dumps({k: v for k, v in res[method].items() if k != "per_kind"}), flush=True)
     cmd = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
-    px, off = res["pixels"], res["off"]
+    head = [f"verify.method={m}" + (" (default)" if m == "pixels" else "") for m in methods]
     lines = [f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}); {len(cs.images)} images, "
              f"{len(cs.pairs)} labelled pairs; the whole pipeline, local executor, default model",
-             "", "| measure | verify.method=pixels (default) | verify.method=off |", "|---|---|---|"]
+             "", "| measure | " + " | ".join(head) + " |", "|---|" + "---|" * len(methods)]
     for k in ("pair_precision", "pair_recall", "f1", "predicted_pairs", "true_pairs", "groups_with_distinct_originals",
               "largest_false_group", "wall_s"):
-        lines.append(f"| {k} | {px[k]} | {off[k]} |")
-    for k in ("pair_precision", "pair_recall", "f1", "largest_false_group"):
-        lines.append(f"| {k}, family truth (a half of a photo is a copy of it, a quarter is not) | {px['family_truth'][k]} | "
-                     f"{off['family_truth'][k]} |")
-    pc = px["pixel_check"] or {}
-    lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair, ms per image | "
-                 f"{pc.get('band')}, {pc.get('pairs_checked')} / {pc.get('pairs_accepted')}, {pc.get('ms_per_pair')}, "
-                 f"{pc.get('ms_per_image_features')} | (none) |")
-    cal = px.get("calibration")
-    if cal:
-        lines.append(f"| calibrate: printed precision of the removals [95 %] vs measured (origin / family) | "
-                     f"{cal['printed']} {cal['ci95']} vs {cal['measured_origin']} / {cal['measured_family']} "
-                     f"(error {cal['error_origin']} / {cal['error_family']}; {cal['removed_rows']} removed rows) | |")
-    lines += ["", "| labelled pairs | merged, pixels | merged, off |", "|---|---|---|"]
-    for kind in px["per_kind"]:
-        a, b = px["per_kind"][kind], off["per_kind"][kind]
-        lines.append(f"| {kind} ({a['pairs']}) | {a['rate']:.3f} | {b['rate']:.3f} |")
+        lines.append(f"| {k} | " + " | ".join(str(res[m][k]) for m in methods) + " |")
+    px = res.get("pixels")
+    if px:
+        pc = px["pixel_check"] or {}
+        lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair, ms per image | "
+                     f"{pc.get('band')}, {pc.get('pairs_checked')} / {pc.get('pairs_accepted')}, {pc.get('ms_per_pair')}, "
+                     f"{pc.get('ms_per_image_features')} |" + " |" * (len(methods) - 1))
+        cal = px["calibration"]
+        lines.append(f"| calibrate: printed precision of the removals [95 %] vs measured | {cal['printed']} "
+                     f"{cal['ci95']} vs {cal['measured']} (error {cal['error']}; {cal['removed_rows']} removed rows) |"
+                     + " |" * (len(methods) - 1))
+    lines += ["", "| labelled pairs | " + " | ".join(f"merged, {m}" for m in methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for kind in res[methods[0]]["per_kind"]:
+        a = res[methods[0]]["per_kind"][kind]
+        lines.append(f"| {kind} ({a['pairs']}) | " + " | ".join(f"{res[m]['per_kind'][kind]['rate']:.3f}"
+                                                               for m in methods) + " |")
+    for m in methods:
+        lines += ["", f"Groups holding distinct originals, {m} (rows: originals by rows, largest first)", ""]
+        lines += [f"- {g['rows']}: " + ", ".join(f"{o} {n}" for o, n in g["originals"]) for g in res[m]["false_groups"][:8]]
     md = "\n".join(lines) + "\n"
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)

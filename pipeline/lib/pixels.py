@@ -20,9 +20,9 @@ Method
             mirrored. Per match set: an affine model by RANSAC (covers crops, canvas, letterbox,
             rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
             mapping one image onto >= MIN_COVER of the other, and a shared part that holds >=
-            MIN_SHARE of EACH image's keypoints (a crop of half a photo is a copy of it, a quarter
-            is another picture: two disjoint parts must not meet through the whole; plain
-            borders and canvases hold no keypoints, so they do not count); and the 8 full-frame maps (4
+            MIN_SHARE (more than half) of EACH image's content, counted in detailed thumbnail
+            tiles (a half of a photo is another picture: two disjoint parts must not meet through
+            the whole; plain borders and canvases are flat, so they do not count); and the 8 full-frame maps (4
             rotations x mirror, any aspect change) that >= MIN_SUPPORT matches agree with. Those
             align tiny and featureless images better than a fit, and being 8 fixed guesses, a
             few agreeing matches are already unlikely by chance.
@@ -79,10 +79,12 @@ RANSAC_PX = 3.0          # inlier distance, working pixels of a native-resolutio
 MIN_INLIERS = 8          # a RANSAC model needs this many inliers (it searches many: chance consensus)
 MIN_SUPPORT = 3          # a full-frame map (one of 8 fixed ones) needs this many agreeing matches
 MIN_COVER = 0.3          # a model must map one image onto >= this share of the other
-MIN_SHARE = 0.4          # and the shared part must hold >= this share of EACH image's content
-                         # (keypoints; area where an image has < SHARE_POINTS): a quarter of a photo
-                         # is not a copy of it, so disjoint crops cannot meet through the whole photo
-SHARE_POINTS = 30
+MIN_SHARE = 0.55         # and the shared part must hold >= this share of EACH image's content
+                         # (its detailed thumbnail tiles): more than half, so two copies of one
+                         # picture always share some of it and disjoint parts (two halves) never
+                         # meet through the whole photo
+FLAT_STD = 2.0           # a thumbnail tile with a grey-level spread below this holds no content
+                         # (plain borders, canvases, letterbox bars, a flat background)
 MAX_SCALE, MAX_ANISO = 8.0, 3.0   # sane models: scale within 1/8..8, axis ratio <= 3
 SIGMA_FINE, SIGMA_COARSE = 0.7, 1.5   # the band compared, thumbnail pixels
 TILE = 16                # tile side for the robust correlation, thumbnail pixels
@@ -241,17 +243,33 @@ def _cover(fa: Features, fb: Features, h: np.ndarray) -> float:
     return float(max(area / (fa.size[0] * fa.size[1]), area / max(det * fb.size[0] * fb.size[1], 1e-9)))
 
 
+def _content_tiles(f: Features) -> np.ndarray:
+    """Centres (working pixels) of the thumbnail's TILE x TILE tiles that hold detail (grey-level
+    spread >= FLAT_STD): where the picture is, borders and flat areas left out."""
+    t = TILE
+    th = f.thumb.astype(np.float32)
+    h, w = th.shape[0] // t * t, th.shape[1] // t * t
+    if h == 0 or w == 0:
+        return np.zeros((0, 2), np.float32)
+    std = th[:h, :w].reshape(h // t, t, w // t, t).std(axis=(1, 3))
+    r, c = np.nonzero(std >= FLAT_STD)
+    sx, sy = f.size[0] / th.shape[1], f.size[1] / th.shape[0]
+    return np.stack([(c * t + t / 2) * sx - 0.5, (r * t + t / 2) * sy - 0.5], 1).astype(np.float32)
+
+
 def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
     """The smaller of the two images' shares of content inside the part they share under h (B's
-    working pixels onto A's): for each image, the share of its keypoints that land inside the
-    other's frame (plain borders, canvases and letterbox bars hold none, so they do not count);
-    the share of its area where it has fewer than SHARE_POINTS keypoints."""
+    working pixels onto A's). An image's share: the share of its detailed thumbnail tiles that
+    land inside the other's frame (plain borders, canvases and letterbox bars are flat, so they do
+    not count; tiles weigh every part of a picture alike, where keypoints crowd into its busiest
+    part); with no detailed tile, the share of its area."""
     hinv = np.linalg.inv(h)
     shares = []
     for f, g, m in ((fa, fb, h), (fb, fa, hinv)):       # f's content inside g's frame mapped by m
         quad = cv2.transform(_rect(*g.size)[None], m[:2].astype(np.float32))[0]
-        if len(f.xy) >= SHARE_POINTS:
-            shares.append(float(_inside(f.xy, quad).mean()))
+        tiles = _content_tiles(f)
+        if len(tiles):
+            shares.append(float(_inside(tiles, quad).mean()))
         else:
             if cv2.contourArea(quad, oriented=True) < 0:
                 quad = np.ascontiguousarray(quad[::-1])
