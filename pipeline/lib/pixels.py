@@ -21,7 +21,7 @@ Method
             rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
             mapping one image onto >= MIN_COVER of the other, and a shared part that holds >=
             MIN_SHARE (more than half) of EACH image's content, counted in detailed thumbnail
-            tiles (a half of a photo is another picture: two disjoint parts must not meet through
+            pixels that land on the other's picture (a half of a photo is another picture: two disjoint parts must not meet through
             the whole; plain borders and canvases are flat, so they do not count); and the 8 full-frame maps (4
             rotations x mirror, any aspect change) that >= MIN_SUPPORT matches agree with. Those
             align tiny and featureless images better than a fit, and being 8 fixed guesses, a
@@ -80,10 +80,10 @@ MIN_INLIERS = 8          # a RANSAC model needs this many inliers (it searches m
 MIN_SUPPORT = 3          # a full-frame map (one of 8 fixed ones) needs this many agreeing matches
 MIN_COVER = 0.3          # a model must map one image onto >= this share of the other
 MIN_SHARE = 0.55         # and the shared part must hold >= this share of EACH image's content
-                         # (its detailed thumbnail tiles): more than half, so two copies of one
+                         # (its detailed thumbnail pixels): more than half, so two copies of one
                          # picture always share some of it and disjoint parts (two halves) never
                          # meet through the whole photo
-FLAT_STD = 2.0           # a thumbnail tile with a grey-level spread below this holds no content
+FLAT_STD = 2.0           # a thumbnail pixel whose 5 x 5 neighbourhood spreads less holds no content
                          # (plain borders, canvases, letterbox bars, a flat background)
 MAX_SCALE, MAX_ANISO = 8.0, 3.0   # sane models: scale within 1/8..8, axis ratio <= 3
 SIGMA_FINE, SIGMA_COARSE = 0.7, 1.5   # the band compared, thumbnail pixels
@@ -243,38 +243,41 @@ def _cover(fa: Features, fb: Features, h: np.ndarray) -> float:
     return float(max(area / (fa.size[0] * fa.size[1]), area / max(det * fb.size[0] * fb.size[1], 1e-9)))
 
 
-def _content_tiles(f: Features) -> np.ndarray:
-    """Centres (working pixels) of the thumbnail's TILE x TILE tiles that hold detail (grey-level
-    spread >= FLAT_STD): where the picture is, borders and flat areas left out."""
-    t = TILE
-    th = f.thumb.astype(np.float32)
-    h, w = th.shape[0] // t * t, th.shape[1] // t * t
-    if h == 0 or w == 0:
-        return np.zeros((0, 2), np.float32)
-    std = th[:h, :w].reshape(h // t, t, w // t, t).std(axis=(1, 3))
-    r, c = np.nonzero(std >= FLAT_STD)
-    sx, sy = f.size[0] / th.shape[1], f.size[1] / th.shape[0]
-    return np.stack([(c * t + t / 2) * sx - 0.5, (r * t + t / 2) * sy - 0.5], 1).astype(np.float32)
+def _detail(thumb: np.ndarray, thr: float) -> np.ndarray:
+    """Where a thumbnail holds a picture: pixels whose 5 x 5 neighbourhood has a grey-level spread
+    >= thr (a plain border, canvas or letterbox bar has none; a picture's edge against it makes a
+    band two pixels wide)."""
+    x = thumb.astype(np.float32)
+    m = cv2.blur(x, (5, 5))
+    return cv2.blur(x * x, (5, 5)) - m * m >= thr * thr
 
 
 def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
     """The smaller of the two images' shares of content inside the part they share under h (B's
-    working pixels onto A's). An image's share: the share of its detailed thumbnail tiles that
-    land inside the other's frame (plain borders, canvases and letterbox bars are flat, so they do
-    not count; tiles weigh every part of a picture alike, where keypoints crowd into its busiest
-    part); with no detailed tile, the share of its area."""
-    hinv = np.linalg.inv(h)
+    working pixels onto A's): for each image, the share of its detailed thumbnail pixels (see
+    _detail; sampled every other pixel) that land on the other's picture (its detail, a few pixels
+    wider and at a lower spread, so that blur in one does not count as a difference). Plain
+    borders, canvases and bars are neither content nor picture, so they never count; pixels weigh
+    every part of a picture alike, where keypoints would crowd into its busiest part. An image
+    without detail counts by area."""
     shares = []
-    for f, g, m in ((fa, fb, h), (fb, fa, hinv)):       # f's content inside g's frame mapped by m
-        quad = cv2.transform(_rect(*g.size)[None], m[:2].astype(np.float32))[0]
-        tiles = _content_tiles(f)
-        if len(tiles):
-            shares.append(float(_inside(tiles, quad).mean()))
-        else:
+    for f, g, m in ((fa, fb, np.linalg.inv(h)), (fb, fa, h)):     # m: f's working pixels -> g's
+        ys, xs = np.nonzero(_detail(f.thumb, FLAT_STD)[::2, ::2])
+        if len(ys) < 16:
+            quad = cv2.transform(_rect(*g.size)[None], np.linalg.inv(m)[:2].astype(np.float32))[0]
             if cv2.contourArea(quad, oriented=True) < 0:
                 quad = np.ascontiguousarray(quad[::-1])
             area, _ = cv2.intersectConvexConvex(_rect(*f.size), quad)
             shares.append(float(area) / (f.size[0] * f.size[1]))
+            continue
+        t = _to_thumb(g) @ m @ np.linalg.inv(_to_thumb(f))           # f's thumbnail -> g's
+        pts = np.stack([2.0 * xs, 2.0 * ys], 1) @ t[:2, :2].T + t[:2, 2]
+        picture = cv2.dilate(_detail(g.thumb, 0.5 * FLAT_STD).astype(np.uint8), np.ones((7, 7), np.uint8))
+        c, r = np.rint(pts[:, 0]).astype(np.int64), np.rint(pts[:, 1]).astype(np.int64)
+        ok = (c >= 0) & (r >= 0) & (c < picture.shape[1]) & (r < picture.shape[0])
+        hit = np.zeros(len(pts), bool)
+        hit[ok] = picture[r[ok], c[ok]] > 0
+        shares.append(float(hit.mean()))
     return min(shares)
 
 
