@@ -1,5 +1,5 @@
 """Groups that never hold two distinct images (a folder of real photos through the whole pipeline):
-each image below is a copy of the next (they share half or more of each other's content), yet
+each image below is a copy of the next (each holds more than half of the other's content), yet
 the last holds too little of the first to be a copy of it. Connected components chain the three;
 the member check splits off the row that is not a copy of the row the group keeps."""
 import pyarrow.parquet as pq
@@ -23,13 +23,15 @@ def _strip(parts: list[Image.Image]) -> Image.Image:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A strip of three panels (a photo, its mirror image, its upside-down image: equally rich in
-    detail), its last two panels, and the last panel alone: each shares half or more of its
-    neighbour's content, the single panel only a third of the strip's."""
+    detail), its last two panels (2/3 of the strip), and the right 60 % of those (1.2 panels):
+    each holds more than half of its neighbour's content, the last only 40 % of the strip's."""
     import skimage.data
     root = tmp_path_factory.mktemp("chain")
     photo = Image.fromarray(skimage.data.coffee()).convert("RGB")
     panels = [photo, ImageOps.mirror(photo), ImageOps.flip(photo)]
-    for name, img in {"a_strip": _strip(panels), "b_two_panels": _strip(panels[1:]), "c_one_panel": panels[2],
+    two = _strip(panels[1:])
+    w, h = two.size
+    for name, img in {"a_strip": _strip(panels), "b_two_panels": two, "c_one_panel": two.crop((w * 2 // 5, 0, w, h)),
                       "d_other": Image.fromarray(skimage.data.chelsea())}.items():
         img.save(root / f"{name}.png")
     return root

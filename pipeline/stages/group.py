@@ -124,8 +124,9 @@ def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
 
 class MemberCheck:
     """confirm() for group_nodes where the pixel check runs: a member is a copy of its
-    representative when an accepted edge joins the two, else when the pixels of the two say so
-    (checked in parallel tasks over the verify stage's features), and where an image has no pixel
+    representative when an accepted edge joins the two, else when the pixels of the two say so,
+    directly or through an anchor that is a full copy of the representative (checked in parallel
+    tasks over the verify stage's features: verify.decide_members), and where an image has no pixel
     evidence (too few keypoints, or no features) when the descriptor reaches search.threshold.
     Members of an earlier run's group (incremental runs) are taken as the guard left them: that
     group's images belong to another run."""
@@ -133,7 +134,8 @@ class MemberCheck:
     def __init__(self, run: Run, ex, gids: np.ndarray, edges: Callable, n_own: int, hops: int = 1):
         self.run, self.ex, self.gids, self.edges, self.n_own, self.hops = run, ex, gids, edges, n_own, hops
         self.stats = {"member_checks": 0, "member_checks_direct": 0, "member_checks_two_hops": 0,
-                      "member_checks_pixels": 0, "member_checks_failed": 0, "member_check_s": 0.0}
+                      "member_checks_pixels": 0, "member_checks_via_full_copy": 0, "member_checks_failed": 0,
+                      "member_check_s": 0.0}
 
     def __call__(self, nodes: np.ndarray, rep: np.ndarray, sims: np.ndarray) -> np.ndarray:
         t0 = time.time()
@@ -152,17 +154,33 @@ class MemberCheck:
             ok |= via[nodes]
         n_two = int(ok.sum()) - n_direct
         todo = np.nonzero(~ok)[0]
+        via = 0
         if len(todo):
-            ok[todo] = verify.check_members(self.run, self.ex, self.gids[nodes[todo]],
-                                            self.gids[rep[nodes[todo]]], sims[todo])
+            anchors = self._anchors(nodes[todo], rep, direct)
+            ok[todo], via = verify.check_members(self.run, self.ex, self.gids[nodes[todo]],
+                                                 self.gids[rep[nodes[todo]]], sims[todo], anchors)
         s = self.stats
         s["member_checks"] += len(nodes)
         s["member_checks_direct"] += n_direct
         s["member_checks_two_hops"] += n_two
         s["member_checks_pixels"] += len(todo)
+        s["member_checks_via_full_copy"] += via
         s["member_checks_failed"] += int((~ok).sum())
         s["member_check_s"] = round(s["member_check_s"] + time.time() - t0, 3)
         return ok
+
+    def _anchors(self, todo: np.ndarray, rep: np.ndarray, direct: np.ndarray) -> list[list[int]]:
+        """Per member to check, the gids of up to verify.ANCHORS members of its group with an
+        accepted edge to the representative (the first in gid order), the member itself left out."""
+        reps = np.unique(rep[todo])
+        cand = np.nonzero(direct & np.isin(rep, reps) & (rep != np.arange(len(rep))))[0]
+        by_rep: dict[int, list[int]] = {}
+        for x in cand[np.argsort(rep[cand], kind="stable")].tolist():
+            got = by_rep.setdefault(int(rep[x]), [])
+            if len(got) <= verify.ANCHORS:
+                got.append(x)
+        return [[int(self.gids[x]) for x in by_rep.get(int(rep[m]), []) if x != m][:verify.ANCHORS]
+                for m in todo.tolist()]
 
 
 class Edges:

@@ -40,6 +40,8 @@ NAME = "verify"
 MIN_KEYPOINTS = 20
 NO_EVIDENCE = 2
 IMPLIED = 3      # not checked: accepted edges checked before it already connect its two rows
+FULL_SHARE = 0.9  # a full copy (an anchor of the member check): each image holds this much of the other
+ANCHORS = 3       # members with an accepted edge to the representative tried as anchors, per group
 FIELDS = ("input", "embed.model", "codec", "search", "verify", "against", "decontaminate")
 CHUNK = 1 << 20
 
@@ -267,26 +269,53 @@ def decide_file(job: dict) -> dict:
 
 
 def decide_members(job: dict) -> dict:
-    """Decisions for (member, representative) pairs the group stage asks about."""
+    """Decisions for (member, representative) pairs the group stage asks about. A member the pixels
+    reject against its representative is a copy all the same when it is a copy of an anchor (`alt`:
+    members with an accepted edge to the representative) that is a full copy of the
+    representative: each holds >= FULL_SHARE of the other's content (the unedited photo of a
+    representative that is the photo on a canvas). Through a full copy a member still holds about
+    half of the representative or more, so two members still share some of it."""
     from ..lib import pixels
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
-    out = [_decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE) for a, b in zip(job["a"], job["b"])]
-    return {"pixels": [d for d, _ in out]}
+    full: dict[tuple[int, int], bool] = {}
+
+    def is_full(x: int, r: int) -> bool:
+        if (x, r) not in full:
+            fx, fr = store.get(x), store.get(r)
+            full[(x, r)] = bool(fx is not None and fr is not None and min(len(fx.xy), len(fr.xy)) >= MIN_KEYPOINTS
+                                and pixels.explain(fx, fr, {"min_share": FULL_SHARE}, stop=True)["copy"])
+        return full[(x, r)]
+
+    out, via = [], 0
+    for a, b, alt in zip(job["a"], job["b"], job.get("alt") or [()] * len(job["a"])):
+        d = _decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE)[0]
+        if d == 0:
+            for x in alt:
+                if x != a and is_full(x, b) and _decide(pixels, store.get(a), store.get(x))[0] == 1:
+                    d, via = 1, via + 1
+                    break
+        out.append(d)
+    return {"pixels": out, "via_full_copy": via}
 
 
 def check_members(run: Run, ex, members: np.ndarray, reps: np.ndarray, sims: np.ndarray,
-                  per_task: int = 2048) -> np.ndarray:
-    """Is each member a copy of its representative? The pixels decide; where an image has no
-    pixel evidence (or no features: a row no candidate pair needed), the descriptor at
-    search.threshold. Tasks of `per_task` pairs, grouped by the representative's shard."""
+                  anchors: list | None = None, per_task: int = 2048) -> tuple[np.ndarray, int]:
+    """Is each member a copy of its representative? The pixels decide (directly, or through one of
+    the member's `anchors` that is a full copy of the representative: decide_members); where an
+    image has no pixel evidence (or no features: a row no candidate pair needed), the descriptor
+    at search.threshold. Tasks of `per_task` pairs, grouped by the representative's shard.
+    Returns the answers and how many members passed through an anchor."""
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
     order = np.lexsort((members >> 32, reps >> 32))
+    anchors = anchors if anchors is not None else [[] for _ in range(len(members))]
     jobs = [{"a": members[order[i:i + per_task]].tolist(), "b": reps[order[i:i + per_task]].tolist(),
-             "features": files} for i in range(0, len(order), per_task)]
+             "alt": [list(anchors[j]) for j in order[i:i + per_task]], "features": files}
+            for i in range(0, len(order), per_task)]
     dec = np.empty(len(members), np.int8)
     done = ex.map(decide_members, jobs, desc="group: members vs representatives", num_cpus=1)
     dec[order] = np.concatenate([np.array(r["pixels"], np.int8) for r in done]) if done else []
-    return accepted(sims, dec, -np.inf, run.cfg.verify.sure, run.cfg.search.threshold)
+    ok = accepted(sims, dec, -np.inf, run.cfg.verify.sure, run.cfg.search.threshold)
+    return ok, sum(r.get("via_full_copy", 0) for r in done)
 
 
 def decide_cross(job: dict) -> dict:
