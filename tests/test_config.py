@@ -20,9 +20,13 @@ def test_threshold_default_follows_model():
     a = from_dict({"input": {"path": "x"}, "run_dir": "r"})
     b = from_dict({"input": {"path": "x"}, "run_dir": "r", "embed": {"model": "open_clip:ViT-B-32"}})
     assert a.search.threshold == 0.80 and b.search.threshold == 0.95
-    # the chaining guard sits below the pixel check's band where it runs (image input), else
-    # 0.10 below the threshold
-    assert b.group.min_rep_similarity == pytest.approx(b.verify.low - 0.10) == pytest.approx(0.65)
+    # the descriptor guard is off where every member's pixels are checked against its
+    # representative (image input, member check on), below the pixel check's band without the
+    # member check, else 0.10 below the threshold
+    assert b.group.min_rep_similarity == -1.0
+    d = from_dict({"input": {"path": "x"}, "run_dir": "r", "embed": {"model": "open_clip:ViT-B-32"},
+                   "group": {"member_check": False}})
+    assert d.group.min_rep_similarity == pytest.approx(d.verify.low - 0.10) == pytest.approx(0.65)
     c = from_dict({"input": {"path": "x"}, "run_dir": "r", "embed": {"model": "open_clip:ViT-B-32"},
                    "verify": {"method": "off"}})
     assert c.group.min_rep_similarity == pytest.approx(0.85)

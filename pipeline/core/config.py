@@ -172,8 +172,8 @@ class VerifyConfig:
 class GroupConfig:
     # A member must be at least this similar to its group's representative; components that chain
     # dissimilar rows through intermediates are split. -1 disables the guard.
-    min_rep_similarity: float | None = None   # None = search.threshold - 0.10 (verify.low - 0.10
-                                              # where the pixel check runs)
+    min_rep_similarity: float | None = None   # None = search.threshold - 0.10; where the pixel check
+                                              # runs: off (-1) with group.member_check, else verify.low - 0.10
     # where the pixel check runs: every member is checked against its group's representative,
     # by an accepted edge between them or else by the pixels of the two (the descriptor at
     # search.threshold where an image has no pixel evidence); a member that fails is split off and
@@ -267,8 +267,11 @@ class RunConfig:
             if self.verify.sure is None:
                 self.verify.sure = 1.0
         if self.group.min_rep_similarity is None:
-            # with the pixel check every edge is a checked copy: the guard sits below its band
-            self.group.min_rep_similarity = round((self.verify.low if self.pixel_check else t) - 0.10, 6)
+            # with the member check every member's pixels are checked against its representative's:
+            # the descriptor guard would only split off copies the descriptor ranks low (a 90 degree
+            # turn, a watermark: cosine 0.3-0.5); with the pixel check alone it sits below its band
+            self.group.min_rep_similarity = (-1.0 if self.pixel_check and self.group.member_check else
+                                             round((self.verify.low if self.pixel_check else t) - 0.10, 6))
         if not self.run_dir:
             raise ConfigError("run_dir: required (where this run's outputs go)")
         if (self.input.format == "embeddings") != self.embed.model.startswith("precomputed:"):
