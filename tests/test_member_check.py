@@ -91,3 +91,24 @@ def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp
     assert found["true"][0] == found["false"][0]
     assert found["true"][1]["pairs_implied"] >= 1
     assert found["true"][1]["pairs_checked"] + found["true"][1]["pairs_implied"] == found["false"][1]["pairs_checked"]
+
+
+def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_path):
+    """The kept row is the photo on a big canvas (the most pixels); a squashed, cropped,
+    letterboxed copy fails against it but is a clear copy of the unedited photo, which is a full
+    copy of the kept row (each holds >= verify.FULL_SHARE of the other): it stays, through that
+    anchor and only through it."""
+    import numpy as np
+
+    from bench.copies import build_set
+    from dedup2b.lib import pixels
+    from dedup2b.stages import verify
+    cs = build_set(0)
+    names = ["astronaut|canvas", "astronaut", "astronaut|squash+crop+letterbox", "lfw[3]"]
+    feats = [pixels.features(cs.images[cs.names.index(n)]) for n in names]
+    path = tmp_path / "00000.npz"
+    np.savez(path, gid=np.arange(len(feats), dtype=np.int64), **verify.pack(feats))
+    job = {"a": [2, 2, 3], "b": [0, 0, 0], "alt": [[1], [], [1]], "features": {0: str(path)}}
+    got = verify.decide_members(job)
+    assert got["pixels"] == [1, 0, 0] and got["via_full_copy"] == 1
+    assert not pixels.verify(feats[2], feats[0])[0] and pixels.verify(feats[2], feats[1])[1] >= verify.ANCHOR_ACCEPT

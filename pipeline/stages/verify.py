@@ -42,6 +42,8 @@ NO_EVIDENCE = 2
 IMPLIED = 3      # not checked: accepted edges checked before it already connect its two rows
 FULL_SHARE = 0.9  # a full copy (an anchor of the member check): each image holds this much of the other
 ANCHORS = 3       # members with an accepted edge to the representative tried as anchors, per group
+ANCHOR_ACCEPT = 0.6  # a member rejected against its representative needs a clear copy of an anchor
+                     # (copies score mostly > 0.6; look-alikes <= 0.45 but one pair of faces at 0.55)
 FIELDS = ("input", "embed.model", "codec", "search", "verify", "against", "decontaminate")
 CHUNK = 1 << 20
 
@@ -270,11 +272,12 @@ def decide_file(job: dict) -> dict:
 
 def decide_members(job: dict) -> dict:
     """Decisions for (member, representative) pairs the group stage asks about. A member the pixels
-    reject against its representative is a copy all the same when it is a copy of an anchor (`alt`:
-    members with an accepted edge to the representative) that is a full copy of the
-    representative: each holds >= FULL_SHARE of the other's content (the unedited photo of a
-    representative that is the photo on a canvas). Through a full copy a member still holds about
-    half of the representative or more, so two members still share some of it."""
+    reject against its representative is a copy all the same when it is a clear copy (pixel score
+    >= ANCHOR_ACCEPT) of an anchor (`alt`: members with an accepted edge to the representative)
+    that is a full copy of the representative: each holds >= FULL_SHARE of the other's content
+    (the unedited photo of a representative that is the photo on a canvas). Through a full copy a
+    member still holds about half of the representative or more, so two members still share some
+    of it."""
     from ..lib import pixels
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
     full: dict[tuple[int, int], bool] = {}
@@ -290,8 +293,9 @@ def decide_members(job: dict) -> dict:
     for a, b, alt in zip(job["a"], job["b"], job.get("alt") or [()] * len(job["a"])):
         d = _decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE)[0]
         if d == 0:
-            for x in alt:
-                if x != a and is_full(x, b) and _decide(pixels, store.get(a), store.get(x))[0] == 1:
+            for x in (x for x in alt if x != a):
+                d2, score = _decide(pixels, store.get(a), store.get(x))
+                if d2 == 1 and score >= ANCHOR_ACCEPT and is_full(x, b):
                     d, via = 1, via + 1
                     break
         out.append(d)
