@@ -7,9 +7,9 @@ The set's images (real photos from packages, copies under single edits and chain
 look-alike negatives: different faces, star fields, text pages, product shots, disjoint crops,
 textures) are dealt in turn into three image folders: two are the training set, one the
 evaluation set. `dedup2b decontaminate --train TRAIN --eval EVAL` runs twice: verify.method=pixels
-(the default) and off (the descriptor alone). The truth follows the product's rule
-(bench.quality.family: a copy derives from the same picture; a half of a photo is a copy of it, a
-quarter is not): a training row leaks when an evaluation image is of its picture.
+(the default) and off (the descriptor alone). The truth follows the product's rule (a copy
+derives from the same original; a part of a photo, half of it or less, is another picture): a
+training row leaks when an evaluation image derives from its original.
 
 Reported per setting: rows removed as eval_leak against the training rows that leak (precision,
 recall), the same for the rows `leaks.parquet` names directly (before their groups go with them),
@@ -29,14 +29,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.copies import build_set
-from bench.quality import family
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def write_split(cs, root: Path) -> dict[str, str]:
     """Images dealt into train/a, train/b (training) and eval/ (evaluation); returns each file's
-    key -> the picture it is of (family)."""
+    key -> the original it derives from."""
     picture = {}
     for i, data in enumerate(cs.images):
         ext = "png" if data[:4] == b"\x89PNG" else "webp" if data[8:12] == b"WEBP" else "jpg"
@@ -44,7 +43,7 @@ def write_split(cs, root: Path) -> dict[str, str]:
         key = f"{part.split('/')[-1]}/{i:05d}.{ext}" if part.startswith("train") else f"{i:05d}.{ext}"
         (root / part).mkdir(parents=True, exist_ok=True)
         (root / part / f"{i:05d}.{ext}").write_bytes(data)
-        picture[(part.split("/")[0], key)] = family(cs.names[i])
+        picture[(part.split("/")[0], key)] = cs.names[i].split("|")[0]
     return picture
 
 

@@ -62,6 +62,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -79,8 +80,8 @@ RANSAC_PX = 3.0          # inlier distance, working pixels of a native-resolutio
 MIN_INLIERS = 8          # a RANSAC model needs this many inliers (it searches many: chance consensus)
 MIN_SUPPORT = 3          # a full-frame map (one of 8 fixed ones) needs this many agreeing matches
 MIN_COVER = 0.3          # a model must map one image onto >= this share of the other
-MIN_SHARE = 0.55         # and the shared part must hold >= this share of EACH image's content
-                         # (its detailed thumbnail pixels): more than half, so two copies of one
+MIN_SHARE = 0.6          # and the shared part must hold >= this share of EACH image's content
+                         # (its detailed thumbnail pixels): more than half, with a margin, so two copies of one
                          # picture always share some of it and disjoint parts (two halves) never
                          # meet through the whole photo
 FLAT_STD = 2.0           # a thumbnail pixel whose 5 x 5 neighbourhood spreads less holds no content
@@ -91,6 +92,7 @@ TILE = 16                # tile side for the robust correlation, thumbnail pixel
 ACCEPT = 0.5             # decision threshold on the score: look-alikes <= 0.45 but one pair in 17,550,
                          # copies mostly > 0.6 (bench/results/copies.md, score distribution)
 SEED = 12345
+_OPEN_LOCK = threading.Lock()
 
 _P = dict(ratio=RATIO, ransac_px=RANSAC_PX, min_inliers=MIN_INLIERS, min_support=MIN_SUPPORT,
           min_cover=MIN_COVER, min_share=MIN_SHARE, s1=SIGMA_FINE, s2=SIGMA_COARSE, tile=TILE, accept=ACCEPT,
@@ -123,15 +125,17 @@ def decode_gray(data: bytes, side: int = WORK_SIDE) -> np.ndarray:
     if len(data) == 0:
         raise ValueError("empty image (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        # the decompression-bomb check runs in open(); the warnings filters are global, so the
+        # threads of one features task take turns setting them (open reads a header only)
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > MAX_PIXELS:
-                raise ValueError(f"image too large ({img.width}x{img.height} pixels)")
-            if img.format == "JPEG":
-                img.draft("L", (side, side))
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"image too large ({img.width}x{img.height} pixels)")
+        if img.format == "JPEG":
+            img.draft("L", (side, side))
+        img.load()
+        img = ImageOps.exif_transpose(img)
     except Image.UnidentifiedImageError:
         raise ValueError(f"undecodable image ({len(data)} bytes): not a known image format") from None
     except ValueError as e:

@@ -22,6 +22,7 @@ check ran.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -164,14 +165,24 @@ def features_shard(job: dict) -> dict:
     t0 = time.time()
     shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["data"]))
     wanted = dict(zip(job["members"], job["gids"]))
-    gids, feats, errors = [], [], 0
-    for gid, data in source_for(job["format"]).read_images(shard, wanted):
+
+    def one(item):
         try:
-            feats.append(pixels.features(data))
-        except ValueError:
-            errors += 1                     # undecodable here: its pairs stay unchecked (rejected)
-            continue
-        gids.append(gid)
+            return item[0], pixels.features(item[1])
+        except ValueError:                  # undecodable here: its pairs stay unchecked (rejected)
+            return item[0], None
+
+    images = source_for(job["format"]).read_images(shard, wanted)
+    threads = int(job.get("threads", 1))
+    if threads > 1:      # decoding and SIFT release the GIL: a task alone on the machine uses its cores
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(pool.map(one, images))
+    else:
+        done = [one(x) for x in images]
+    gids = [g for g, f in done if f is not None]
+    feats = [f for _, f in done if f is not None]
+    errors = len(done) - len(feats)
     arrays = {"gid": np.array(gids, np.int64), **pack(feats)}
     path = Path(job["out"])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,6 +378,8 @@ def run(run: Run, ex, stats: dict) -> dict:
     t0 = time.time()
     low, sure = band(run)
     need = needed_gids(run)
+    # the local executor runs one task at a time in this process: a task may use every core
+    threads = (os.cpu_count() or 1) if getattr(ex, "kind", "") == "local" else 1
     jobs = []
     for s in run.shards:
         if not run.pending(NAME, [f"features-{s.name}"]):
@@ -377,7 +390,7 @@ def run(run: Run, ex, stats: dict) -> dict:
         jobs.append({"index": s.index, "name": s.name, "parquet": str(s.parquet), "data": str(s.data),
                      "format": run.cfg.input.format, "gids": g[sel].tolist(),
                      "members": [m for m, k in zip(t["member"].to_pylist(), sel) if k],
-                     "out": str(feature_file(run, s.name)), "fp": fp})
+                     "out": str(feature_file(run, s.name)), "fp": fp, "threads": threads})
     feats = ex.map(features_shard, jobs, desc="verify: features", num_cpus=1)
     t_feat = sum(r["seconds"] for r in feats)
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
