@@ -93,6 +93,7 @@ ACCEPT = 0.5             # decision threshold on the score: look-alikes <= 0.45 
                          # copies mostly > 0.6 (bench/results/copies.md, score distribution)
 SEED = 12345
 _OPEN_LOCK = threading.Lock()
+_DILATE = np.ones((7, 7), np.uint8)
 
 _P = dict(ratio=RATIO, ransac_px=RANSAC_PX, min_inliers=MIN_INLIERS, min_support=MIN_SUPPORT,
           min_cover=MIN_COVER, min_share=MIN_SHARE, s1=SIGMA_FINE, s2=SIGMA_COARSE, tile=TILE, accept=ACCEPT,
@@ -247,27 +248,29 @@ def _cover(fa: Features, fb: Features, h: np.ndarray) -> float:
     return float(max(area / (fa.size[0] * fa.size[1]), area / max(det * fb.size[0] * fb.size[1], 1e-9)))
 
 
-def _detail(thumb: np.ndarray, thr: float) -> np.ndarray:
-    """Where a thumbnail holds a picture: pixels whose 5 x 5 neighbourhood has a grey-level spread
-    >= thr (a plain border, canvas or letterbox bar has none; a picture's edge against it makes a
-    band two pixels wide)."""
+def _spread2(thumb: np.ndarray) -> np.ndarray:
+    """Each thumbnail pixel's grey-level variance over its 5 x 5 neighbourhood: a picture is where
+    it is large (a plain border, canvas or letterbox bar has none; a picture's edge against it
+    makes a band two pixels wide)."""
     x = thumb.astype(np.float32)
     m = cv2.blur(x, (5, 5))
-    return cv2.blur(x * x, (5, 5)) - m * m >= thr * thr
+    return cv2.blur(x * x, (5, 5)) - m * m
 
 
 def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
     """The smaller of the two images' shares of content inside the part they share under h (B's
-    working pixels onto A's): for each image, the share of its detailed thumbnail pixels (see
-    _detail; sampled every other pixel) that land on the other's picture (its detail, a few pixels
-    wider and at a lower spread, so that blur in one does not count as a difference). Plain
-    borders, canvases and bars are neither content nor picture, so they never count; pixels weigh
-    every part of a picture alike, where keypoints would crowd into its busiest part. An image
-    without detail counts by area."""
+    working pixels onto A's): for each image, the share of its detailed thumbnail pixels (spread
+    >= FLAT_STD, see _spread2) that land on the other's picture (its detail, a few pixels wider and at a lower
+    spread, so that blur in one does not count as a difference; warped onto this thumbnail).
+    Plain borders, canvases and bars are neither content nor picture, so they never count; pixels
+    weigh every part of a picture alike, where keypoints would crowd into its busiest part. An
+    image without detail counts by area."""
     shares = []
+    spread = {id(fa): _spread2(fa.thumb), id(fb): _spread2(fb.thumb)}
     for f, g, m in ((fa, fb, np.linalg.inv(h)), (fb, fa, h)):     # m: f's working pixels -> g's
-        ys, xs = np.nonzero(_detail(f.thumb, FLAT_STD)[::2, ::2])
-        if len(ys) < 16:
+        detail = spread[id(f)] >= FLAT_STD ** 2
+        n = int(np.count_nonzero(detail))
+        if n < 64:
             quad = cv2.transform(_rect(*g.size)[None], np.linalg.inv(m)[:2].astype(np.float32))[0]
             if cv2.contourArea(quad, oriented=True) < 0:
                 quad = np.ascontiguousarray(quad[::-1])
@@ -275,13 +278,10 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
             shares.append(float(area) / (f.size[0] * f.size[1]))
             continue
         t = _to_thumb(g) @ m @ np.linalg.inv(_to_thumb(f))           # f's thumbnail -> g's
-        pts = np.stack([2.0 * xs, 2.0 * ys], 1) @ t[:2, :2].T + t[:2, 2]
-        picture = cv2.dilate(_detail(g.thumb, 0.5 * FLAT_STD).astype(np.uint8), np.ones((7, 7), np.uint8))
-        c, r = np.rint(pts[:, 0]).astype(np.int64), np.rint(pts[:, 1]).astype(np.int64)
-        ok = (c >= 0) & (r >= 0) & (c < picture.shape[1]) & (r < picture.shape[0])
-        hit = np.zeros(len(pts), bool)
-        hit[ok] = picture[r[ok], c[ok]] > 0
-        shares.append(float(hit.mean()))
+        picture = cv2.dilate((spread[id(g)] >= (0.5 * FLAT_STD) ** 2).view(np.uint8), _DILATE)
+        on = cv2.warpAffine(picture, t[:2], (f.thumb.shape[1], f.thumb.shape[0]),
+                            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+        shares.append(int(np.count_nonzero(detail & (on > 0))) / n)
     return min(shares)
 
 
