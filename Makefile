@@ -9,7 +9,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-ab bench-scale bench-equal clean \
+.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-ab bench-scale bench-equal \
+        bench-quality bench-copies bench-leaks bench-verify-cost clean \
         cluster-up cluster-node submit cluster-status cluster-down
 
 help:  ## list the targets
@@ -50,6 +51,18 @@ bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies,
 
 bench-equal: $(STAMP)  ## report tables of this checkout vs BASELINE=rev on the demo and 1 M rows (~6 min)
 	$(PY) -m bench.equal_outputs --baseline $(or $(BASELINE),HEAD)
+
+bench-quality: $(STAMP)  ## copies vs look-alikes, real photos from packages: the whole pipeline with and without the pixel check, calibration error (~7 min)
+	$(PY) -m bench.quality
+
+bench-copies: $(STAMP)  ## the pixel check alone on the labelled copies set: recall per edit, false accepts per look-alike kind, cost (~2 min)
+	$(PY) -m bench.copies
+
+bench-leaks: $(STAMP)  ## decontamination leak precision / recall on a train / evaluation split of the copies set (~6 min)
+	$(PY) -m bench.leaks
+
+bench-verify-cost: $(STAMP)  ## what the pixel check adds to the demo's wall time, interleaved rounds (~2 min)
+	$(PY) -m bench.verify_cost --rounds 2
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf reports/demo indexes/demo

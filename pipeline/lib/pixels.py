@@ -41,19 +41,19 @@ Method
             of the first accepted alignment, or the best one tried. Deterministic (seeded RANSAC,
             no randomness elsewhere).
 
-Measured with bench/copies.py (python -m bench.copies; bench/results/copies.md), seeds 0 / 1 / 2:
-1076 copy pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5850 look-alike pairs
-(4950 of them LFW faces) per seed.
-  recall 0.988 / 0.983 / 0.988 (single edits 0.993 / 0.992 / 0.990; chains of three 0.967 /
-  0.934 / 0.987); 1 false accept per seed in 5850 look-alike pairs (the same two LFW faces of
-  different men each time, score 0.547); look-alike scores: median 0.00, p99 <= 0.21, max 0.45 otherwise. Copies that
-  fail: watermarks or text over nearly featureless pictures (a blurred clock, a smooth fundus),
-  where the overlay holds all the detail; pages of small print cropped or on a canvas (letters
-  are too small at WORK_SIDE for keypoints).
-  cost, one core: features 21 ms median, 39 ms p95 (large PNG decodes); verify 0.4 ms median, 7 ms
-  p95, 4 ms median on copies. Detectors at WORK_SIDE 320 with the same pixel check (copies found
-  by a RANSAC model, seed 1): SIFT 24 ms per image, 0.99 of single edits / 0.93 of chains; AKAZE
-  (run twice, for the mirror) 13 ms, 0.91 / 0.80; ORB (twice) 4 ms, 0.88 / 0.75.
+Measured with bench/copies.py (make bench-copies; bench/results/copies.md), seed 0: 1076 copy
+pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5922 look-alike pairs (4950 of
+them LFW faces; halves and quarters of a photo against it).
+  recall 0.981 (single edits 0.987, chains of three 0.941, copy vs copy 0.961, tiny faces 0.996);
+  1 false accept in 5922 look-alike pairs (two LFW faces of different men, score 0.547); a half
+  of a photo is rejected by the share rule. Copies that fail: crops keeping less than about 60 %
+  of a picture's detail (the rule), watermarks or text over nearly featureless pictures (a
+  blurred clock, a smooth fundus), where the overlay holds all the detail.
+  cost, one core: features 37 ms median, 78 ms p95 (large PNG decodes); verify 1.0 ms median,
+  13 ms p95, 10 ms median on copies (the box measured features at 28 ms a session earlier).
+  Detectors at WORK_SIDE 320 with the same pixel check (an earlier measurement, seed 1): SIFT
+  24 ms per image, 0.99 of single edits / 0.93 of chains; AKAZE (run twice, for the mirror) 13 ms,
+  0.91 / 0.80; ORB (twice) 4 ms, 0.88 / 0.75.
 Known limits: periodic structure (a lattice, brick courses) can align by one period and agree in
 pixels; two 25 px portraits with the same pose and light can score like a JPEG'd copy of one.
 """
