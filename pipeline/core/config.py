@@ -155,10 +155,11 @@ class VerifyConfig:
     low: float | None = None    # candidates from here; None = search.threshold - 0.20
     sure: float | None = None   # at/above: a copy on the descriptor alone, unchecked; None = 1.0
                                 # (every candidate checked; byte-identical copies never need it)
-    # pairs checked most similar first; a pair whose rows accepted edges already connect is not
-    # checked (its edge changes no group; group.member_check confirms members): a group of n
-    # copies costs ~n checks, not n^2/2. Off (and with search.pairs all or group.duplicate_key
-    # image+text): every candidate pair checked
+    # pairs checked by their better row (the rows groups keep first), then most similar first; a
+    # pair whose rows accepted edges already connect is not checked (its edge changes no group;
+    # group.member_check confirms members, mostly through the star edges already checked): a group
+    # of n copies costs ~n checks, not n^2/2. Off (and with search.pairs all or
+    # group.duplicate_key image+text): every candidate pair checked, most similar first
     skip_connected: bool = True
 
     def validate(self) -> None:
