@@ -226,14 +226,6 @@ def _sane(h: np.ndarray) -> bool:
     return bool(sv[1] > 1 / MAX_SCALE and sv[0] < MAX_SCALE and sv[0] < MAX_ANISO * sv[1])
 
 
-def _inside(xy: np.ndarray, quad: np.ndarray) -> np.ndarray:
-    """Which points lie inside a convex quadrilateral (any orientation)."""
-    edge = np.roll(quad, -1, axis=0) - quad                          # (4, 2)
-    rel = xy[:, None, :] - quad[None]                                # (n, 4, 2)
-    cross = edge[None, :, 0] * rel[..., 1] - edge[None, :, 1] * rel[..., 0]
-    return np.all(cross >= 0, axis=1) | np.all(cross <= 0, axis=1)
-
-
 def _rect(w: int, h: int) -> np.ndarray:
     return np.array([[-0.5, -0.5], [w - 0.5, -0.5], [w - 0.5, h - 0.5], [-0.5, h - 0.5]], np.float32)
 
@@ -266,9 +258,9 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
     weigh every part of a picture alike, where keypoints would crowd into its busiest part. An
     image without detail counts by area."""
     shares = []
-    spread = {id(fa): _spread2(fa.thumb), id(fb): _spread2(fb.thumb)}
-    for f, g, m in ((fa, fb, np.linalg.inv(h)), (fb, fa, h)):     # m: f's working pixels -> g's
-        detail = spread[id(f)] >= FLAT_STD ** 2
+    sa, sb = _spread2(fa.thumb), _spread2(fb.thumb)
+    for f, g, sf, sg, m in ((fa, fb, sa, sb, np.linalg.inv(h)), (fb, fa, sb, sa, h)):   # m: f's working pixels -> g's
+        detail = sf >= FLAT_STD ** 2
         n = int(np.count_nonzero(detail))
         if n < 64:
             quad = cv2.transform(_rect(*g.size)[None], np.linalg.inv(m)[:2].astype(np.float32))[0]
@@ -278,7 +270,7 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
             shares.append(float(area) / (f.size[0] * f.size[1]))
             continue
         t = _to_thumb(g) @ m @ np.linalg.inv(_to_thumb(f))           # f's thumbnail -> g's
-        picture = cv2.dilate((spread[id(g)] >= (0.5 * FLAT_STD) ** 2).view(np.uint8), _DILATE)
+        picture = cv2.dilate((sg >= (0.5 * FLAT_STD) ** 2).view(np.uint8), _DILATE)
         on = cv2.warpAffine(picture, t[:2], (f.thumb.shape[1], f.thumb.shape[0]),
                             flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
         shares.append(int(np.count_nonzero(detail & (on > 0))) / n)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from ..core.io import Marker, write_parquet
 from ..core.run import Run
+from ..lib.nodes import PREFIX, quality_rank
 from ..sources import Shard, source_for
 
 NAME = "verify"
@@ -263,9 +264,8 @@ def _preference(job: dict, nodes: np.ndarray) -> np.ndarray:
         at = np.searchsorted(nodes, g[keep])
         w, h, b = (t[c].fill_null(0).to_numpy().astype(np.int64)[keep] for c in ("width", "height", "nbytes"))
         pixels[at], nbytes[at] = w * h, b
-    rank = np.empty(len(nodes), np.int64)
-    rank[np.lexsort((nodes, -nbytes, -pixels))] = np.arange(len(nodes))
-    return rank
+    # the group stage's rule without its key tie-break (empty key prefixes: ties go by gid)
+    return quality_rank(nodes, pixels, nbytes, np.zeros(len(nodes), f"S{PREFIX}"), None)
 
 
 def decide_file(job: dict) -> dict:
