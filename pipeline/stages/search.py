@@ -12,6 +12,7 @@ pair with exact cosine >= threshold - band, resumable per unit of work (a shard 
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ NAME = "search"
 FIELDS = ("input", "embed.model", "codec", "search", "verify.method", "verify.low", "against", "decontaminate")
 
 _CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -68,11 +70,12 @@ class SearchJob:
 
 
 def _cached(key, load):
-    """One loaded index / codec per worker process (memory-mapped from disk)."""
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = load()
-    return _CACHE[key]
+    """One loaded index / codec per worker process (memory-mapped from disk), shared by its threads."""
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()
+            _CACHE[key] = load()
+        return _CACHE[key]
 
 
 def pair_files(out_dir: Path) -> list[Path]:

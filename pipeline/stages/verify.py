@@ -410,8 +410,6 @@ def run(run: Run, ex, stats: dict) -> dict:
     t0 = time.time()
     low, sure = band(run)
     need = needed_gids(run)
-    # the local executor runs one task at a time in this process: a task may use every core
-    threads = (os.cpu_count() or 1) if getattr(ex, "kind", "") == "local" else 1
     jobs = []
     for s in run.shards:
         if not run.pending(NAME, [f"features-{s.name}"]):
@@ -422,7 +420,12 @@ def run(run: Run, ex, stats: dict) -> dict:
         jobs.append({"index": s.index, "name": s.name, "parquet": str(s.parquet), "data": str(s.data),
                      "format": run.cfg.input.format, "gids": g[sel].tolist(),
                      "members": [m for m, k in zip(t["member"].to_pylist(), sel) if k],
-                     "out": str(feature_file(run, s.name)), "fp": fp, "threads": threads})
+                     "out": str(feature_file(run, s.name)), "fp": fp})
+    # the local executor runs its tasks in this process, side by side: the cores they leave idle
+    # go to each task's decoding threads (on Ray a task has its one core)
+    if getattr(ex, "kind", "") == "local":
+        for job in jobs:
+            job["threads"] = max(1, (os.cpu_count() or 1) // max(1, len(jobs)))
     feats = ex.map(features_shard, jobs, desc="verify: features", num_cpus=1)
     t_feat = sum(r["seconds"] for r in feats)
     files = {s.index: str(feature_file(run, s.name)) for s in run.shards}
