@@ -48,6 +48,15 @@ def project(x: np.ndarray, proj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z, np.sqrt(np.maximum(res2, 0.0)).astype(np.float32)
 
 
+def project_zr(x: np.ndarray, proj: np.ndarray) -> np.ndarray:
+    """[z, |r|] of unit vectors x in one (n, r + 1) array (project's two outputs, no stacking copy)."""
+    x = np.asarray(x, dtype=np.float32)
+    zr = x @ np.vstack([proj, np.zeros((1, proj.shape[1]), proj.dtype)]).T
+    res2 = np.einsum("ij,ij->i", x, x) - np.einsum("ij,ij->i", zr, zr)
+    zr[:, -1] = np.sqrt(np.maximum(res2, 0.0))
+    return zr
+
+
 def _kmeans(z: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     import faiss
     km = faiss.Kmeans(z.shape[1], k, niter=niter, spherical=True, seed=seed,
@@ -194,13 +203,16 @@ def _upper(k: int) -> np.ndarray:
 
 
 def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
-              dense: float = 0.002) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+              dense: float = 0.002, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
-    and how many candidates passed the bound. `zr` is [z, |r|]: one product gives the bound
-    z_i.z_j + |r_i||r_j|. Where the candidates fill more than `dense` of the block spanned by their
-    rows and columns, the exact product of that sub-block is cheaper than gathering pairs (on 2
-    cores a gathered pair costs ~4 us, a GEMM entry ~8 ns: break-even near 0.002); rows and
-    columns without a candidate are never multiplied."""
+    and how many candidates passed the bound. `zr` is [z, |r|] of the cell's rows: one product
+    gives the bound z_i.z_j + |r_i||r_j|. The cell's vectors are x, or x[idx] with `idx` (only
+    the rows with a candidate are then read: no copy of the cell's vectors). Where the candidates
+    fill more than `dense` of the block spanned by their rows and columns, the exact product of
+    that sub-block is cheaper than gathering pairs (on 2 cores a gathered pair costs ~4 us, a GEMM
+    entry ~8 ns: break-even near 0.002); rows and columns without a candidate are never multiplied."""
+    if idx is None:
+        idx = np.arange(len(zr))
     out_i, out_j, out_s = [], [], []
     n_cand = 0
     n = len(zr)
@@ -219,7 +231,7 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
         rows = np.nonzero(hit.any(axis=1))[0]
         cols = np.nonzero(hit.any(axis=0))[0]
         if count > dense * len(rows) * len(cols):   # exact products of the candidate rows x columns only
-            exact = x[s + rows] @ x[s + cols].T
+            exact = x[idx[s + rows]] @ x[idx[s + cols]].T
             # exact >= threshold implies the bound passed (it is an upper bound): only i < j is left
             keep = exact >= threshold
             keep &= cols[None, :] > rows[:, None]
@@ -228,7 +240,7 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
             i, j, sim = rows[ii], cols[flat - ii * len(cols)], exact.ravel()[flat]
         else:
             i, j = np.nonzero(hit)
-            sim = np.einsum("ij,ij->i", x[s + i], x[s + j])
+            sim = np.einsum("ij,ij->i", x[idx[s + i]], x[idx[s + j]])
             keep = sim >= threshold
             i, j, sim = i[keep], j[keep], sim[keep]
         out_i.append(i + s); out_j.append(j + s); out_s.append(sim)
@@ -394,15 +406,12 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
     cell_of = cellsets[member, col]
     order = np.lexsort((member, cell_of))
     member, cell_of = member[order], cell_of[order]
-    z, rn = project(x, proj)
-    zr = np.ascontiguousarray(np.hstack([z, rn[:, None]]))
-    join = join_cell
+    zr = project_zr(x, proj)
     xs = x
     if device:
         import torch
         torch.backends.cuda.matmul.allow_tf32 = False
         xs, zr = (torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in (x, zr))
-        join = join_cell_torch
     starts = np.r_[0, np.nonzero(cell_of[1:] != cell_of[:-1])[0] + 1, len(cell_of)]
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     n_cand = 0
@@ -418,9 +427,11 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
             if zr_np is None:
                 zr_np = zr.cpu().numpy()
             i, j, sim, n = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
+        elif device is None:
+            i, j, sim, n = join_cell(x, zr[m], threshold, idx=m)
         else:
-            mi = m if device is None else torch.from_numpy(m).to(device)
-            i, j, sim, n = join(xs[mi], zr[mi], threshold)
+            mi = torch.from_numpy(m).to(device)
+            i, j, sim, n = join_cell_torch(xs[mi], zr[mi], threshold)
         n_cand += n
         i, j = m[i], m[j]
         # a pair shares only this cell unless both rows have several; check those alone
