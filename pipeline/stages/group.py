@@ -18,7 +18,6 @@ node ranked before every new row, so earlier rows keep their status and new copi
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -115,17 +114,11 @@ def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
     n = len(gids)
     multi = np.nonzero(rep != np.arange(n))[0]
     sim = np.ones(n, np.float32)
-
-    def chunk(i):                             # bounded memory: 65536 vector pairs at a time
+    for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
         m = multi[i:i + 65536]
         # each representative read once, in gid order (a memory map read forward), not once per member
         reps, inv = np.unique(rep[m], return_inverse=True)
         sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[reps])[inv])
-
-    # gathers from the memory-mapped vectors release the GIL: chunks side by side, one per core
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(min(2, os.cpu_count() or 1)) as pool:      # 2 x 400 MB at most
-        list(pool.map(chunk, range(0, len(multi), 65536)))
     return multi, sim
 
 

@@ -181,8 +181,10 @@ def _peak_rss_mb() -> float:
 
 
 def run_cells(job: SearchJob, ex) -> dict:
+    t0 = time.time()
     todo = [(job, i) for i in sorted(job.shards) if not job.done(f"assign-{job.shards[i]}")]
     ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
+    t_assign = time.time() - t0
     total = n_cells(job.index_dir)
     step = job.cfg.cells_per_task
     every = [(job, lo, min(lo + step, total)) for lo in range(0, total, step)]
@@ -193,7 +195,8 @@ def run_cells(job: SearchJob, ex) -> dict:
         if old.name.startswith("cells-") and old.name not in planned:
             old.unlink()
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
-    return {"shards": len(todo), "blocks": len(blocks), "candidates": sum(r["candidates"] for r in results),
+    return {"shards": len(todo), "blocks": len(blocks), "assign_s": round(t_assign, 3),
+            "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
             "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
 
