@@ -8,6 +8,7 @@ normalised as they are read. A linked file that changed since the embed stage is
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -74,6 +75,14 @@ class VectorStore:
     def dim(self) -> int:
         return int(self.shard(next(iter(self.shards)))[1].shape[1])
 
+    def release(self, index: int) -> None:
+        """Unmap the pages of shard `index` this process has read (they stay in the page cache, a
+        later read maps them again): the process's resident memory is what it computes, not every
+        page of every vector file it has read (15 GB at 10 M rows)."""
+        mm = getattr(self._cache.get(index, (None, None))[1], "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def get(self, gids: np.ndarray) -> np.ndarray:
         """float32 vectors of the given gids, in the given order."""
         return _by_shard(gids, self.dim, self._fill)
@@ -94,6 +103,7 @@ class VectorStore:
             else:
                 sel = order[s:s + GATHER_CHUNK]
                 out[sel] = np.take(sv, pos[sel], axis=0)
+        self.release(index)
         if index in self._linked:          # the input's vectors, normalised as the embed stage would
             out *= (1 / np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), 1e-12))[:, None]
 
@@ -107,6 +117,9 @@ class StoreUnion:
 
     def shard_indexes(self) -> set[int]:
         return set(self._owner)
+
+    def release(self, index: int) -> None:
+        self._owner[index].release(index)
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self._owner[index].shard(index)

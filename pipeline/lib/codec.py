@@ -61,6 +61,7 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
         gids, vecs = store.shard(index)
         pick = np.nonzero(rng.random(len(gids)) < frac)[0] if frac < 1 else np.arange(len(gids))
         part = np.asarray(vecs[pick], dtype=np.float32)
+        store.release(index)
         parts.append(part if proj is None else part @ proj.T)
     dim = store.dim if proj is None else len(proj)
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
@@ -92,6 +93,7 @@ def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, ch
         gids, vecs = store.shard(index_no)
         for i in range(0, len(gids), chunk):   # bounded memory: add in chunks
             index.add_with_ids(np.asarray(vecs[i:i + chunk], dtype=np.float32), gids[i:i + chunk])
+        store.release(index_no)
     return index, {"train_s": round(train_s, 3), "train_rows": len(xt), "add_s": round(time.time() - t0 - train_s, 3)}
 
 

@@ -211,6 +211,7 @@ def register(run, n_rows: int, shard_rows) -> dict:
             sg, sv = store.shard(s.index)
             for i in range(0, len(sg), 65536):
                 index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
+            store.release(s.index)
         write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())
     if cfg.against:
         entry["added"] = me

@@ -114,12 +114,14 @@ def assign_shard(args: tuple) -> dict:
     block, so a join task reads only its block's row groups of each shard (linear I/O in rows)."""
     job, index = args
     proj, cells = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
-    gids, vecs = job.store().shard(index)
+    store = job.store()
+    gids, vecs = store.shard(index)
     k = job.cfg.max_cells
     sets = [np.zeros((0, k), np.int64)]
     for s in range(0, len(gids), 65536):
         z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj)
         sets.append(celljoin.assign(z, cells, job.cfg.border, k))
+    store.release(index)
     sets = np.concatenate(sets)
     row, col = np.nonzero(sets >= 0)
     cell = sets[row, col]
