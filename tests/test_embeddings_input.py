@@ -176,7 +176,6 @@ def _mapped_kb(path) -> int:
 def test_vectors_read_leave_no_file_pages_resident(tmp_path):
     """A gather or a shard scan maps vector-file pages only while it reads them: the process's
     resident memory does not grow with the files it has read (15 GB of vectors at 10 M rows)."""
-    from dedup2b.core.vectors import VectorStore
     from dedup2b.lib.codec import sample
     x, _ = clip_like(40000, 256, seed=3, max_group=10)
     write_corpus(tmp_path / "emb", x, np.zeros(len(x), np.int64), rows_per_shard=40000)

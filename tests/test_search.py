@@ -27,6 +27,14 @@ def _embed_dir(tmp_path, x, shards=2):
     return VectorStore(tmp_path, names), np.concatenate(gids_all)
 
 
+def _built(tmp_path, store, counts, codec):
+    """The IVF-PQ index as the index stage builds it (a part per shard, merged on disk)."""
+    from dedup2b.lib import ivfbuild
+    path = tmp_path / "ivf" / "index.faiss"
+    ivfbuild.build(path, store, counts, {**codec, "seed": 1})
+    return ivfbuild.read(path)
+
+
 def test_pq_candidates_with_rerank_match_brute_force(tmp_path):
     x, _ = clip_like(6000, 256, seed=3)
     store, gids = _embed_dir(tmp_path, x)
@@ -36,7 +44,7 @@ def test_pq_candidates_with_rerank_match_brute_force(tmp_path):
     counts = {0: 3000, 1: 3000}
     codec = index.choose_codec(6000, 256, m=16)
     codec["train_size"] = 6000
-    idx, _ = index.build(store, counts, codec, seed=1)
+    idx = _built(tmp_path, store, counts, codec)
     a, b, _ = search.candidates(idx, x16, gids, threshold - 0.15, nprobe=8)
     sim = search.rescore(store, a, b)
     found = {(int(p), int(q)) for p, q, s in zip(a, b, sim) if s >= threshold}
@@ -54,7 +62,7 @@ def test_candidates_are_unique_and_ordered(tmp_path):
     store, gids = _embed_dir(tmp_path, x, shards=1)
     codec = index.choose_codec(1000, 64, m=8)
     codec["train_size"] = 1000
-    idx, _ = index.build(store, {0: 1000}, codec, seed=1)
+    idx = _built(tmp_path, store, {0: 1000}, codec)
     a, b, _ = search.candidates(idx, store.get(gids), gids, 0.7, nprobe=4)
     assert np.all(a < b)
     assert len(set(zip(a.tolist(), b.tolist()))) == len(a)
@@ -67,7 +75,7 @@ def test_growing_knn_gives_the_range_search_candidates(tmp_path):
     store, gids = _embed_dir(tmp_path, x)
     codec = index.choose_codec(4000, 128, m=16)
     codec["train_size"] = 4000
-    idx, _ = index.build(store, {0: 2000, 1: 2000}, codec, seed=1)
+    idx = _built(tmp_path, store, {0: 2000, 1: 2000}, codec)
     x16 = store.get(gids)
     want = search.candidates(idx, x16, gids, 0.8, nprobe=8)
     for k_max in (2048, 64):                                 # 64: the CPU fallback takes over

@@ -75,6 +75,10 @@ class VectorStore:
     def dim(self) -> int:
         return int(self.shard(next(iter(self.shards)))[1].shape[1])
 
+    def source(self, index: int) -> tuple[Path, str]:
+        """(embed folder, shard name) of shard `index`: what a task needs to open it alone."""
+        return self.embed_dir, self.shards[index]
+
     def release(self, index: int) -> None:
         """Unmap the pages of shard `index` this process has read (they stay in the page cache, a
         later read maps them again): the process's resident memory is what it computes, not every
@@ -120,6 +124,9 @@ class StoreUnion:
 
     def release(self, index: int) -> None:
         self._owner[index].release(index)
+
+    def source(self, index: int) -> tuple[Path, str]:
+        return self._owner[index].source(index)
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self._owner[index].shard(index)

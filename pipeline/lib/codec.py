@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.io import read_json, write_bytes, write_json, write_npy
+from ..core.io import read_json, write_json, write_npy
 from ..core.vectors import VectorStore
 
 
@@ -22,11 +22,17 @@ class IndexMismatch(RuntimeError):
     """The index on disk does not belong to this run (foreign or stale)."""
 
 
+# from this many IVF lists the coarse quantizer is an HNSW graph over the centroids (a row is
+# assigned in a few hundred distances, not nlist x d products; lib/ivfbuild.py)
+HNSW_NLIST = 8192
+
+
 def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq: bool | None = None,
                  bytes_per_vector: int = 16) -> dict:
     """Codec parameters by rule, from the row count, the dimension and a memory budget.
 
-    IVF cells: about 4 sqrt(n), at least 39 training points each. PQ: the largest number of
+    IVF cells: about 4 sqrt(n), at least 39 training points each; from HNSW_NLIST lists on, an
+    HNSW coarse quantizer. PQ: the largest number of
     sub-quantizers whose codes plus the 8-byte id fit `bytes_per_vector` and that divides d.
     OPQ (a learned rotation) only when asked: its training dominated the build time.
     """
@@ -39,7 +45,8 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
     if d % m:
         raise ValueError(f"codec.pq_m={m} must divide the vector dimension {d}")
     opq = bool(opq)   # measured: OPQ training on 50k x 768 took 140 s here; opt in with codec.opq
-    factory = f"{'OPQ%d,' % m if opq else ''}IVF{nlist},PQ{m}x{bits}"
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
+    factory = f"{'OPQ%d,' % m if opq else ''}{coarse},PQ{m}x{bits}"
     code_bytes = (m * bits + 7) // 8
     return {"factory": factory, "d": d, "nlist": nlist, "m": m, "bits": bits, "opq": opq,
             "bytes_per_vector": code_bytes + 8,
@@ -71,39 +78,9 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def build(store: VectorStore, counts: dict[int, int], codec: dict, seed: int, chunk: int = 65536):
-    import faiss
-    index = faiss.index_factory(codec["d"], codec["factory"], faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.seed = seed
-    xt = sample(store, counts, codec["train_size"], seed)
-    need = max(1 << codec["bits"], codec["nlist"])
-    if len(xt) < need:   # a corpus of a handful of rows: repeat it so every codebook can be trained
-        xt = np.tile(xt, (-(-need // len(xt)), 1))
-    ivf = faiss.downcast_index(ivf)
-    # index_factory turns on polysemous training for IVF-PQ; search here uses ADC only, and that
-    # training (simulated annealing on the codes) was 99.9% of train time (9.5 s vs 0.01 s, demo).
-    if hasattr(ivf, "do_polysemous_training"):
-        ivf.do_polysemous_training = False
-    pq = getattr(ivf, "pq", None)
-    if pq is not None:
-        pq.cp.seed = seed
-        if len(xt) < 39 * (1 << codec["bits"]):   # small corpus: train anyway, without the warning
-            pq.cp.min_points_per_centroid = 1
-    t0 = time.time()
-    index.train(xt)
-    train_s = time.time() - t0
-    for index_no in sorted(counts):
-        gids, vecs = store.shard(index_no)
-        for i in range(0, len(gids), chunk):   # bounded memory: add in chunks
-            index.add_with_ids(np.asarray(vecs[i:i + chunk], dtype=np.float32), gids[i:i + chunk])
-        store.release(index_no)
-    return index, {"train_s": round(train_s, 3), "train_rows": len(xt), "add_s": round(time.time() - t0 - train_s, 3)}
-
-
 def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
               cells: int = 0, proj_dim: int = 128, ivfpq: bool = True,
-              cell_rows: int = 1000) -> tuple[dict, list[Path]]:
+              cell_rows: int = 1000, ex=None) -> tuple[dict, list[Path]]:
     """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
     IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
     runs has it built from the registered rows on first use). Returns codec.json and the files."""
@@ -112,7 +89,8 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     n = sum(counts.values())
     codec = choose_codec(n, store.dim, c.nlist, c.pq_m, c.pq_bits, c.opq, c.bytes_per_vector)
     codec.update(train_size=c.train_size, seed=c.seed, model=model, fingerprint=fp, ntotal=0)
-    (out / "index.faiss").unlink(missing_ok=True)   # never reuse an index of an earlier build
+    for old in [out / "index.faiss", *out.glob("index.*.ivfdata")]:   # never reuse an earlier build
+        old.unlink(missing_ok=True)
     files = []
     t0 = time.time()
     # cells of about cell_rows rows; k-means takes 100 points a cell (see train_cells) up to
@@ -132,20 +110,17 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
                  cells_train_rows=len(zt), **info, cells_train_s=round(time.time() - t0, 3))
     if ivfpq:
-        codec = write_ivfpq(out / "index.faiss", store, counts, codec)
-        files.append(out / "index.faiss")
+        codec = write_ivfpq(out / "index.faiss", store, counts, codec, ex)
+        files += [out / "index.faiss", out / codec["ivfdata"]]
     files.append(write_json(out / "codec.json", codec))
     return codec, files
 
 
-def write_ivfpq(path: Path, store, counts: dict[int, int], codec: dict) -> dict:
-    """Build the IVF-PQ index of `codec` from `store`'s vectors and write it to `path`; returns
-    codec with its size and timings."""
-    import faiss
-    index, timing = build(store, counts, codec, codec.get("seed", 0))
-    write_bytes(path, faiss.serialize_index(index).tobytes())
-    return {**codec, "ntotal": int(index.ntotal), **timing,
-            "bytes_per_vector": int(faiss.extract_index_ivf(index).code_size) + 8}
+def write_ivfpq(path: Path, store, counts: dict[int, int], codec: dict, ex=None) -> dict:
+    """Build the IVF-PQ index of `codec` from `store`'s vectors at `path` (lib/ivfbuild.py: a
+    task per shard on `ex`, on-disk lists); returns codec with its size and timings."""
+    from . import ivfbuild
+    return ivfbuild.build(path, store, counts, codec, ex)
 
 
 def check(folder, fingerprint: str | None = None) -> dict:
@@ -163,8 +138,7 @@ def check(folder, fingerprint: str | None = None) -> dict:
 
 def load(folder, fingerprint: str | None = None, mmap: bool = True):
     """Open this product's index (checked first, see `check`)."""
-    import faiss
+    from . import ivfbuild
     folder = Path(folder)
     meta = check(folder, fingerprint)
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(folder / "index.faiss"), flags), meta
+    return ivfbuild.read(folder / "index.faiss", writable=not mmap), meta

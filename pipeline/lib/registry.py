@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.io import Marker, parquet_writer, read_json, write_bytes, write_json, write_parquet
+from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
 from ..core.vectors import StoreUnion, VectorStore
 from . import codec as codec_lib
+from . import ivfbuild
 
 
 class TargetError(RuntimeError):
@@ -79,7 +80,7 @@ class Target(StoreUnion):
         path = registry_dir(self.folder) / "runs.json"
         return hashlib.sha256(path.read_bytes() + (self.skip or "").encode()).hexdigest()[:16]
 
-    def index_file(self, run) -> Path:
+    def index_file(self, run, ex=None) -> Path:
         """The target's IVF-PQ index: its registry's, else one this run built of the registered rows
         (search/targets/NAME.faiss, marked with the registry's version)."""
         own = registry_dir(self.folder) / "index.faiss"
@@ -90,8 +91,8 @@ class Target(StoreUnion):
         if not done.valid(self.version()):
             codec = read_json(self.folder / "codec.json")
             counts = {i: len(self.shard(i)[0]) for i in sorted(self.shard_indexes())}
-            codec_lib.write_ivfpq(path, self, counts, codec)
-            done.write(self.version(), [path])
+            built = codec_lib.write_ivfpq(path, self, counts, codec, ex)
+            done.write(self.version(), [path, path.parent / built["ivfdata"]])
         return path
 
 
@@ -146,7 +147,7 @@ def search_shard(job: dict) -> dict:
     target = Target(job["target"], job["model"], job["run_dir"])
     store = VectorStore(Path(job["embed_dir"]), {job["index"]: job["shard"]})
     gids, vecs = store.shard(job["index"])
-    index = faiss.read_index(job["index_file"], faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    index = ivfbuild.read(job["index_file"])
     faiss.extract_index_ivf(index).nprobe = job["nprobe"]
     own = np.array(sorted(target.shard_indexes()), np.int64)
     # rows of runs the registry holds (never this run's own rows)
@@ -164,7 +165,7 @@ def cross_search(run, ex, target_folder: Path, kind: str, name: str) -> dict:
     """Cross-search every shard of `run` against `target_folder`; pairs under search/<kind>/."""
     cfg = run.cfg
     target = Target(target_folder, cfg.embed.model, run.root)   # fails early, naming the folder
-    index_file = target.index_file(run)
+    index_file = target.index_file(run, ex)
     out_dir = run.cross_dir(kind)
     fp = run.fingerprint("search")
     jobs = [{"target": str(target_folder), "model": cfg.embed.model, "run_dir": str(run.root),
@@ -189,13 +190,12 @@ REGISTRY_SCHEMA = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("group_
                              ("text", pa.string()), ("run", pa.string())])
 
 
-def register(run, n_rows: int, shard_rows) -> dict:
+def register(run, n_rows: int, shard_rows, ex=None) -> dict:
     """Make this run searchable by later runs: the registry of its own index folder, or, for an
     incremental run, of the folder it searched against (rows added to index.faiss and the registry).
     `shard_rows` yields (gids, keys, group ids, texts) a shard at a time; the registry is written
     as they come (an earlier registry's rows first, row group by row group), so memory holds one
     shard's strings. Writes only run.dir("register"); returns its stats."""
-    import faiss
     cfg = run.cfg
     out = run.dir("register")
     me = str(run.root.resolve())
@@ -204,15 +204,11 @@ def register(run, n_rows: int, shard_rows) -> dict:
     entry = {"run_dir": me, "embed_dir": str(run.embed_dir().resolve()),
              "shards": {str(s.index): s.name for s in run.shards}, "rows": n_rows}
     if cfg.against and not any(r.get("added") == me for r in _runs(Path(cfg.against))):
-        base = Target(cfg.against, cfg.embed.model, run.root).index_file(run)   # add this run's vectors once
-        index = faiss.read_index(str(base))
+        base = Target(cfg.against, cfg.embed.model, run.root).index_file(run, ex)   # add this run's vectors once
+        codec = read_json(Path(cfg.against) / "codec.json")
         store = run.vectors()
-        for s in run.shards:
-            sg, sv = store.shard(s.index)
-            for i in range(0, len(sg), 65536):
-                index.add_with_ids(np.asarray(sv[i:i + 65536], np.float32), sg[i:i + 65536])
-            store.release(s.index)
-        write_bytes(out / "index.faiss", faiss.serialize_index(index).tobytes())
+        counts = {s.index: len(store.shard(s.index)[0]) for s in run.shards}
+        ivfbuild.build(out / "index.faiss", store, {i: n for i, n in counts.items() if n}, codec, ex, base=base)
     if cfg.against:
         entry["added"] = me
     total = 0

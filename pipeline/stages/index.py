@@ -39,7 +39,8 @@ def run(run: Run, ex, stats: dict) -> dict:
         return {"rows": 0, "seconds": round(time.time() - t0, 3)}
     codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
                                        run.cfg.search.cells, run.cfg.search.proj_dim,
-                                       ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows)
+                                       ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows,
+                                       ex=ex)
     run.marker(NAME, NAME).write(fp, files, rows=sum(counts.values()))
     codec["seconds"] = round(time.time() - t0, 3)
     return codec

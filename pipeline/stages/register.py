@@ -41,7 +41,7 @@ def run(run: Run, ex, stats: dict) -> dict:
             yield (gids[lo:hi], t["key"], group_ids[lo:hi],
                    pa.array([normalize_text(c) for c in t["caption"].to_pylist()], pa.string()))
 
-    out = registry.register(run, len(gids), shard_rows())
+    out = registry.register(run, len(gids), shard_rows(), ex)
     folder = run.dir(NAME)
     run.marker(NAME, run.run_id).write(run.fingerprint(NAME), [folder / "registry.parquet", folder / "runs.json"],
                                        rows=rows.num_rows)
