@@ -194,3 +194,14 @@ def test_quality_rank_equals_a_sort_of_the_whole_keys():
     expect[order] = np.arange(n)
     assert np.array_equal(rank, expect)
     assert 0 < sum(asked) < n                     # only the tied long-prefix rows were read back
+
+
+def test_gid_positions_by_arithmetic_and_by_search_agree():
+    from dedup2b.lib.nodes import GidIndex
+    rng = np.random.default_rng(2)
+    whole = (np.int64(3) << 32) | np.arange(500)                    # a shard with every row
+    holes = (np.int64(7) << 32) | np.sort(rng.choice(900, 400, replace=False))   # failed rows missing
+    late = (np.int64(9) << 32) | np.arange(1, 300)                  # row 0 missing
+    gids = np.concatenate([whole, holes, late])
+    ask = rng.choice(gids, 3000)
+    assert np.array_equal(GidIndex(gids)(ask), np.searchsorted(gids, ask))

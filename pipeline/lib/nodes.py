@@ -129,3 +129,34 @@ def keys_of(run, gids: np.ndarray) -> list:
         t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
         found.update(zip(t["gid"].to_pylist(), t["key"].to_pylist()))
     return [found[int(g)] for g in gids]
+
+
+class GidIndex:
+    """Positions of gids in a sorted array of gids: by arithmetic in the shards whose rows are all
+    there (gid = shard << 32 | row, so the position is the shard's start + row), by binary search
+    in the others. A binary search per edge over 10 M gids (random reads over 80 MB) was 16 s of
+    the group stage at 10 M rows. Every gid looked up must be in the array."""
+
+    def __init__(self, gids: np.ndarray):
+        self.gids = gids
+        shard, row = gids >> 32, gids & 0xFFFFFFFF
+        ids, starts, counts = np.unique(shard, return_index=True, return_counts=True)
+        # ascending and unique, first row 0 and last row count - 1: the rows 0 .. count - 1
+        whole = (row[starts] == 0) & (row[starts + counts - 1] == counts - 1) if len(ids) else np.zeros(0, bool)
+        size = int(ids.max()) + 1 if len(ids) and ids.max() < (1 << 24) and ids.min() >= 0 else 0
+        self.start = np.full(size, -1, np.int64)
+        if size:
+            self.start[ids[whole]] = starts[whole]
+
+    def __call__(self, g: np.ndarray) -> np.ndarray:
+        g = np.asarray(g, dtype=np.int64)
+        if not len(self.start):
+            return np.searchsorted(self.gids, g)
+        shard = g >> 32
+        inside = (shard >= 0) & (shard < len(self.start))
+        pos = np.where(inside, self.start[np.where(inside, shard, 0)], -1)
+        slow = pos < 0
+        pos += g & 0xFFFFFFFF
+        if slow.any():
+            pos[slow] = np.searchsorted(self.gids, g[slow])
+        return pos

@@ -30,7 +30,7 @@ from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
-from ..lib.nodes import keys_of, quality_rank, read_nodes
+from ..lib.nodes import GidIndex, keys_of, quality_rank, read_nodes
 from ..lib.unionfind import UnionFind, exact_edges
 from . import verify
 
@@ -198,6 +198,7 @@ class Edges:
         self.low, self.sure = verify.band(run) if self.pixels else (self.threshold,) * 2
         self.by_text = run.cfg.group.duplicate_key == "image+text"
         self.gids, self.texts, self.old = gids, texts, old
+        self.position = GidIndex(gids)
         self.ea, self.eb = exact
         self.head = np.full(len(gids), -1, np.int64)   # a near pair equal to an exact edge is dropped
         self.head[self.eb] = self.ea
@@ -221,8 +222,8 @@ class Edges:
             for batch, px, score in self._batches(path, decisions):
                 sim = batch.column(2).to_numpy()
                 sel = sim >= self.sure if px is None else verify.accepted(sim, px, self.low, self.sure, self.threshold)
-                lo = np.searchsorted(self.gids, batch.column(0).to_numpy()[sel])
-                hi = np.searchsorted(self.gids, batch.column(1).to_numpy()[sel])
+                lo = self.position(batch.column(0).to_numpy()[sel])
+                hi = self.position(batch.column(1).to_numpy()[sel])
                 keep = self.head[hi] != lo
                 if self.by_text:   # the same picture under another text is not a duplicate
                     keep &= self.texts[lo] == self.texts[hi]
