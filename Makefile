@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-ab bench-scale bench-equal \
+.PHONY: help install demo test browser bench-search bench-embed bench-stages bench-ab bench-scale bench-ivf bench-equal \
         bench-quality bench-copies bench-leaks bench-verify-cost clean \
         cluster-up cluster-node submit cluster-status cluster-down
 
@@ -48,6 +48,9 @@ bench-ab: $(STAMP)  ## STAGES (ingest,search,register) of this checkout vs BASEL
 
 bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, then SCALE_SIZES plain (~35 min)
 	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))
+
+bench-ivf: $(STAMP)  ## IVF-PQ build (a task per shard, on-disk lists, HNSW quantizer) at IVF_SIZES (1 M, 10 M) vs the flat serial add (~25 min)
+	$(PY) -m bench.ivf_build --sizes $(or $(IVF_SIZES),1000000,10000000)
 
 bench-equal: $(STAMP)  ## report tables of this checkout vs BASELINE=rev on the demo and 1 M rows (~6 min)
 	$(PY) -m bench.equal_outputs --baseline $(or $(BASELINE),HEAD)
