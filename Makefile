@@ -49,7 +49,7 @@ bench-ab: $(STAMP)  ## STAGES (ingest,search,register) of this checkout vs BASEL
 bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, then SCALE_SIZES plain (~35 min)
 	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))
 
-bench-ivf: $(STAMP)  ## IVF-PQ build (a task per shard, on-disk lists, HNSW quantizer) at IVF_SIZES (1 M, 10 M) vs the flat serial add (~25 min)
+bench-ivf: $(STAMP)  ## IVF-PQ build (a task per shard, on-disk lists) at IVF_SIZES (1 M, 10 M) vs the serial add; an HNSW quantizer measured (~25 min)
 	$(PY) -m bench.ivf_build --sizes $(or $(IVF_SIZES),1000000,10000000)
 
 bench-equal: $(STAMP)  ## report tables of this checkout vs BASELINE=rev on the demo and 1 M rows (~6 min)

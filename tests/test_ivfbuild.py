@@ -1,5 +1,5 @@
 """The IVF-PQ index built a shard per task and merged into on-disk lists: the same index as one
-built in memory row by row, readable after its folder moves, with an HNSW coarse quantizer at scale."""
+built in memory row by row, readable after its folder moves, extended without writing the base."""
 import shutil
 
 import faiss
@@ -76,8 +76,3 @@ def _lists(index) -> dict:
         codes = bytes(faiss.rev_swig_ptr(il.get_codes(lst), n * il.code_size)) if n else b""
         out[lst] = (ids, codes)
     return out
-
-
-def test_an_hnsw_coarse_quantizer_from_many_lists():
-    assert "_HNSW32" in codec_lib.choose_codec(100_000_000, 768)["factory"]
-    assert "HNSW" not in codec_lib.choose_codec(1_000_000, 768)["factory"]

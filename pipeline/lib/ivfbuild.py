@@ -1,11 +1,9 @@
 """The IVF-PQ index at scale: trained once on a sample, each shard's vectors encoded by a task of
 its own into a part file (its inverted lists only), the parts merged into one file of on-disk
 inverted lists (FAISS OnDiskInvertedLists) that searches memory-map. No step holds more than one
-shard's codes, and the encoding runs on every worker of the executor.
-
-The coarse quantizer is exact (flat) up to codec.HNSW_NLIST lists, an HNSW graph over the
-centroids beyond (codec.choose_codec): through a flat quantizer a row costs nlist x d products
-(65,536 lists at LAION-2B: 10^8 flops a row), through the graph a few hundred distances.
+shard's codes, and the encoding runs on every worker of the executor: the exact coarse
+quantizer's nlist x d products a row (65,536 lists at LAION-2B: 10^8 flops, 0.8 ms of a core
+here) are spread over every core of the cluster instead of one process.
 
 Files, beside the index file NAME.faiss:
   NAME.faiss             the index: codec, quantizer, and where each list lies in the lists' file
@@ -81,9 +79,6 @@ def train(store, counts: dict[int, int], codec: dict):
         if len(xt) < 39 * (1 << codec["bits"]):   # small corpus: train anyway, without the warning
             pq.cp.min_points_per_centroid = 1
     index.train(xt)
-    graph = faiss.downcast_index(ivf.quantizer)
-    if hasattr(graph, "hnsw"):        # search at least as wide as the lists a query probes
-        graph.hnsw.efSearch = max(graph.hnsw.efSearch, 128)
     return index
 
 
