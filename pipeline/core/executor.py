@@ -29,7 +29,7 @@ class LocalExecutor:
     side, each task with `num_cpus` BLAS / OpenMP threads, as Ray would run them (one core per
     task). Measured on 2 cores, the search stage's join at 1 M rows: 24.8 s one task at a time with
     two BLAS threads, 14.1 s two tasks with one each (the join is gathers, masks and small products;
-    bench/results/local_parallel.md). A lone task keeps every core."""
+    bench/results/ab.md). A lone task keeps every core."""
     kind = "local"
 
     def __init__(self, workers: int = 0):

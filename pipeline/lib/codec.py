@@ -27,9 +27,10 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
     """Codec parameters by rule, from the row count, the dimension and a memory budget.
 
     IVF cells: about 4 sqrt(n), at least 39 training points each, an exact (flat) coarse
-    quantizer: an HNSW graph over the centroids measured slower and lossy here (768-d, 12,649
-    lists: 84 us a row flat, 463 us at efSearch 128 finding 76 % of a query's 8 lists;
-    65,536 lists: 401 us flat, 938 us finding 38 %). The build spreads the flat cost over tasks. PQ: the largest number of
+    quantizer: an HNSW graph over the centroids measured slower and lossy here (768-d random
+    centroids, 12,649 lists: 84 us a row flat, 463 us at efSearch 128 finding 76 % of a query's
+    8 lists; 65,536 lists: 401 us flat, 938 us finding 38 %; trained ones: bench/results/
+    ivf_build.md); the build spreads the flat cost over tasks. PQ: the largest number of
     sub-quantizers whose codes plus the 8-byte id fit `bytes_per_vector` and that divides d.
     OPQ (a learned rotation) only when asked: its training dominated the build time.
     """

@@ -6,6 +6,7 @@ centroids.npy) and, written by the register stage alone, registry/:
   registry.parquet   every row the index holds: gid, key, group_id, text (normalised caption), run
   runs.json          the runs whose vectors it holds: run dir, embed dir, shards {index: name}
   index.faiss        the IVF-PQ index of every registered row, once an incremental run extended it
+                     (its inverted lists in index.BUILD.ivfdata beside it, lib/ivfbuild.py)
 An incremental run extends the folder it searched: its rows are added to registry/index.faiss
 (encoded with the trained codec) and to the registry. Rows of the run itself are never read back
 as "old" rows, so a rerun after a crash does not match a run against its own rows.
