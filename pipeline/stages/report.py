@@ -155,7 +155,8 @@ def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
     if run.cfg.against:
         reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
         parts.append(reg.loc[reg["gid"].isin(gids), ["gid", "key"]])
-    keys = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"gid": [], "key": []})
+    keys = (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame({"gid": pd.Series([], dtype="int64"), "key": pd.Series([], dtype=object)}))
     return keys.sort_values("gid", kind="stable").set_index("gid")["key"]   # sorted: _lookup searches it
 
 
