@@ -160,7 +160,8 @@ def build(path, store, counts: dict[int, int], codec: dict, ex=None, base=None) 
             encode_part(job)
     add_s = time.time() - t0 - train_s
     t1 = time.time()
-    found = [read(parts / f"{name}.faiss") for _, name in shards.values()]
+    # the parts' lists memory-mapped, not loaded: the merge never holds every shard's codes
+    found = [faiss.read_index(str(parts / f"{name}.faiss"), faiss.IO_FLAG_MMAP) for _, name in shards.values()]
     lists = [faiss.extract_index_ivf(p).invlists for p in found]
     old = read(base) if base is not None else None
     if old is not None:
