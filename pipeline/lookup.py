@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .core.arrays import unique
 from .core.config import default_threshold
 from .core.run import read_manifest
 from .core.vectors import link_path, meta_path
@@ -214,7 +215,7 @@ def search(index: Index, queries: np.ndarray, threshold: float,
 def describe_rows(index: Index, gids: np.ndarray) -> pd.DataFrame:
     """gid, key, url, caption of registered rows: key from the registry, url and caption (as the
     input gave them) from the embed stage's metadata of their shard; only the wanted rows are kept."""
-    gids = np.unique(np.asarray(gids, np.int64))
+    gids = unique(np.asarray(gids, np.int64))
     cols = {"gid": pd.Series([], dtype="int64"), "key": pd.Series([], dtype=object)}
     if not len(gids):
         return pd.DataFrame(cols).assign(url=pd.Series([], dtype=object), caption=pd.Series([], dtype=object))
@@ -222,7 +223,7 @@ def describe_rows(index: Index, gids: np.ndarray) -> pd.DataFrame:
                         filters=[("gid", "in", gids.tolist())]).to_pandas()
     owner = {i: st for st in index.target.stores for i in st.shards}
     metas = []
-    for shard in np.unique(gids >> 32):
+    for shard in unique(gids >> 32):
         st = owner[int(shard)]
         path = meta_path(st.embed_dir, st.shards[int(shard)])
         have = set(pq.read_schema(path).names)

@@ -161,3 +161,17 @@ def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
     find_pairs(job, LocalExecutor())
     found = _pairs(job.out_dir)
     assert found <= truth and len(found) / len(truth) >= 0.99
+    # the search assigns as the index stage chose: two levels where it kept them, else exhaustively
+    # (an index stage that finds the coarse level does not prune keeps no coarse.npy, and a
+    # coarse.npy left beside that choice by an earlier version is not used)
+    from dedup2b.stages.search import _codec
+    assert "assign_nprobe" in codec and (tmp_path / "index" / "coarse.npy").exists()
+    assert isinstance(_codec(job)[1], celljoin.TwoLevel)
+    real = celljoin.cell_index
+    monkeypatch.setattr(celljoin, "cell_index", lambda c, coarse=None, points=None: real(c))
+    flat, _ = index.train_all(store, counts, CodecConfig(train_size=8000), tmp_path / "flat", "fp-index",
+                              "synthetic", proj_dim=64, cell_rows=6)
+    assert "assign_nprobe" not in flat and not (tmp_path / "flat" / "coarse.npy").exists()
+    job.index_dir = tmp_path / "flat"
+    np.save(tmp_path / "flat" / "coarse.npy", np.zeros((4, 64), np.float32))
+    assert not isinstance(_codec(job)[1], celljoin.TwoLevel)

@@ -198,3 +198,43 @@ def test_vectors_read_leave_no_file_pages_resident(tmp_path):
     assert _mapped_kb(src) < 512
     sample(store, {0: len(gids)}, 10000, seed=1)
     assert _mapped_kb(src) < 512
+
+
+def test_raw_gather_gives_the_float32_rows_bit_for_bit(tmp_path):
+    """The search join reads a block's vectors as stored (fp16) and converts only the rows it
+    multiplies (celljoin.Vectors): the same float32 rows as VectorStore.get, whether the store
+    holds its own normalised copy or reads the input's file in place, normalising as it reads."""
+    from dedup2b.driver import open_existing
+    from dedup2b.lib import celljoin
+    x, _ = clip_like(5000, 64, seed=5, max_group=30)
+    x = x * np.random.default_rng(1).uniform(0.9995, 1.0005, (len(x), 1))   # norms a little off one
+    write_corpus(tmp_path / "emb", x, np.zeros(len(x), np.int64), rows_per_shard=2000)
+    rng = np.random.default_rng(2)
+    proj = np.linalg.qr(rng.standard_normal((64, 16)))[0].T.astype(np.float32)
+    for copy in (False, True):
+        cfg = from_dict({"input": {"path": str(tmp_path / "emb"), "format": "embeddings", "copy_vectors": copy},
+                         "run_dir": str(tmp_path / f"run{copy}"), "embed": {"model": "precomputed:synthetic"}})
+        run_stages(cfg, LocalExecutor(), stages=("ingest", "embed"), log=lambda *_: None)
+        store = open_existing(cfg.run_path).vectors()
+        gids = np.concatenate([store.shard(i)[0] for i in sorted(store.shards)])
+        pick = rng.permutation(gids)[:3000]                    # every shard, in no order
+        want = store.get(pick)
+        raw, norm = store.get_raw(pick)
+        assert raw.dtype == np.float16 and (norm is None) == copy
+        v = celljoin.Vectors(raw, norm)
+        rows = rng.permutation(len(pick))[:700]
+        assert np.array_equal(v[rows], want[rows]) and np.array_equal(v[100:900], want[100:900])
+        assert np.array_equal(v.project_zr(proj, chunk=512), celljoin.project_zr(want, proj))
+        if not copy:                                           # the read normalised the input's rows
+            assert not np.allclose(raw.astype(np.float32), want, atol=1e-5)
+
+
+def test_shard_gids_from_the_footer_or_the_column(tmp_path):
+    """A vector shard's gids come from the footer's statistics when they are consecutive, and
+    are read from the column when a row is missing (a failed row has no vector)."""
+    from dedup2b.core.vectors import _shard_gids
+    base = 7 << 32
+    for gids in (np.arange(base, base + 5000), np.r_[np.arange(base, base + 30), np.arange(base + 31, base + 5000)]):
+        path = tmp_path / f"m{len(gids)}.parquet"
+        pq.write_table(pa.table({"gid": gids, "key": [str(g) for g in gids]}), path, row_group_size=1000)
+        assert np.array_equal(_shard_gids(path), gids)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .arrays import unique
+
 GATHER_CHUNK = 4096     # rows converted fp16 -> float32 at a time
 
 
@@ -45,6 +47,21 @@ def _open_linked(link: Path) -> np.ndarray:
     return np.load(src, mmap_mode="r", allow_pickle=False)
 
 
+def _shard_gids(path: Path) -> np.ndarray:
+    """A vector shard's gids (ascending, unique): from the footer's statistics where they are one
+    run of consecutive numbers (every row has a vector: the usual case), else from the column. A
+    search join opens every shard once per block: the footer is read, not 1 MB of column."""
+    f = pq.ParquetFile(path)
+    md = f.metadata
+    col = f.schema_arrow.get_field_index("gid")
+    stats = [md.row_group(g).column(col).statistics for g in range(md.num_row_groups)]
+    if md.num_rows and col >= 0 and all(st is not None and st.has_min_max for st in stats):
+        lo, hi = min(st.min for st in stats), max(st.max for st in stats)
+        if hi - lo + 1 == md.num_rows:        # n unique ascending numbers in [lo, lo + n): all of them
+            return np.arange(lo, hi + 1, dtype=np.int64)
+    return pq.read_table(path, columns=["gid"])["gid"].to_numpy()
+
+
 class VectorStore:
     """gid -> vector. Shard files are opened lazily and memory-mapped; nothing is copied whole."""
 
@@ -58,7 +75,7 @@ class VectorStore:
         """(gids sorted ascending, vectors memmap: fp16, or the input's own dtype when linked)."""
         if index not in self._cache:
             name = self.shards[index]
-            gids = pq.read_table(meta_path(self.embed_dir, name), columns=["gid"])["gid"].to_numpy()
+            gids = _shard_gids(meta_path(self.embed_dir, name))
             link = link_path(self.embed_dir, name)
             if link.exists():
                 vecs = _open_linked(link)
@@ -91,12 +108,37 @@ class VectorStore:
         """float32 vectors of the given gids, in the given order."""
         return _by_shard(gids, self.dim, self._fill)
 
-    def _fill(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
-        """out[k] = float32 vector of gids[k], all in shard `index`."""
-        sg, sv = self.shard(index)
+    def get_raw(self, gids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The vectors of the given gids as the files hold them (fp16; a linked input file's own
+        dtype), and which rows get() normalises as it reads them (the linked files' rows; None:
+        no row). Half the memory of get(), no conversion of rows no one multiplies (the search
+        join: celljoin.Vectors turns them into get()'s float32 rows, bit for bit)."""
+        gids = np.asarray(gids, dtype=np.int64)
+        shards = unique(gids >> 32)
+        fp16 = all(self.shard(int(i))[1].dtype == np.float16 for i in shards)
+        linked = [int(i) for i in shards if int(i) in self._linked]
+
+        def fill(index, g, out):
+            sv = self.shard(index)[1]
+            pos = self._positions(index, g)
+            for s in range(0, len(pos), GATHER_CHUNK):
+                out[s:s + GATHER_CHUNK] = np.take(sv, pos[s:s + GATHER_CHUNK], axis=0)
+            self.release(index)
+        out = _by_shard(gids, self.dim, fill, np.float16 if fp16 else np.float32)
+        return out, (np.isin(gids >> 32, linked) if linked else None)
+
+    def _positions(self, index: int, gids: np.ndarray) -> np.ndarray:
+        """Row numbers of `gids` in shard `index` (KeyError if one has no vector)."""
+        sg = self.shard(index)[0]
         pos = np.searchsorted(sg, gids)
         if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids):
             raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
+        return pos
+
+    def _fill(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
+        """out[k] = float32 vector of gids[k], all in shard `index`."""
+        sv = self.shard(index)[1]
+        pos = self._positions(index, gids)
         # rows are read in ascending order (sequential pages of the memmap) and converted to float32
         # a cache-sized chunk at a time, straight into `out` (a whole-array fp16 gather + astype makes
         # two more copies; up to 2x slower in a micro-benchmark here, on par when the pages are warm)
@@ -109,7 +151,16 @@ class VectorStore:
                 out[sel] = np.take(sv, pos[sel], axis=0)
         self.release(index)
         if index in self._linked:          # the input's vectors, normalised as the embed stage would
-            out *= (1 / np.maximum(np.sqrt(np.einsum("ij,ij->i", out, out)), 1e-12))[:, None]
+            normalise(out)
+
+
+def normalise(x: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """x (float32) scaled in place to unit rows, as the store reads a linked file's rows (the
+    rows where `rows` is True; every row without it)."""
+    f = 1 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)
+    if rows is not None:
+        f[~rows] = 1.0
+    x *= f[:, None]
 
 
 class StoreUnion:
@@ -139,11 +190,11 @@ class StoreUnion:
         return _by_shard(gids, self.dim, lambda index, g, out: self._owner[index]._fill(index, g, out))
 
 
-def _by_shard(gids, dim: int, fill) -> np.ndarray:
-    """float32 vectors of `gids` in the given order, read shard by shard (the shard number is
-    the high half of the gid): fill(shard index, that shard's gids, out) writes their vectors."""
+def _by_shard(gids, dim: int, fill, dtype=np.float32) -> np.ndarray:
+    """Vectors of `gids` in the given order, read shard by shard (the shard number is the high
+    half of the gid): fill(shard index, that shard's gids, out) writes their vectors."""
     gids = np.asarray(gids, dtype=np.int64)
-    out = np.empty((len(gids), dim), dtype=np.float32)
+    out = np.empty((len(gids), dim), dtype=dtype)
     which = gids >> 32
     if len(which) < 2 or np.all(which[1:] >= which[:-1]):   # grouped by shard: contiguous slices
         edges = np.r_[0, np.nonzero(which[1:] != which[:-1])[0] + 1, len(gids)]
@@ -151,9 +202,9 @@ def _by_shard(gids, dim: int, fill) -> np.ndarray:
             if hi > lo:
                 fill(int(which[lo]), gids[lo:hi], out[lo:hi])
         return out
-    for index in np.unique(which):
+    for index in unique(which):
         sel = np.nonzero(which == index)[0]
-        part = np.empty((len(sel), dim), dtype=np.float32)
+        part = np.empty((len(sel), dim), dtype=dtype)
         fill(int(index), gids[sel], part)
         out[sel] = part
     return out

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.vectors import normalise
+
 
 def train_projection(sample: np.ndarray, r: int) -> np.ndarray:
     """(r, d) orthonormal rows spanning the top-r directions of the uncentred sample."""
@@ -55,6 +57,32 @@ def project_zr(x: np.ndarray, proj: np.ndarray) -> np.ndarray:
     res2 = np.einsum("ij,ij->i", x, x) - np.einsum("ij,ij->i", zr, zr)
     zr[:, -1] = np.sqrt(np.maximum(res2, 0.0))
     return zr
+
+
+class Vectors:
+    """A join block's vectors as the store holds them (VectorStore.get_raw: fp16, and the rows to
+    normalise as they are read): `v[idx]` (an index array or a slice) gives float32 rows equal
+    to VectorStore.get's. The block never holds a float32 copy of every member: half the memory,
+    and only the rows a candidate pair touches are converted after the projection."""
+
+    def __init__(self, raw: np.ndarray, normalise: np.ndarray | None = None):
+        self.raw, self.norm = raw, normalise
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        x = self.raw[idx].astype(np.float32)
+        if self.norm is not None:
+            normalise(x, self.norm[idx])
+        return x
+
+    def project_zr(self, proj: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """project_zr of every row, a cache-sized chunk at a time."""
+        out = np.empty((len(self), proj.shape[0] + 1), np.float32)
+        for s in range(0, len(self), chunk):
+            out[s:s + chunk] = project_zr(self[s:s + chunk], proj)
+        return out
 
 
 def _kmeans(z: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
@@ -392,7 +420,8 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
                  threshold: float, cells: tuple[int, int] | None = None,
                  device: str | None = None, dense_min: int = 0,
                  edge_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid) whose cell
+    """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32,
+    or Vectors) whose cell
     sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
     several cells is emitted only by the smallest one, so every pair appears exactly once across
     all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy.
@@ -406,11 +435,12 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
     cell_of = cellsets[member, col]
     order = np.lexsort((member, cell_of))
     member, cell_of = member[order], cell_of[order]
-    zr = project_zr(x, proj)
+    zr = x.project_zr(proj) if isinstance(x, Vectors) else project_zr(x, proj)
     xs = x
     if device:
         import torch
         torch.backends.cuda.matmul.allow_tf32 = False
+        x = x[np.arange(len(x))] if isinstance(x, Vectors) else x
         xs, zr = (torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in (x, zr))
     starts = np.r_[0, np.nonzero(cell_of[1:] != cell_of[:-1])[0] + 1, len(cell_of)]
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]

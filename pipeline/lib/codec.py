@@ -102,7 +102,7 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
     (out / "coarse.npy").unlink(missing_ok=True)
-    if coarse is not None:
+    if coarse is not None and "assign_nprobe" in info:     # two levels kept (not where they do not prune)
         files.append(write_npy(out / "coarse.npy", coarse))
     codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
                  cells_train_rows=len(zt), **info, cells_train_s=round(time.time() - t0, 3))

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.arrays import unique
+
 PREFIX = 16          # bytes of the key kept per row for the rank
 
 _HEX = np.zeros(256, np.uint8)
@@ -140,7 +142,7 @@ class GidIndex:
     def __init__(self, gids: np.ndarray):
         self.gids = gids
         shard, row = gids >> 32, gids & 0xFFFFFFFF
-        ids, starts, counts = np.unique(shard, return_index=True, return_counts=True)
+        ids, starts, counts = unique(shard, return_index=True, return_counts=True)
         # ascending and unique, first row 0 and last row count - 1: the rows 0 .. count - 1
         whole = (row[starts] == 0) & (row[starts + counts - 1] == counts - 1) if len(ids) else np.zeros(0, bool)
         size = int(ids.max()) + 1 if len(ids) and ids.max() < (1 << 24) and ids.min() >= 0 else 0

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core.arrays import unique
 from ..core.io import read_json, write_json, write_parquet
 
 SCHEMA = pa.schema([("gid", pa.int64()), ("key", pa.string()), ("group_id", pa.int64()), ("run", pa.string()),
@@ -87,6 +88,6 @@ def read(index_folder) -> Requests:
         return Requests()
     t = pa.concat_tables([pq.read_table(requests_dir(index_folder) / f"{n}.parquet") for n in got]).to_pandas()
     found = t[t["gid"].notna()]
-    return Requests(gids=np.unique(found["gid"].to_numpy(np.int64)),
-                    groups=np.unique(found["group_id"].dropna().to_numpy(np.int64)),
+    return Requests(gids=unique(found["gid"].to_numpy(np.int64)),
+                    groups=unique(found["group_id"].dropna().to_numpy(np.int64)),
                     keys=frozenset(t.loc[t["via"] == "key", "key"].dropna().tolist()), count=len(got))

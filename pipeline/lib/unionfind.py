@@ -11,6 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
+from ..core.arrays import unique
+
 
 class UnionFind:
     def __init__(self, n: int):
@@ -84,7 +86,7 @@ class UnionFind:
             order = np.lexsort((edge, roots))
             first = np.ones(len(order), bool)
             first[1:] = roots[order][1:] != roots[order][:-1]
-            picked = np.unique(edge[order][first])
+            picked = unique(edge[order][first])
             keep[picked] = True
             self.union(a[picked], b[picked])
         return keep

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core.arrays import unique
 from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
@@ -117,7 +118,7 @@ def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
     for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
         m = multi[i:i + 65536]
         # each representative read once, in gid order (a memory map read forward), not once per member
-        reps, inv = np.unique(rep[m], return_inverse=True)
+        reps, inv = unique(rep[m], return_inverse=True)
         sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[reps])[inv])
     return multi, sim
 
@@ -172,7 +173,7 @@ class MemberCheck:
     def _anchors(self, todo: np.ndarray, rep: np.ndarray, direct: np.ndarray) -> list[list[int]]:
         """Per member to check, the gids of up to verify.ANCHORS members of its group with an
         accepted edge to the representative (the first in gid order), the member itself left out."""
-        reps = np.unique(rep[todo])
+        reps = unique(rep[todo])
         cand = np.nonzero(direct & np.isin(rep, reps) & (rep != np.arange(len(rep))))[0]
         by_rep: dict[int, list[int]] = {}
         for x in cand[np.argsort(rep[cand], kind="stable")].tolist():
@@ -353,7 +354,7 @@ def run(run: Run, ex, stats: dict) -> dict:
                      "nearest_gid": pa.array(nearest.gid, mask=~found),
                      "nearest_similarity": pa.array(nearest.sim, mask=~found)})
     files = [write_parquet(run.group_rows_file(), rows), run.group_edges_file()]
-    n_groups = int(len(np.unique(group_ids)))
+    n_groups = int(len(unique(group_ids)))
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
     stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "verified_edges_read": n_verified,
              "seconds": round(time.time() - t0, 3), **(check.stats if check is not None else {})}
@@ -381,7 +382,7 @@ def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray,
         ok &= texts[np.minimum(a, len(gids) - 1)] == reg["text"].reindex(other).to_numpy()
     a, other, sim = a[ok], other[ok], cross["similarity"].to_numpy()[ok]
     old_group = reg["group_id"].reindex(other).to_numpy(np.int64)
-    group_ids, b = np.unique(old_group, return_inverse=True)
+    group_ids, b = unique(old_group, return_inverse=True)
     sizes = target.registry.groupby("group_id").size()
     return {"group_ids": group_ids, "a": a.astype(np.int64), "b": b.astype(np.int64), "other": other,
             "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([store, *target.stores])}

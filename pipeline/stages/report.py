@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.arrays import unique
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
 from ..core.run import Run
 from ..lib import gallery, registry, requests
@@ -97,10 +98,10 @@ class Groups:
     reports name (grouped rows, nearest neighbours), the leaked rows' groups."""
 
     def __init__(self, run: Run):
-        self.leaked = np.unique(verify.cross_pairs(run, "leaks")["gid"].to_numpy())
+        self.leaked = unique(verify.cross_pairs(run, "leaks")["gid"].to_numpy())
         req = requests.read(run.index_folder())
         self.requests = req.count
-        self.request_gids = np.union1d(req.gids, rows_with_keys(run, req.keys))
+        self.request_gids = unique(np.r_[req.gids, rows_with_keys(run, req.keys)])
         parts, refs, leak_groups, request_groups = [], [], [], [req.groups]
         self.singletons = 0
         for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
@@ -114,10 +115,10 @@ class Groups:
             request_groups.append(t.loc[t["gid"].isin(self.request_gids), "group_id"].to_numpy(np.int64))
         self.members = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
             {"gid": [], "group_id": [], "group_size": [], "rep_similarity": []})
-        self.leak_groups = np.unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
-        self.request_groups = np.unique(np.concatenate(request_groups))
+        self.leak_groups = unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
+        self.request_groups = unique(np.concatenate(request_groups))
         m = self.members
-        self.refs = np.unique(np.concatenate([m["gid"].to_numpy(np.int64), m["group_id"].to_numpy(np.int64), *refs]))
+        self.refs = unique(np.concatenate([m["gid"].to_numpy(np.int64), m["group_id"].to_numpy(np.int64), *refs]))
         agg = m.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"),
                                         rows=("gid", "size"))
         self.table = agg.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
@@ -144,7 +145,7 @@ def rows_with_keys(run: Run, keys) -> np.ndarray:
 def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
     """gid -> key of the given gids only (read shard by shard), the earlier runs' rows included
     for an incremental run."""
-    gids = np.unique(np.asarray(gids, np.int64))
+    gids = unique(np.asarray(gids, np.int64))
     parts = []
     for shard in run.shards:      # each shard's own gids (a set of them all per shard was 24 s at 10 M rows)
         lo, hi = np.searchsorted(gids, [shard.index << 32, (shard.index + 1) << 32])
@@ -368,8 +369,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     groups = Groups(run)
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     n_cand, counts, bins, near = _candidates(run, lo, cfg.search.threshold, cfg.search.band or 0.03)
-    border_gids = np.unique(np.r_[near["gid_a"].to_numpy(np.int64), near["gid_b"].to_numpy(np.int64)])
-    key_of = key_lookup(run, np.union1d(groups.refs, border_gids))
+    border_gids = unique(np.r_[near["gid_a"].to_numpy(np.int64), near["gid_b"].to_numpy(np.int64)])
+    key_of = key_lookup(run, unique(np.r_[groups.refs, border_gids]))
     top = groups.table.head(gallery.GROUPS_PER_PAGE * gallery.MAX_PAGES)
     shown = Shown(top, border_gids)
     tally = Counts()

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..core.arrays import unique
 from ..core.io import Marker, write_parquet
 from ..core.run import Run
 from ..lib.nodes import PREFIX, quality_rank
@@ -71,12 +72,12 @@ def needed_gids(run: Run) -> np.ndarray:
     parts = [np.zeros(0, np.int64)]
     for path in run.pair_files():
         for a, b, _ in _band_pairs(path, low, sure):
-            parts.append(np.unique(np.concatenate([a, b])))
+            parts.append(unique(np.concatenate([a, b])))
     for _, _, path in cross_files(run):
         t = pq.read_table(path, columns=["gid", "similarity"])
         sim = t["similarity"].to_numpy()
         parts.append(t["gid"].to_numpy()[(sim >= low) & (sim < sure)])
-    return np.unique(np.concatenate(parts))
+    return unique(np.concatenate(parts))
 
 
 def cross_files(run: Run) -> list[tuple[str, Path, Path]]:
@@ -254,7 +255,7 @@ def _preference(job: dict, nodes: np.ndarray) -> np.ndarray:
         return np.arange(len(nodes))
     pixels = np.zeros(len(nodes), np.int64)
     nbytes = np.zeros(len(nodes), np.int64)
-    for shard in np.unique(nodes >> 32).tolist():
+    for shard in unique(nodes >> 32).tolist():
         path = job["ingest"].get(str(shard), job["ingest"].get(shard))
         if path is None:
             continue
@@ -284,7 +285,7 @@ def decide_file(job: dict) -> dict:
     a, b, sim = (t.column(i).to_numpy() for i in range(3))
     dec = np.full(len(sim), -1, np.int8)
     score = np.full(len(sim), np.nan, np.float32)
-    nodes, local = np.unique(np.r_[a, b], return_inverse=True)
+    nodes, local = unique(np.r_[a, b], return_inverse=True)
     la, lb = local[:len(sim)].tolist(), local[len(sim):].tolist()
     forest = _Forest(len(nodes))
     for r in np.flatnonzero(sim >= job["sure"]):            # edges on the descriptor alone
@@ -378,7 +379,7 @@ def decide_cross(job: dict) -> dict:
     mine, other = t["gid"].to_numpy()[sel], t["other_gid"].to_numpy()[sel]
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
     theirs = {}
-    for gid, data in row_images(Target(job["target"], job["model"], job["run_dir"]).runs, np.unique(other)).items():
+    for gid, data in row_images(Target(job["target"], job["model"], job["run_dir"]).runs, unique(other)).items():
         try:
             theirs[gid] = pixels.features(data)
         except ValueError:
