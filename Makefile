@@ -47,7 +47,7 @@ bench-ab: $(STAMP)  ## STAGES (ingest,search,register) of this checkout vs BASEL
 	$(PY) -m bench.ab --rev $(or $(BASELINE),HEAD) $(if $(STAGES),--stages $(STAGES))
 
 bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, then SCALE_SIZES plain (~35 min)
-	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES))
+	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES)) $(if $(SCALE_CORPORA),--corpora $(SCALE_CORPORA))
 
 bench-ivf: $(STAMP)  ## IVF-PQ build (a task per shard, on-disk lists) at IVF_SIZES (1 M, 10 M) vs the serial add; an HNSW quantizer measured (~25 min)
 	$(PY) -m bench.ivf_build --sizes $(or $(IVF_SIZES),1000000,10000000)

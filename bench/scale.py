@@ -1,7 +1,7 @@
 """Scale benchmark: the pipeline on released-style embeddings with and without a giant copy group,
 same box, same run.
 
-    python -m bench.scale --rows 1000000 --giant 100000 [--sizes 4000000,10000000]
+    python -m bench.scale --rows 1000000 --giant 100000 [--sizes 4000000,10000000] [--corpora DIR]
 
 Two corpora of `--rows` rows (bench.corpora.write_clip_like: CLIP-like 768-d, Zipf duplicate
 groups up to 5,000 copies), the second with one more group of `--giant` copies of one source (a
@@ -55,11 +55,24 @@ def semdedup_baseline(corpus: Path, rows: int) -> dict:
     return {"seconds": round(secs, 1), "pairs": int(len(a)), "groups": int(len(np.unique(labels)))}
 
 
-def one(work: Path, name: str, rows: int, giant: tuple[int, ...], baseline: bool = False) -> dict:
-    corpus, run = work / f"{name}-corpus", work / f"{name}-run"
+def corpus_for(folder: Path, rows: int, giant: tuple[int, ...], reuse: bool) -> float:
+    """Write the corpus into `folder` (seconds taken), or with `reuse` keep one written there
+    before with the same parameters (params.json), 0 seconds."""
+    params = {"rows": rows, "d": 768, "dup_frac": 0.3, "seed": 0, "max_group": 5000, "rows_per_shard": 125_000,
+              "giant": list(giant)}
+    if reuse and (folder / "params.json").exists() and json.loads((folder / "params.json").read_text()) == params:
+        return 0.0
+    shutil.rmtree(folder, ignore_errors=True)
     t0 = time.time()
-    write_clip_like(corpus, rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000, giant=giant)
-    out = {"corpus_s": round(time.time() - t0, 1), "stages": {}}
+    write_clip_like(folder, rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000, giant=giant)
+    (folder / "params.json").write_text(json.dumps(params))
+    return round(time.time() - t0, 1)
+
+
+def one(work: Path, name: str, rows: int, giant: tuple[int, ...], baseline: bool = False,
+        corpora: Path | None = None) -> dict:
+    corpus, run = (corpora or work) / f"{name}-corpus", work / f"{name}-run"
+    out = {"corpus_s": corpus_for(corpus, rows, giant, reuse=corpora is not None), "stages": {}}
     for stage in STAGES:
         out["stages"][stage] = run_stage(stage, corpus, run, REPO)
         print(f"{name:6s} {stage:8s} {out['stages'][stage]}", flush=True)
@@ -82,7 +95,8 @@ def one(work: Path, name: str, rows: int, giant: tuple[int, ...], baseline: bool
         members = members[members["source"] == top]
         out["giant_rows"] = len(members)
         out["giant_rows_in_its_largest_group"] = int(members["group_id"].value_counts().iloc[0])
-    shutil.rmtree(corpus, ignore_errors=True)
+    if corpora is None:
+        shutil.rmtree(corpus, ignore_errors=True)
     shutil.rmtree(run, ignore_errors=True)
     return out
 
@@ -93,15 +107,17 @@ def main(argv=None) -> int:
     ap.add_argument("--giant", type=int, default=100_000)
     ap.add_argument("--sizes", default="", help="more corpus sizes, plain (e.g. 4000000,10000000): the scale curve")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-scale")
+    ap.add_argument("--corpora", default=None, help="keep the generated corpora here and reuse them on the next "
+                    "run (same parameters); default: generated under --work and deleted")
     args = ap.parse_args(argv)
-    work = Path(args.work)
+    work, corpora = Path(args.work), Path(args.corpora) if args.corpora else None
     shutil.rmtree(work, ignore_errors=True)
-    res = {"plain": one(work, "plain", args.rows, (), baseline=True),
-           "giant": one(work, "giant", args.rows, (args.giant,))}
+    res = {"plain": one(work, "plain", args.rows, (), baseline=True, corpora=corpora),
+           "giant": one(work, "giant", args.rows, (args.giant,), corpora=corpora)}
     curve = {args.rows: res["plain"]}
     for n in [int(x) for x in args.sizes.split(",") if x]:
         (RESULTS / "scale.partial.json").write_text(json.dumps(res, indent=2))   # what is done so far
-        curve[n] = res[f"plain_{n}"] = one(work, f"plain{n}", n, ())
+        curve[n] = res[f"plain_{n}"] = one(work, f"plain{n}", n, (), corpora=corpora)
     (RESULTS / "scale.partial.json").unlink(missing_ok=True)
     p, g = res["plain"], res["giant"]
     ratio = g["index_search_group_s"] / p["index_search_group_s"]
