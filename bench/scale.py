@@ -86,16 +86,19 @@ def sampled_recall(corpus: Path, samples, queries: int = 400, threshold: float =
     return {"queries": queries, "pairs": int(len(qa)), "recall": round(float(same.mean()) if len(same) else 1.0, 5)}
 
 
+LAW = {"max_group": 5000, "tail": 2.3}   # the duplicate groups' size law (Zipf exponent, largest group)
+
+
 def corpus_for(folder: Path, rows: int, giant: tuple[int, ...], reuse: bool) -> float:
     """Write the corpus into `folder` (seconds taken), or with `reuse` keep one written there
     before with the same parameters (params.json), 0 seconds."""
-    params = {"rows": rows, "d": 768, "dup_frac": 0.3, "seed": 0, "max_group": 5000, "rows_per_shard": 125_000,
+    params = {"rows": rows, "d": 768, "dup_frac": 0.3, "seed": 0, **LAW, "rows_per_shard": 125_000,
               "giant": list(giant)}
     if reuse and (folder / "params.json").exists() and json.loads((folder / "params.json").read_text()) == params:
         return 0.0
     shutil.rmtree(folder, ignore_errors=True)
     t0 = time.time()
-    write_clip_like(folder, rows, 768, dup_frac=0.3, seed=0, max_group=5000, rows_per_shard=125_000, giant=giant)
+    write_clip_like(folder, rows, 768, dup_frac=0.3, seed=0, rows_per_shard=125_000, giant=giant, **LAW)
     (folder / "params.json").write_text(json.dumps(params))
     return round(time.time() - t0, 1)
 
@@ -145,12 +148,16 @@ def main(argv=None) -> int:
     ap.add_argument("--giant", default="100000", help="copies of the giant group; several groups: comma-separated sizes")
     ap.add_argument("--sizes", default="", help="more corpus sizes, plain (e.g. 4000000,10000000): the scale curve")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-scale")
+    ap.add_argument("--tail", type=float, default=LAW["tail"], help="Zipf exponent of the group sizes (smaller: "
+                    "more large groups)")
+    ap.add_argument("--max-group", type=int, default=LAW["max_group"], help="largest Zipf group")
     ap.add_argument("--out", default="scale", help="results file name under bench/results (NAME.md, NAME.json)")
     ap.add_argument("--corpora", default=None, help="keep the generated corpora here and reuse them on the next "
                     "run (same parameters); default: generated under --work and deleted")
     args = ap.parse_args(argv)
     work, corpora = Path(args.work), Path(args.corpora) if args.corpora else None
     giant = tuple(int(x) for x in str(args.giant).split(",") if x)
+    LAW.update(tail=args.tail, max_group=args.max_group)
     what = (f"one group of {giant[0]:,} copies" if len(giant) == 1
             else f"{len(giant)} groups of {', '.join(f'{g:,}' for g in giant)} copies")
     shutil.rmtree(work, ignore_errors=True)
