@@ -51,15 +51,14 @@ def _shard_gids(path: Path) -> np.ndarray:
     """A vector shard's gids (ascending, unique): from the footer's statistics where they are one
     run of consecutive numbers (every row has a vector: the usual case), else from the column. A
     search join opens every shard once per block: the footer is read, not 1 MB of column."""
-    f = pq.ParquetFile(path)
-    md = f.metadata
-    col = f.schema_arrow.get_field_index("gid")
-    stats = [md.row_group(g).column(col).statistics for g in range(md.num_row_groups)]
-    if md.num_rows and col >= 0 and all(st is not None and st.has_min_max for st in stats):
-        lo, hi = min(st.min for st in stats), max(st.max for st in stats)
-        if hi - lo + 1 == md.num_rows:        # n unique ascending numbers in [lo, lo + n): all of them
-            return np.arange(lo, hi + 1, dtype=np.int64)
-    return pq.read_table(path, columns=["gid"])["gid"].to_numpy()
+    with pq.ParquetFile(path) as f:
+        md, col = f.metadata, f.schema_arrow.get_field_index("gid")
+        stats = [md.row_group(g).column(col).statistics for g in range(md.num_row_groups)] if col >= 0 else [None]
+        if md.num_rows and all(st is not None and st.has_min_max for st in stats):
+            lo, hi = min(st.min for st in stats), max(st.max for st in stats)
+            if hi - lo + 1 == md.num_rows:    # n unique ascending numbers in [lo, lo + n): all of them
+                return np.arange(lo, hi + 1, dtype=np.int64)
+        return f.read(columns=["gid"])["gid"].to_numpy()
 
 
 class VectorStore:

@@ -65,8 +65,8 @@ class Vectors:
     to VectorStore.get's. The block never holds a float32 copy of every member: half the memory,
     and only the rows a candidate pair touches are converted after the projection."""
 
-    def __init__(self, raw: np.ndarray, normalise: np.ndarray | None = None):
-        self.raw, self.norm = raw, normalise
+    def __init__(self, raw: np.ndarray, norm: np.ndarray | None = None):
+        self.raw, self.norm = raw, norm
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -420,9 +420,8 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
                  threshold: float, cells: tuple[int, int] | None = None,
                  device: str | None = None, dense_min: int = 0,
                  edge_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32,
-    or Vectors) whose cell
-    sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
+    """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32, or
+    Vectors) whose cell sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
     several cells is emitted only by the smallest one, so every pair appears exactly once across
     all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy.
     A cell of `dense_min` rows or more (0: none) gives the edges of a spanning forest of its graph
