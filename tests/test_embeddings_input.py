@@ -224,7 +224,8 @@ def test_raw_gather_gives_the_float32_rows_bit_for_bit(tmp_path):
         v = celljoin.Vectors(raw, norm)
         rows = rng.permutation(len(pick))[:700]
         assert np.array_equal(v[rows], want[rows]) and np.array_equal(v[100:900], want[100:900])
-        assert np.array_equal(v.project_zr(proj, chunk=512), celljoin.project_zr(want, proj))
+        # (the projection in chunks: equal up to the BLAS kernel a chunk size picks)
+        assert np.allclose(v.project_zr(proj, chunk=512), celljoin.project_zr(want, proj), rtol=0, atol=1e-6)
         if not copy:                                           # the read normalised the input's rows
             assert not np.allclose(raw.astype(np.float32), want, atol=1e-5)
 
