@@ -6,11 +6,13 @@ same box, same run.
     python -m bench.scale --tail 1.6 --max-group 50000 --giant 200000 --no-baseline --out scale_law
 
 Two corpora of `--rows` rows (bench.corpora.write_clip_like: CLIP-like 768-d, Zipf duplicate
-groups up to 5,000 copies), the second with one more group of `--giant` copies of one source (a
-placeholder crawled that many times). Each goes through ingest .. report, one stage per process
-(bench.stages.run_stage: wall seconds and peak RSS). Reported per corpus: per-stage wall and RSS,
-the run directory's bytes per row, the groups, the edges in pairs.parquet, and how many of the
-giant group's rows end up in one group. Writes bench/results/scale.json and scale.md.
+groups, exponent `--tail`, up to `--max-group` copies), the second with more groups of `--giant`
+copies of one source each (a placeholder crawled that many times). Each goes through ingest ..
+report, one stage per process (bench.stages.run_stage: wall seconds and peak RSS). Reported per
+corpus: per-stage wall and RSS, the run directory's bytes per row, the groups, the edges in
+pairs.parquet, how many of each giant group's rows end up in one group, and the sampled recall
+against exhaustive search (sampled_recall). Writes bench/results/scale.json and scale.md (`--out
+NAME`: NAME.json, NAME.md).
 """
 from __future__ import annotations
 
