@@ -116,14 +116,7 @@ class VectorStore:
         shards = unique(gids >> 32)
         fp16 = all(self.shard(int(i))[1].dtype == np.float16 for i in shards)
         linked = [int(i) for i in shards if int(i) in self._linked]
-
-        def fill(index, g, out):
-            sv = self.shard(index)[1]
-            pos = self._positions(index, g)
-            for s in range(0, len(pos), GATHER_CHUNK):
-                out[s:s + GATHER_CHUNK] = np.take(sv, pos[s:s + GATHER_CHUNK], axis=0)
-            self.release(index)
-        out = _by_shard(gids, self.dim, fill, np.float16 if fp16 else np.float32)
+        out = _by_shard(gids, self.dim, self._gather, np.float16 if fp16 else np.float32)
         return out, (np.isin(gids >> 32, linked) if linked else None)
 
     def _positions(self, index: int, gids: np.ndarray) -> np.ndarray:
@@ -136,11 +129,17 @@ class VectorStore:
 
     def _fill(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
         """out[k] = float32 vector of gids[k], all in shard `index`."""
+        self._gather(index, gids, out)
+        if index in self._linked:          # the input's vectors, normalised as the embed stage would
+            normalise(out)
+
+    def _gather(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
+        """out[k] = the stored vector of gids[k], all in shard `index`, in out's dtype."""
         sv = self.shard(index)[1]
         pos = self._positions(index, gids)
-        # rows are read in ascending order (sequential pages of the memmap) and converted to float32
-        # a cache-sized chunk at a time, straight into `out` (a whole-array fp16 gather + astype makes
-        # two more copies; up to 2x slower in a micro-benchmark here, on par when the pages are warm)
+        # rows are read in ascending order (sequential pages of the memmap) and converted to out's
+        # dtype a cache-sized chunk at a time, straight into `out` (a whole-array fp16 gather + astype
+        # makes two more copies; up to 2x slower in a micro-benchmark here, on par when the pages are warm)
         order = None if len(pos) < 2 or np.all(pos[1:] >= pos[:-1]) else np.argsort(pos, kind="stable")
         for s in range(0, len(pos), GATHER_CHUNK):
             if order is None:
@@ -149,8 +148,6 @@ class VectorStore:
                 sel = order[s:s + GATHER_CHUNK]
                 out[sel] = np.take(sv, pos[sel], axis=0)
         self.release(index)
-        if index in self._linked:          # the input's vectors, normalised as the embed stage would
-            normalise(out)
 
 
 def normalise(x: np.ndarray, rows: np.ndarray | None = None) -> None:

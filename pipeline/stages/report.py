@@ -161,20 +161,20 @@ def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
     return keys.sort_values("gid", kind="stable").set_index("gid")["key"]   # sorted: _lookup searches it
 
 
+def _find(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """Position of each gid in `sorted_gids` by binary search, len(sorted_gids) where it is not there."""
+    pos = np.searchsorted(sorted_gids, gids)
+    there = pos < len(sorted_gids)
+    there[there] = sorted_gids[pos[there]] == gids[there]
+    return np.where(there, pos, len(sorted_gids))
+
+
 def _lookup(key_of: pd.Series, gids: pd.Series) -> np.ndarray:
     """key_of[gid] for each gid (None where missing or NA), by one binary search per gid over
-    key_of's sorted index (Series.map rebuilt a hash lookup per call: 38 s of the report at 10 M rows)."""
-    index = key_of.index.to_numpy(np.int64)
-    if len(index) > 1 and not np.all(index[1:] > index[:-1]):
-        return gids.map(key_of).to_numpy(object)
-    values = key_of.to_numpy(object)
-    g = gids.to_numpy(np.int64, na_value=-1)
-    pos = np.minimum(np.searchsorted(index, g), max(len(index) - 1, 0))
-    found = (g >= 0) & (len(index) > 0)
-    found[found] = index[pos[found]] == g[found]
-    out = np.full(len(g), None, object)
-    out[found] = values[pos[found]]
-    return out
+    key_of's index, sorted by key_lookup (Series.map rebuilt a hash lookup per call: 38 s of the
+    report at 10 M rows)."""
+    values = np.append(key_of.to_numpy(object), None)
+    return values[_find(key_of.index.to_numpy(np.int64), gids.to_numpy(np.int64, na_value=-1))]
 
 
 def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.DataFrame:
@@ -300,17 +300,13 @@ class _ByGid:
     found: null key, no group."""
 
     def __init__(self, key_of: pd.Series, group_of: pd.Series):
-        order = np.argsort(key_of.index.to_numpy(np.int64), kind="stable")
-        self.gid = key_of.index.to_numpy(np.int64)[order]
-        self.key = pa.concat_arrays([pa.array(key_of.to_numpy()[order], pa.string()), pa.nulls(1, pa.string())])
+        self.gid = key_of.index.to_numpy(np.int64)          # sorted by key_lookup
+        self.key = pa.concat_arrays([pa.array(key_of.to_numpy(), pa.string()), pa.nulls(1, pa.string())])
         self.group = np.append(group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64), -1)
 
     def find(self, gids: np.ndarray) -> np.ndarray:
         """Position of each gid, len(gid) where it is not there."""
-        pos = np.searchsorted(self.gid, gids)
-        there = pos < len(self.gid)
-        there[there] = self.gid[pos[there]] == gids[there]
-        return np.where(there, pos, len(self.gid))
+        return _find(self.gid, gids)
 
     def keys(self, pos: np.ndarray) -> pa.Array:
         """Keys as an Arrow array: no Python string objects."""
