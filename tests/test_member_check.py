@@ -112,3 +112,42 @@ def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_p
     got = verify.decide_members(job)
     assert got["pixels"] == [1, 0, 0] and got["via_full_copy"] == 1
     assert not pixels.verify(feats[2], feats[0])[0] and pixels.verify(feats[2], feats[1])[1] >= verify.ANCHOR_ACCEPT
+
+
+def test_checks_run_ahead_on_threads_give_what_checking_one_by_one_gives():
+    """verify.in_order: with threads the pairs are checked ahead of their turn; a pair whose rows
+    the accepted pairs before it connect by its turn comes out unchecked (None), exactly as when
+    the pairs are checked one by one, whatever the threads finish first."""
+    import random
+    import time
+
+    import numpy as np
+
+    from dedup2b.stages import verify
+    rng = random.Random(3)
+    pairs = [(rng.randrange(40), rng.randrange(40)) for _ in range(400)]
+    accept = {i: rng.random() < 0.4 for i in range(len(pairs))}
+
+    def check(i):
+        time.sleep(rng.random() * 1e-4)      # threads finish out of order
+        return accept[i]
+
+    def one_pass(threads):
+        parent = np.arange(40)
+
+        def root(x):
+            while parent[x] != x:
+                x = parent[x]
+            return x
+        out = []
+        for i, result in verify.in_order(list(range(len(pairs))), check, threads,
+                                         lambda i: root(pairs[i][0]) == root(pairs[i][1])):
+            out.append((i, result))
+            if result:
+                parent[root(pairs[i][0])] = root(pairs[i][1])
+        return out
+    alone = one_pass(1)
+    assert [i for i, _ in alone] == list(range(len(pairs)))
+    assert sum(r is None for _, r in alone) > 50 and sum(r is True for _, r in alone) > 10
+    for threads in (2, 4):
+        assert one_pass(threads) == alone

@@ -197,17 +197,20 @@ def features_shard(job: dict) -> dict:
 
 
 class FeatureStore:
-    """gid -> pixels.Features over the feature files (each file loaded once, on first use)."""
+    """gid -> pixels.Features over the feature files (each file loaded once, on first use; safe
+    across the threads of in_order)."""
 
     def __init__(self, files: dict[int, Path]):
-        self.files, self.loaded = files, {}
+        import threading
+        self.files, self.loaded, self.lock = files, {}, threading.Lock()
 
     def get(self, gid: int):
         shard = int(gid) >> 32
-        if shard not in self.loaded:
-            path = self.files.get(shard)
-            z = dict(np.load(path, allow_pickle=False)) if path and path.exists() else None
-            self.loaded[shard] = (z, {int(g): i for i, g in enumerate(z["gid"])} if z else {})
+        with self.lock:
+            if shard not in self.loaded:
+                path = self.files.get(shard)
+                z = dict(np.load(path, allow_pickle=False)) if path and path.exists() else None
+                self.loaded[shard] = (z, {int(g): i for i, g in enumerate(z["gid"])} if z else {})
         z, pos = self.loaded[shard]
         i = pos.get(int(gid))
         return None if i is None else unpack(z, i)
@@ -269,6 +272,40 @@ def _preference(job: dict, nodes: np.ndarray) -> np.ndarray:
     return quality_rank(nodes, pixels, nbytes, np.zeros(len(nodes), f"S{PREFIX}"), None)
 
 
+def in_order(items: list, check, threads: int = 1, settled=None):
+    """(item, check(item)) in the order of `items`, or (item, None) where `settled(item)` is true
+    when its turn comes (the caller's state then: what it did with every item before). With
+    threads > 1 the checks run ahead on a thread pool (OpenCV and numpy release the GIL): an item
+    not settled when it is scanned is checked speculatively, and its result dropped if it is
+    settled by its turn. What comes out is what checking one by one gives; only the work differs.
+    `check` is called in the worker threads: it must not change the caller's state."""
+    if threads <= 1:
+        for x in items:
+            yield x, (None if settled is not None and settled(x) else check(x))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    ahead = deque()                       # (item, future or None: settled when scanned)
+    it = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        while True:
+            while sum(f is not None for _, f in ahead) < 2 * threads:   # keep every thread busy
+                x = next(it, it)
+                if x is it:
+                    break
+                known = settled is not None and settled(x)      # settled now: settled at its turn too
+                ahead.append((x, None if known else pool.submit(check, x)))
+            if not ahead:
+                return
+            x, fut = ahead.popleft()
+            if fut is None or (settled is not None and settled(x)):
+                if fut is not None:
+                    fut.cancel()
+                yield x, None
+            else:
+                yield x, fut.result()
+
+
 def decide_file(job: dict) -> dict:
     """Decisions for one pair file, aligned with its rows. With `skip_connected`, pairs are checked
     in groups by their better row, the rows the group stage would keep first (most pixels, then
@@ -298,12 +335,14 @@ def decide_file(job: dict) -> dict:
     else:
         order = band[np.argsort(-sim[band], kind="stable")]
     checked = accepted_n = implied = 0
-    for r in order.tolist():
-        if job["skip_connected"] and forest.find(la[r]) == forest.find(lb[r]):
+    check = lambda r: _decide(pixels, store.get(a[r]), store.get(b[r]))   # noqa: E731
+    for r, result in in_order(order.tolist(), check, int(job.get("threads", 1)),
+                              (lambda r: forest.find(la[r]) == forest.find(lb[r])) if job["skip_connected"] else None):
+        if result is None:
             dec[r] = IMPLIED
             implied += 1
             continue
-        dec[r], score[r] = _decide(pixels, store.get(a[r]), store.get(b[r]))
+        dec[r], score[r] = result
         checked += 1
         accepted_n += int(dec[r] == 1)
         if accepted(sim[r:r + 1], dec[r:r + 1], job["low"], job["sure"], job["threshold"])[0]:
@@ -386,8 +425,9 @@ def decide_cross(job: dict) -> dict:
             pass
     dec = np.full(len(sim), -1, np.int8)
     score = np.full(len(sim), np.nan, np.float32)
-    for r, ga, gb in zip(sel, mine, other):
-        dec[r], score[r] = _decide(pixels, store.get(ga), theirs.get(int(gb)))
+    check = lambda k: _decide(pixels, store.get(mine[k]), theirs.get(int(other[k])))   # noqa: E731
+    for k, result in in_order(list(range(len(sel))), check, int(job.get("threads", 1))):
+        dec[sel[k]], score[sel[k]] = result
     path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
     Marker(Path(job["root"]), job["unit"]).write(job["fp"], [path], checked=len(sel), accepted=int((dec == 1).sum()))
     return {"checked": len(sel), "accepted": int((dec == 1).sum()), "seconds": time.time() - t0}
@@ -444,8 +484,16 @@ def run(run: Run, ex, stats: dict) -> dict:
                    "sure": sure, "fp": fp, "target": str(folder), "model": run.cfg.embed.model,
                    "run_dir": str(run.root), "root": str(run.dir(NAME)), "unit": f"cross-{kind}-{p.stem}"}
                   for kind, folder, p in cross_files(run) if run.pending(NAME, [f"cross-{kind}-{p.stem}"])]
-    done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=1)
-    done += ex.map(decide_cross, todo_cross, desc="verify: pixels against other indexes", num_cpus=1)
+    # fewer pair files than cores (a small run; the local executor): each task checks its pairs
+    # on several threads, ahead of its order (in_order); on Ray a task has its one core
+    ahead = max(1, cores // max(len(todo), 1))
+    for job in todo:
+        job["threads"] = ahead
+    done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=ahead)
+    ahead = max(1, cores // max(len(todo_cross), 1))
+    for job in todo_cross:
+        job["threads"] = ahead
+    done += ex.map(decide_cross, todo_cross, desc="verify: pixels against other indexes", num_cpus=ahead)
     checked = sum(r["checked"] for r in done)
     t_dec = sum(r["seconds"] for r in done)
     return {"pixel_check": True, "band": [low, sure], "rows_with_features": sum(r["rows"] for r in feats),
