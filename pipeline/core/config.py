@@ -25,6 +25,17 @@ DEFAULT_THRESHOLDS = {"timm:tf_efficientnet_lite0": 0.80, "timm": 0.85, "open_cl
                       "sscd": 0.75, "dinov2": 0.90}
 
 
+# How far below the threshold the pixel check's candidates start (verify.low = threshold - this),
+# per model family: the offline encoder puts copies under heavy edits (a 90 degree turn, a
+# watermark, chains of three) down to cosine 0.5 (bench/results/quality.md: pair recall 0.856 with
+# candidates from 0.60, 0.882 from 0.50, precision 0.993 both); others keep 0.20 until measured.
+DEFAULT_BAND_BELOW = {"timm:tf_efficientnet_lite0": 0.30}
+
+
+def default_low(model: str, threshold: float) -> float:
+    return round(threshold - DEFAULT_BAND_BELOW.get(model, 0.20), 6)
+
+
 def default_threshold(model: str) -> float:
     parts = model.split(":")
     if len(parts) > 1 and "dinov2" in parts[1]:
@@ -152,7 +163,8 @@ class VerifyConfig:
     # (bench/results/copies.md, quality.md: with the default model, copies under heavy edits sit
     # down to cosine 0.5 and different text pages up to 0.996, so every candidate is checked)
     method: str = "pixels"
-    low: float | None = None    # candidates from here; None = search.threshold - 0.20
+    low: float | None = None    # candidates from here; None = search.threshold - 0.20 (- 0.30 for
+                                # the offline default model: DEFAULT_BAND_BELOW)
     sure: float | None = None   # at/above: a copy on the descriptor alone, unchecked; None = 1.0
                                 # (every candidate checked; byte-identical copies never need it)
     # pairs checked by their better row (the rows groups keep first), then most similar first; a
@@ -264,7 +276,7 @@ class RunConfig:
         t = self.search.threshold
         if isinstance(t, (int, float)):
             if self.verify.low is None:
-                self.verify.low = round(t - 0.20, 6)
+                self.verify.low = default_low(self.embed.model, t)
             if self.verify.sure is None:
                 self.verify.sure = 1.0
         if self.group.min_rep_similarity is None:
