@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.arrays import unique
-from ..core.io import Marker, parquet_writer, write_parquet
+from ..core.io import Marker, parquet_writer
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
@@ -40,6 +40,8 @@ FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
+SIM_ROWS = 16384    # member / representative vector pairs compared at once (768-d: 2 x 50 MB of float32;
+                    # 65,536 held 500 MB, the stage's largest buffer at 1 M rows)
 
 
 def components(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -115,8 +117,8 @@ def _rep_similarity(gids, rep, store) -> tuple[np.ndarray, np.ndarray]:
     n = len(gids)
     multi = np.nonzero(rep != np.arange(n))[0]
     sim = np.ones(n, np.float32)
-    for i in range(0, len(multi), 65536):     # bounded memory: 65536 vector pairs at a time
-        m = multi[i:i + 65536]
+    for i in range(0, len(multi), SIM_ROWS):     # bounded memory: SIM_ROWS vector pairs at a time
+        m = multi[i:i + SIM_ROWS]
         # each representative read once, in gid order (a memory map read forward), not once per member
         reps, inv = unique(rep[m], return_inverse=True)
         sim[m] = np.einsum("ij,ij->i", store.get(gids[m]), store.get(gids[reps])[inv])
@@ -273,6 +275,9 @@ class Nearest:
         np.minimum.at(self.gid, node[tie], other[tie])      # the smallest gid among the best
 
 
+ROW_SCHEMA = pa.schema([("gid", pa.int64()), ("group_id", pa.int64()), ("group_size", pa.int64()),
+                        ("is_representative", pa.bool_()), ("rep_similarity", pa.float32()),
+                        ("nearest_gid", pa.int64()), ("nearest_similarity", pa.float32())])
 EDGE_SCHEMA = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
                          ("kind", pa.string()), ("pixel_score", pa.float32())])
 
@@ -299,6 +304,7 @@ def run(run: Run, ex, stats: dict) -> dict:
         rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
     else:                                     # most pixels, most bytes, smallest key
         rank = quality_rank(gids, nodes.pixels, nodes.nbytes, nodes.prefix, lambda g: keys_of(run, g))
+    nodes.pixels = nodes.nbytes = nodes.prefix = None    # the rank's inputs: 32 B a row, no longer needed
     texts = np.array([normalize_text(t) for t in nodes.captions], dtype=object) if by_text else None
     if cfg.group.exact_bytes and nodes.sha is not None:
         exact = exact_edges(np.array([d.hex() for d in nodes.sha.tolist()], object) + "\x00" + texts if by_text
@@ -326,6 +332,7 @@ def run(run: Run, ex, stats: dict) -> dict:
         rep, rep_sim = group_nodes(gids, rank, edges.pairs, store, cfg.group.min_rep_similarity, check)
         group_ids = gids[rep]
         size = np.bincount(rep, minlength=n)[rep]
+    del rank
 
     # one pass more: each node's nearest verified neighbour, and every edge into edges.parquet
     nearest = Nearest(n)
@@ -348,13 +355,20 @@ def run(run: Run, ex, stats: dict) -> dict:
                                    else pa.array(kind[keep] if forest is not None else kind, pa.string()),
                                    "pixel_score": pa.array(score, mask=np.isnan(score))}, schema=EDGE_SCHEMA))
             n_edges += len(ga)
-    found = nearest.gid >= 0
-    rows = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),
-                     "is_representative": rep == np.arange(len(gids)), "rep_similarity": rep_sim,
-                     "nearest_gid": pa.array(nearest.gid, mask=~found),
-                     "nearest_similarity": pa.array(nearest.sim, mask=~found)})
-    files = [write_parquet(run.group_rows_file(), rows), run.group_edges_file()]
-    n_groups = int(len(unique(group_ids)))
+    n_reps = 0
+    with parquet_writer(run.group_rows_file(), ROW_SCHEMA) as writer:
+        for i in range(0, len(gids), 1 << 20):     # a row group at a time: no Arrow copy of every row
+            s = slice(i, i + (1 << 20))
+            found = nearest.gid[s] >= 0
+            is_rep = rep[s] == np.arange(i, i + len(found))
+            n_reps += int(is_rep.sum())
+            writer.write(pa.table({"gid": gids[s], "group_id": group_ids[s], "group_size": size[s].astype(np.int64),
+                                   "is_representative": is_rep,
+                                   "rep_similarity": rep_sim[s], "nearest_gid": pa.array(nearest.gid[s], mask=~found),
+                                   "nearest_similarity": pa.array(nearest.sim[s], mask=~found)}, schema=ROW_SCHEMA))
+    files = [run.group_rows_file(), run.group_edges_file()]
+    # each group of this run's rows has its representative among them; an earlier run's group does not
+    n_groups = n_reps if old is None else int(len(unique(group_ids)))
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
     stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "verified_edges_read": n_verified,
              "seconds": round(time.time() - t0, 3), **(check.stats if check is not None else {})}

@@ -142,9 +142,32 @@ def rows_with_keys(run: Run, keys) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
-    """gid -> key of the given gids only (read shard by shard), the earlier runs' rows included
-    for an incremental run."""
+class Keys:
+    """gid -> key of the rows the reports name: the gids sorted, their keys one Arrow string array
+    (about 4 B a key beside its text; a pandas Series of Python strings held about 60 B more a
+    key), looked up a batch at a time by one binary search per gid."""
+
+    def __init__(self, gid: np.ndarray, key: pa.Array):
+        self.gid = gid
+        self.key = pa.concat_arrays([key, pa.nulls(1, key.type)])   # position len(gid): not found
+
+    def find(self, gids: np.ndarray) -> np.ndarray:
+        """Position of each gid, len(gid) where it is not there."""
+        return _find(self.gid, gids)
+
+    def take(self, gids) -> pa.Array:
+        """The keys of `gids` (an array or a Series with NA), null where unknown or NA."""
+        g = gids.to_numpy(np.int64, na_value=-1) if isinstance(gids, pd.Series) else np.asarray(gids, np.int64)
+        return self.key.take(self.find(g))
+
+    def objects(self, gids) -> np.ndarray:
+        """The keys of `gids` as a numpy object array (None where unknown): for one shard's rows."""
+        return self.take(gids).to_numpy(zero_copy_only=False)
+
+
+def key_lookup(run: Run, gids: np.ndarray) -> Keys:
+    """The keys of the given gids only (read shard by shard), the earlier runs' rows included for
+    an incremental run."""
     gids = unique(np.asarray(gids, np.int64))
     parts = []
     for shard in run.shards:      # each shard's own gids (a set of them all per shard was 24 s at 10 M rows)
@@ -152,13 +175,17 @@ def key_lookup(run: Run, gids: np.ndarray) -> pd.Series:
         if hi == lo:
             continue
         t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key"])
-        parts.append(t.filter(pc.is_in(t["gid"], pa.array(gids[lo:hi], pa.int64()))).to_pandas())
+        parts.append(t.filter(pc.is_in(t["gid"], pa.array(gids[lo:hi], pa.int64()))).cast(
+            pa.schema([("gid", pa.int64()), ("key", pa.large_string())])))
     if run.cfg.against:
         reg = registry.Target(run.cfg.against, run.cfg.embed.model, run.root).registry
-        parts.append(reg.loc[reg["gid"].isin(gids), ["gid", "key"]])
-    keys = (pd.concat(parts, ignore_index=True) if parts
-            else pd.DataFrame({"gid": pd.Series([], dtype="int64"), "key": pd.Series([], dtype=object)}))
-    return keys.sort_values("gid", kind="stable").set_index("gid")["key"]   # sorted: _lookup searches it
+        reg = reg.loc[reg["gid"].isin(gids), ["gid", "key"]]
+        parts.append(pa.table({"gid": pa.array(reg["gid"].to_numpy(np.int64)),
+                               "key": pa.array(reg["key"].tolist(), pa.large_string())}))
+    if not parts:
+        return Keys(np.zeros(0, np.int64), pa.array([], pa.large_string()))
+    t = pa.concat_tables(parts).sort_by("gid").combine_chunks()
+    return Keys(t["gid"].to_numpy(), t["key"].chunk(0) if t["key"].num_chunks else pa.array([], pa.large_string()))
 
 
 def _find(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
@@ -169,15 +196,7 @@ def _find(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
     return np.where(there, pos, len(sorted_gids))
 
 
-def _lookup(key_of: pd.Series, gids: pd.Series) -> np.ndarray:
-    """key_of[gid] for each gid (None where missing or NA), by one binary search per gid over
-    key_of's index, sorted by key_lookup (Series.map rebuilt a hash lookup per call: 38 s of the
-    report at 10 M rows)."""
-    values = np.append(key_of.to_numpy(object), None)
-    return values[_find(key_of.index.to_numpy(np.int64), gids.to_numpy(np.int64, na_value=-1))]
-
-
-def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.DataFrame:
+def shard_samples(run: Run, shard, key_of: Keys, groups: Groups) -> pd.DataFrame:
     """The sample rows of one input shard (one row per input row, in gid order), with the ingest's
     other columns (member: what the HTML report needs of the shown rows)."""
     ing = pq.read_table(run.ingest_file(shard.name)).to_pandas()
@@ -195,10 +214,10 @@ def shard_samples(run: Run, shard, key_of: pd.Series, groups: Groups) -> pd.Data
     df["is_representative"] = df["is_representative"].astype("boolean")
     df["is_duplicate"] = (ok & ~df["is_representative"].fillna(True)).astype("boolean")
     df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
-    df["representative_key"] = _lookup(key_of, df["group_id"])
+    df["representative_key"] = key_of.objects(df["group_id"])
     alone = df["group_id"] == df["gid"]                 # its own representative: no lookup needed
     df.loc[alone.fillna(False).astype(bool), "representative_key"] = df.loc[alone.fillna(False).astype(bool), "key"]
-    df["nearest_key"] = _lookup(key_of, df["nearest_gid"])
+    df["nearest_key"] = key_of.objects(df["nearest_gid"])
     # decontamination: a row near an evaluation item leaks it; its whole group is removed
     df["is_leak"] = (ok & df["gid"].isin(groups.leaked)).astype("boolean")
     df.loc[~ok, "is_leak"] = pd.NA
@@ -295,25 +314,19 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
 
 
 class _ByGid:
-    """Rows keyed by gid (a key per gid; a group id for the grouped ones), looked up a batch of
-    gids at a time with one binary search per gid. Position len(gid) is the row of gids not
-    found: null key, no group."""
+    """The report's keys (Keys) with a group id per gid (the grouped ones; -1 otherwise, and at
+    position len(gid): not found), for the pairs pass."""
 
-    def __init__(self, key_of: pd.Series, group_of: pd.Series):
-        self.gid = key_of.index.to_numpy(np.int64)          # sorted by key_lookup
-        self.key = pa.concat_arrays([pa.array(key_of.to_numpy(), pa.string()), pa.nulls(1, pa.string())])
+    def __init__(self, key_of: Keys, group_of: pd.Series):
+        self.gid, self.key, self.find = key_of.gid, key_of.key, key_of.find
         self.group = np.append(group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64), -1)
-
-    def find(self, gids: np.ndarray) -> np.ndarray:
-        """Position of each gid, len(gid) where it is not there."""
-        return _find(self.gid, gids)
 
     def keys(self, pos: np.ndarray) -> pa.Array:
         """Keys as an Arrow array: no Python string objects."""
         return self.key.take(pos)
 
 
-def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of: pd.Series):
+def _pairs_report(edges_path: Path, out_path: Path, key_of: Keys, group_of: pd.Series):
     """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
     largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
     rows = _ByGid(key_of, group_of)
@@ -324,7 +337,8 @@ def _pairs_report(edges_path: Path, out_path: Path, key_of: pd.Series, group_of:
         for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
             a, b = rows.find(batch.column("gid_a").to_numpy()), rows.find(batch.column("gid_b").to_numpy())
             sim = batch.column("similarity").to_numpy()
-            writer.write(pa.table({"key_a": rows.keys(a), "key_b": rows.keys(b), "similarity": sim,
+            writer.write(pa.table({"key_a": rows.keys(a).cast(pa.string()), "key_b": rows.keys(b).cast(pa.string()),
+                                   "similarity": sim,
                                    "kind": batch.column("kind"), "pixel_score": batch.column("pixel_score")},
                                   schema=schema))
             qa, qb = rows.group[a], rows.group[b]
@@ -383,7 +397,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
                                      groups.members.set_index("gid")["group_id"])
     table = groups.table.copy()
-    table["representative_key"] = table["group_id"].map(key_of)
+    table["representative_key"] = key_of.objects(table["group_id"])
     table["max_similarity"] = table["group_id"].map(max_sim)
     table = table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
     write_parquet(out / "groups.parquet", pa.Table.from_pandas(table, preserve_index=False))
@@ -438,7 +452,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     title = (f"{n_ok:,} rows, {n_groups:,} groups: {n_ok - n_groups:,} duplicates "
              f"({100 * summary['duplicate_fraction']:.1f}%)")
     _plot(size_hist, sim_hist, cfg.search.threshold, title, out / "histogram.png")
-    near = pd.DataFrame({"key_a": near["gid_a"].map(key_of), "key_b": near["gid_b"].map(key_of),
+    near = pd.DataFrame({"key_a": key_of.objects(near["gid_a"]), "key_b": key_of.objects(near["gid_b"]),
                          "similarity": near["similarity"]})
     gallery.write(run, shown.rows, table, near, summary, cfg.search.threshold, leaks=leaks)
     path = write_json(run.summary_file(), summary)
