@@ -239,3 +239,35 @@ def test_shard_gids_from_the_footer_or_the_column(tmp_path):
         path = tmp_path / f"m{len(gids)}.parquet"
         pq.write_table(pa.table({"gid": gids, "key": [str(g) for g in gids]}), path, row_group_size=1000)
         assert np.array_equal(_shard_gids(path), gids)
+
+
+def test_short_memory_stops_a_unit_with_its_need_and_a_rerun_resumes(tmp_path, monkeypatch):
+    """The memory guard: with less memory available than a join block needs, the search stops
+    with an error naming the stage, the unit and the memory it needed, before writing it; the
+    assignments already done stay done, and the same run completes once memory is there."""
+    from dedup2b.core import memory
+    x, _ = clip_like(2000, 128, seed=5, max_group=30)
+    _write(tmp_path / "emb", x.astype(np.float16))
+    cfg = _cfg(tmp_path, tmp_path / "emb")
+    monkeypatch.setattr(memory, "available", lambda: 64 << 10)          # 64 KB left
+    with pytest.raises(ShardFailed) as err:
+        run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    msg = str(err.value)
+    assert "search: join of cells" in msg and "MemoryShort" in msg and "GB of memory" in msg, msg
+    assert "0.00 GB available" in msg and "rerun the same command" in msg
+    assert not list((cfg.run_path / "search" / "pairs").glob("*.parquet"))
+    monkeypatch.undo()
+    stats = run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    assert stats["search"]["shards"] == 0            # the assignments were not redone
+    assert json.loads((cfg.run_path / "report" / "summary.json").read_text())["invariant_holds"]
+
+
+def test_short_memory_names_the_group_stage_and_its_rows(tmp_path, monkeypatch):
+    from dedup2b.core import memory
+    x, _ = clip_like(1000, 64, seed=6, max_group=10)
+    _write(tmp_path / "emb", x.astype(np.float16))
+    cfg = _cfg(tmp_path, tmp_path / "emb")
+    run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify"], log=lambda *_: None)
+    monkeypatch.setattr(memory, "available", lambda: 1 << 20)
+    with pytest.raises(memory.MemoryShort, match=r"group: 1,000 rows in one process: needs about 0\.\d\d GB"):
+        run_stages(cfg, LocalExecutor(), stages=["group"], log=lambda *_: None)

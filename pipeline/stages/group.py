@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from ..core.arrays import unique
 from ..core.io import Marker, parquet_writer
+from ..core.memory import need
 from ..core.run import Run
 from ..core.vectors import StoreUnion, VectorStore, meta_path
 from ..lib import registry
@@ -40,6 +41,8 @@ FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
+ROW_BYTES = 110     # held per row at the stage's peak (89 B measured at 10 M rows: bench/results/stage_memory.md)
+GROUP_BUFFERS = 512 << 20   # an edge chunk and its copies, member / representative vectors
 SIM_ROWS = 16384    # member / representative vector pairs compared at once (768-d: 2 x 50 MB of float32;
                     # 65,536 held 500 MB, the stage's largest buffer at 1 M rows)
 
@@ -296,6 +299,8 @@ def run(run: Run, ex, stats: dict) -> dict:
     # captions only for duplicate_key image+text, keys only for an incremental run's clash check
     embedded = {n: pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])["gid"].to_numpy()
                 for n in run.shard_names()}
+    n_rows = sum(len(g) for g in embedded.values())
+    need(f"group: {n_rows:,} rows in one process", n_rows * ROW_BYTES + GROUP_BUFFERS)
     nodes = read_nodes(run, embedded, captions=by_text, keys=bool(cfg.against))
     del embedded
     gids = nodes.gids

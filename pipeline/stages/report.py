@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from ..core.arrays import unique
 from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
+from ..core.memory import need
 from ..core.run import Run
 from ..lib import gallery, registry, requests
 from . import verify
@@ -39,6 +40,10 @@ FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against
 
 def units(run: Run) -> list[Marker]:
     return [run.marker(NAME, NAME)]
+
+
+ROW_BYTES = 120            # held per row at the stage's peak (100 B measured at 10 M rows: bench/results/stage_memory.md)
+REPORT_BUFFERS = 512 << 20   # a shard's sample rows as pandas, a batch of pairs
 
 
 COST_KEYS = ("wall_s", "seconds", "ms_per_image_features", "ms_per_pair", "worker_s_per_million_pairs",
@@ -102,28 +107,45 @@ class Groups:
         req = requests.read(run.index_folder())
         self.requests = req.count
         self.request_gids = unique(np.r_[req.gids, rows_with_keys(run, req.keys)])
-        parts, refs, leak_groups, request_groups = [], [], [], [req.groups]
+        gid, group, size, sim, refs, leak_groups, request_groups = [], [], [], [], [], [], [req.groups]
         self.singletons = 0
         for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
                 1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"]):
-            t = batch.to_pandas()
-            multi = t["group_size"] > 1
-            parts.append(t.loc[multi, ["gid", "group_id", "group_size", "rep_similarity"]])
+            g, q = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+            n = batch.column(2).to_numpy()
+            multi = n > 1
+            gid.append(g[multi]); group.append(q[multi]); size.append(n[multi])
+            sim.append(batch.column(3).to_numpy()[multi])
             self.singletons += int((~multi).sum())
-            refs.append(t["nearest_gid"].dropna().to_numpy(np.int64))
-            leak_groups.append(t.loc[t["gid"].isin(self.leaked), "group_id"].to_numpy(np.int64))
-            request_groups.append(t.loc[t["gid"].isin(self.request_gids), "group_id"].to_numpy(np.int64))
-        self.members = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            {"gid": [], "group_id": [], "group_size": [], "rep_similarity": []})
+            refs.append(batch.column(4).drop_null().to_numpy())
+            leak_groups.append(q[np.isin(g, self.leaked)])
+            request_groups.append(q[np.isin(g, self.request_gids)])
+        # the grouped rows (numbers only), in gid order as rows.parquet holds them
+        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)   # noqa: E731
+        self.gid, self.group = cat(gid, np.int64).astype(np.int64), cat(group, np.int64).astype(np.int64)
+        size, sim = cat(size, np.int64), cat(sim, np.float32)
         self.leak_groups = unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
-        self.request_groups = unique(np.concatenate(request_groups))
-        m = self.members
-        self.refs = unique(np.concatenate([m["gid"].to_numpy(np.int64), m["group_id"].to_numpy(np.int64), *refs]))
-        agg = m.groupby("group_id").agg(size=("group_size", "max"), min_similarity=("rep_similarity", "min"),
-                                        rows=("gid", "size"))
-        self.table = agg.reset_index().sort_values(["size", "group_id"], ascending=[False, True])
+        self.request_groups = unique(np.concatenate(request_groups).astype(np.int64))
+        self.refs = unique(np.concatenate([self.gid, self.group, *refs]).astype(np.int64))
+        # per group: its size (earlier runs' members included), the least similarity to the
+        # representative, the rows of this run; by one sort, no hash table per row
+        order = np.argsort(self.group, kind="stable")
+        q = self.group[order]
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if len(q) else np.zeros(0, np.int64)
+        self.table = pd.DataFrame({
+            "group_id": q[starts],
+            "size": np.maximum.reduceat(size[order], starts) if len(q) else np.zeros(0, np.int64),
+            "min_similarity": np.minimum.reduceat(sim[order], starts) if len(q) else np.zeros(0, np.float32),
+            "rows": np.diff(np.r_[starts, len(q)]).astype(np.int64)}).sort_values(
+            ["size", "group_id"], ascending=[False, True])
+        del order, q
         # incremental runs: rows whose group is an earlier run's (its id is not one of this run's rows)
-        self.joining = int((~m["group_id"].isin(m["gid"])).sum())
+        self.joining = int((_find(self.gid, self.group) == len(self.gid)).sum())
+
+    def group_of(self, gids: np.ndarray) -> np.ndarray:
+        """The group id of each gid among the grouped rows, -1 for the others."""
+        pos = _find(self.gid, np.asarray(gids, np.int64))
+        return np.append(self.group, -1)[pos]
 
     @property
     def count(self) -> int:
@@ -317,19 +339,19 @@ class _ByGid:
     """The report's keys (Keys) with a group id per gid (the grouped ones; -1 otherwise, and at
     position len(gid): not found), for the pairs pass."""
 
-    def __init__(self, key_of: Keys, group_of: pd.Series):
+    def __init__(self, key_of: Keys, groups: Groups):
         self.gid, self.key, self.find = key_of.gid, key_of.key, key_of.find
-        self.group = np.append(group_of.astype(np.int64).reindex(self.gid).fillna(-1).to_numpy(np.int64), -1)
+        self.group = np.append(groups.group_of(self.gid), -1)
 
     def keys(self, pos: np.ndarray) -> pa.Array:
         """Keys as an Arrow array: no Python string objects."""
         return self.key.take(pos)
 
 
-def _pairs_report(edges_path: Path, out_path: Path, key_of: Keys, group_of: pd.Series):
+def _pairs_report(edges_path: Path, out_path: Path, key_of: Keys, groups: Groups):
     """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
     largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
-    rows = _ByGid(key_of, group_of)
+    rows = _ByGid(key_of, groups)
     schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
                         ("kind", pa.string()), ("pixel_score", pa.float32())])
     n, best = 0, pd.Series(dtype=np.float32)
@@ -376,6 +398,8 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     reports name, and the rows the HTML shows."""
     out = run.report_dir()
     cfg = run.cfg
+    n_rows = pq.ParquetFile(run.group_rows_file()).metadata.num_rows
+    need(f"report: {n_rows:,} rows in one process", n_rows * ROW_BYTES + REPORT_BUFFERS)
     groups = Groups(run)
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     n_cand, counts, bins, near = _candidates(run, lo, cfg.search.threshold, cfg.search.band or 0.03)
@@ -394,8 +418,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
             shown.add(df)
             writer.write(pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=schema, preserve_index=False))
         n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
-    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of,
-                                     groups.members.set_index("gid")["group_id"])
+    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of, groups)
     table = groups.table.copy()
     table["representative_key"] = key_of.objects(table["group_id"])
     table["max_similarity"] = table["group_id"].map(max_sim)

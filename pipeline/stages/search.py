@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..core.arrays import unique
 from ..core.config import SearchConfig
 from ..core.io import Marker, parquet_writer, write_parquet
+from ..core.memory import need
 from ..core.run import Run
 from ..core.vectors import VectorStore
 from ..lib import celljoin
@@ -170,6 +171,9 @@ def _read_block(files: list[Path], lo: int, hi: int, columns: list[str]) -> pa.T
     return pa.concat_tables(parts)
 
 
+JOIN_BUFFER = 256 << 20   # a cell's products and candidate pairs, chunk by chunk (celljoin.join_cell)
+
+
 def join_block(args: tuple) -> dict:
     """Join cells [lo, hi): gather their members' vectors, bound, re-score, write verified pairs."""
     job, lo, hi = args
@@ -179,7 +183,11 @@ def join_block(args: tuple) -> dict:
                     ["gid"] + [f"c{i}" for i in range(k)])
     gids, first = unique(t["gid"].to_numpy(), return_index=True)   # a row once, whatever its cells here
     sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64)[first] for i in range(k)], axis=1)
-    x = celljoin.Vectors(*job.store().get_raw(gids)) if len(gids) else np.zeros((0, 1), np.float32)
+    store = job.store()
+    if len(gids):   # the block's vectors as stored, their projection, and the products of a cell's rows
+        need(f"search: join of cells {lo}-{hi} ({len(gids):,} rows)",
+             len(gids) * (2 * store.dim + 4 * (proj.shape[0] + 1) + 64) + JOIN_BUFFER)
+    x = celljoin.Vectors(*store.get_raw(gids)) if len(gids) else np.zeros((0, 1), np.float32)
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
                                             device=_device(job.cfg.device), dense_min=job.dense_min,
                                             edge_threshold=job.cfg.threshold)
