@@ -271,3 +271,17 @@ def test_short_memory_names_the_group_stage_and_its_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available", lambda: 1 << 20)
     with pytest.raises(memory.MemoryShort, match=r"group: 1,000 rows in one process: needs about 0\.\d\d GB"):
         run_stages(cfg, LocalExecutor(), stages=["group"], log=lambda *_: None)
+
+
+def test_the_memory_left_in_a_cgroup_counts_its_page_cache_as_free(tmp_path, monkeypatch):
+    """A container's limit less what it holds: the page cache of the files it read (which the
+    kernel reclaims) is not held; no limit ("max") is no bound."""
+    from dedup2b.core import memory
+    gb = 1 << 30
+    (tmp_path / "memory.max").write_text(f"{10 * gb}\n")
+    (tmp_path / "memory.current").write_text(f"{8 * gb}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2 * gb}\nfile {6 * gb}\nshmem 0\n")
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)
+    assert memory._cgroup_left() == 8 * gb
+    (tmp_path / "memory.max").write_text("max\n")
+    assert memory._cgroup_left() is None

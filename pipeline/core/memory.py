@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 GB = 1 << 30
+CGROUP = Path("/sys/fs/cgroup")
 
 
 class MemoryShort(RuntimeError):
@@ -31,18 +32,29 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_left() -> int | None:
-    """The cgroup (v2, else v1) memory limit less its usage, where a limit is set."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    """The cgroup's memory limit less what it holds that cannot be reclaimed (its usage counts the
+    page cache of the files it read: the vectors a search maps, which the kernel gives back), where
+    a limit is set (cgroup v2, else v1)."""
+    for limit_file, usage_file, stat_file, cache_key in (
+            ("memory.max", "memory.current", "memory.stat", "file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_cache")):
+        root = CGROUP
         try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text().strip())
         except (OSError, ValueError):
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
             return None
-        return max(int(limit) - usage, 0)
+        cache = 0
+        try:
+            for line in (root / stat_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(int(limit) - max(usage - cache, 0), 0)
     return None
 
 
