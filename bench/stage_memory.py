@@ -15,18 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
-
-def _anon_kb() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    return 0
+from bench.stages import _anon_kb
 
 
 class Phases:
@@ -36,7 +31,7 @@ class Phases:
 
     def _poll(self):
         while not self.stop:
-            a = _anon_kb()
+            a = _anon_kb(os.getpid())
             self.peaks[self.now] = max(self.peaks.get(self.now, 0), a)
             time.sleep(0.005)
 

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-
 PREFIX = 16          # bytes of the key kept per row for the rank
 
 _HEX = np.zeros(256, np.uint8)

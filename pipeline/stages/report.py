@@ -335,35 +335,22 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     tmp.replace(path)
 
 
-class _ByGid:
-    """The report's keys (Keys) with a group id per gid (the grouped ones; -1 otherwise, and at
-    position len(gid): not found), for the pairs pass."""
-
-    def __init__(self, key_of: Keys, groups: Groups):
-        self.gid, self.key, self.find = key_of.gid, key_of.key, key_of.find
-        self.group = np.append(groups.group_of(self.gid), -1)
-
-    def keys(self, pos: np.ndarray) -> pa.Array:
-        """Keys as an Arrow array: no Python string objects."""
-        return self.key.take(pos)
-
-
 def _pairs_report(edges_path: Path, out_path: Path, key_of: Keys, groups: Groups):
     """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
     largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
-    rows = _ByGid(key_of, groups)
+    group = np.append(groups.group_of(key_of.gid), -1)   # per key_of position; len(gid): not found
     schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
                         ("kind", pa.string()), ("pixel_score", pa.float32())])
     n, best = 0, pd.Series(dtype=np.float32)
     with parquet_writer(out_path, schema) as writer:
         for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
-            a, b = rows.find(batch.column("gid_a").to_numpy()), rows.find(batch.column("gid_b").to_numpy())
+            a, b = key_of.find(batch.column("gid_a").to_numpy()), key_of.find(batch.column("gid_b").to_numpy())
             sim = batch.column("similarity").to_numpy()
-            writer.write(pa.table({"key_a": rows.keys(a).cast(pa.string()), "key_b": rows.keys(b).cast(pa.string()),
+            writer.write(pa.table({"key_a": key_of.key.take(a).cast(pa.string()), "key_b": key_of.key.take(b).cast(pa.string()),
                                    "similarity": sim,
                                    "kind": batch.column("kind"), "pixel_score": batch.column("pixel_score")},
                                   schema=schema))
-            qa, qb = rows.group[a], rows.group[b]
+            qa, qb = group[a], group[b]
             same = (qa >= 0) & (qa == qb)
             if same.any():
                 part = pd.Series(sim[same]).groupby(qa[same]).max()

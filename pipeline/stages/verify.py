@@ -486,14 +486,13 @@ def run(run: Run, ex, stats: dict) -> dict:
                   for kind, folder, p in cross_files(run) if run.pending(NAME, [f"cross-{kind}-{p.stem}"])]
     # fewer pair files than cores (a small run; the local executor): each task checks its pairs
     # on several threads, ahead of its order (in_order); on Ray a task has its one core
-    ahead = max(1, cores // max(len(todo), 1))
-    for job in todo:
-        job["threads"] = ahead
-    done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=ahead)
-    ahead = max(1, cores // max(len(todo_cross), 1))
-    for job in todo_cross:
-        job["threads"] = ahead
-    done += ex.map(decide_cross, todo_cross, desc="verify: pixels against other indexes", num_cpus=ahead)
+    def shared(jobs: list) -> int:      # the cores each task gets: its threads
+        per = max(1, cores // max(len(jobs), 1))
+        for job in jobs:
+            job["threads"] = per
+        return per
+    done = ex.map(decide_file, todo, desc="verify: pixels", num_cpus=shared(todo))
+    done += ex.map(decide_cross, todo_cross, desc="verify: pixels against other indexes", num_cpus=shared(todo_cross))
     checked = sum(r["checked"] for r in done)
     t_dec = sum(r["seconds"] for r in done)
     return {"pixel_check": True, "band": [low, sure], "rows_with_features": sum(r["rows"] for r in feats),
