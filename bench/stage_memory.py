@@ -72,8 +72,11 @@ def main(argv=None) -> int:
     from dedup2b.stages import group, report
     if args.stage == "group":
         from dedup2b.lib.unionfind import UnionFind
-        for name in ("read_nodes", "quality_rank", "components", "representatives", "_rep_similarity"):
-            ph.wrap(group, name)
+        for name in ("read_nodes", "quality_rank", "components", "representatives", "_rep_similarity",
+                     "_group_bucket", "_shard_rows"):
+            if hasattr(group, name):      # the phases of this checkout's group stage (or an earlier one's)
+                ph.wrap(group, name)
+        ph.wrap(UnionFind, "labels", "union-find labels")
         ph.wrap(group.Nearest, "update", "nearest")
         ph.wrap(UnionFind, "forest", "forest")
         ph.wrap_writer(group)

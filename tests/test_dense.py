@@ -1,5 +1,7 @@
 """Groups of thousands of near copies: the dense join and the spanning-forest output give exactly
 the connected components of the threshold graph (brute force), with O(rows) edges."""
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -106,12 +108,19 @@ def _run(root, name, pairs, cells=1):
     return cfg
 
 
-def test_pipeline_groups_equal_brute_force_with_giant_groups(giant_corpus):
+def test_pipeline_groups_equal_brute_force_with_giant_groups(giant_corpus, monkeypatch):
     forest = _run(giant_corpus, "forest", "forest")
     every = _run(giant_corpus, "every", "all")
     sf = pq.read_table(forest.run_path / "report" / "samples.parquet").to_pandas()
     se = pq.read_table(every.run_path / "report" / "samples.parquet").to_pandas()
     assert sf.group_id.equals(se.group_id) and sf.group_size.max() >= 3900   # the planted 4,000 copies
+    # the group stage in buckets of 500 rows (the giant group's bucket holds it whole): the same groups
+    from dedup2b.stages import group
+    monkeypatch.setattr(group, "BUCKET_ROWS", 500)
+    bucketed = _run(giant_corpus, "buckets", "forest")
+    sb = pq.read_table(bucketed.run_path / "report" / "samples.parquet").to_pandas()
+    assert sb.group_id.equals(sf.group_id) and sb.is_representative.equals(sf.is_representative)
+    assert json.loads((bucketed.run_path / "stage_stats.json").read_text())["group"]["buckets"] >= 10
     # against brute force over the stored vectors (fp16, as the pipeline sees them)
     from dedup2b.stages import open_run
     store = open_run(forest).vectors()

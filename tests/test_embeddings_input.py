@@ -269,7 +269,7 @@ def test_short_memory_names_the_group_stage_and_its_rows(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, tmp_path / "emb")
     run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify"], log=lambda *_: None)
     monkeypatch.setattr(memory, "available", lambda: 1 << 20)
-    with pytest.raises(memory.MemoryShort, match=r"group: 1,000 rows in one process: needs about 0\.\d\d GB"):
+    with pytest.raises(memory.MemoryShort, match=r"group: the components of 1,000 rows: needs about 0\.\d\d GB"):
         run_stages(cfg, LocalExecutor(), stages=["group"], log=lambda *_: None)
 
 

@@ -108,27 +108,42 @@ def test_rerun_resumes_and_refuses_a_changed_config(ray_run, ray_executor):
 
 
 def test_local_executor_gives_the_same_groups_and_vectors(ray_run, tmp_path, monkeypatch):
-    """Also with the group stage streaming its edges in chunks of 7 (every pass multi-chunk); that
-    group output equals the one of a single chunk, column by column."""
+    """Also with the group stage streaming its edges in chunks of 7 (every pass multi-chunk) and its
+    components in buckets of 5 rows through files flushed every 4 kB; that group output equals the
+    one of a single chunk and a single bucket, column by column (edges sorted: they come bucket by
+    bucket)."""
+    from dedup2b.lib import spill
     from dedup2b.stages import group
     monkeypatch.setattr(group, "CHUNK", 7)
+    monkeypatch.setattr(group, "BUCKET_ROWS", 5)
+    monkeypatch.setattr(group, "DIGEST_ROWS", 5)
+    monkeypatch.setattr(spill, "BUFFER", 4096)
     cfg, _, _ = ray_run
     local = make_config(tmp_path, cfg.input.path)
-    run_stages(local, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
+    stats = run_stages(local, LocalExecutor(), stages=NAMES[:-1], log=lambda *_: None)
+    assert stats["group"]["buckets"] > 1
     a = pq.read_table(cfg.run_path / "report" / "samples.parquet").to_pandas()
     b = pq.read_table(local.run_path / "report" / "samples.parquet").to_pandas()
     assert (a.group_id.fillna(-1) == b.group_id.fillna(-1)).all()
-    chunked = {n: pq.read_table(local.run_path / "group" / n) for n in ("rows.parquet", "edges.parquet")}
+    chunked = {n: pq.read_table(local.run_path / "group" / n) for n in ("rows", "edges.parquet")}
     assert chunked["edges.parquet"].num_rows > 7 * 3
     (local.run_path / "group" / "_done" / "group.json").unlink()
     monkeypatch.setattr(group, "CHUNK", 10**9)
-    run_stages(local, LocalExecutor(), stages=("group",), log=lambda *_: None)
-    for name, table in chunked.items():
-        assert table.equals(pq.read_table(local.run_path / "group" / name)), name
-    # deterministic reports: same pairs and groups, whatever executed them
+    monkeypatch.setattr(group, "BUCKET_ROWS", 10**9)
+    monkeypatch.setattr(group, "DIGEST_ROWS", 10**9)
+    monkeypatch.setattr(spill, "BUFFER", 1 << 30)
+    stats = run_stages(local, LocalExecutor(), stages=("group",), log=lambda *_: None)
+    assert stats["group"]["buckets"] == 1
+    by_edge = [("gid_a", "ascending"), ("gid_b", "ascending")]
+    assert chunked["rows"].equals(pq.read_table(local.run_path / "group" / "rows"))
+    assert chunked["edges.parquet"].sort_by(by_edge).equals(
+        pq.read_table(local.run_path / "group" / "edges.parquet").sort_by(by_edge))
+    # deterministic reports: same pairs and groups, whatever executed them (pairs in bucket order)
     for name in ("pairs.parquet", "groups.parquet", "histogram.parquet"):
         ta = pq.read_table(cfg.run_path / "report" / name).to_pandas()
         tb = pq.read_table(local.run_path / "report" / name).to_pandas()
+        if name == "pairs.parquet":
+            ta, tb = (t.sort_values(["key_a", "key_b"], ignore_index=True) for t in (ta, tb))
         assert ta.drop(columns=[c for c in ta if "similarity" in c]).equals(
             tb.drop(columns=[c for c in tb if "similarity" in c])), name
     for name in ("00000", "00001"):

@@ -75,11 +75,23 @@ def test_two_increments_keep_exactly_the_all_at_once_rows(parts):
     assert faiss.read_index(str(idx / "registry" / "index.faiss")).ntotal == registry.num_rows
 
 
-def test_quality_rule_keeps_one_row_per_group_and_never_touches_earlier_rows(parts):
+def test_quality_rule_keeps_one_row_per_group_and_never_touches_earlier_rows(parts, monkeypatch):
     root, shards = parts
-    before, _ = _runs(root, shards, "quality")
+    before, stats = _runs(root, shards, "quality")
     assert (root / "quality" / "inc1" / "export" / "keep.parquet").read_bytes() == before
     assert len(_kept(root, "quality", "all")) == len(_kept(root, "quality", "inc1") | _kept(root, "quality", "inc2"))
+    # the group stage in buckets of 3 rows gives the rows and counts of one bucket
+    from dedup2b.stages import group
+    run = root / "quality" / "inc2"
+    rows = pq.read_table(run / "group" / "rows")
+    monkeypatch.setattr(group, "BUCKET_ROWS", 3)
+    (run / "group" / "_done" / "group.json").unlink()
+    again = run_stages(_cfg(root, root / "b", "inc2", "quality", against=str(root / "quality" / "idx" / "inc1")),
+                       LocalExecutor(), stages=("group",), log=lambda *_: None)["group"]
+    assert again["buckets"] > 1 and stats["group"]["buckets"] == 1
+    assert pq.read_table(run / "group" / "rows").equals(rows)
+    for k in ("groups", "edges", "rows_joining_earlier_groups", "earlier_groups_grown"):
+        assert again[k] == stats["group"][k], k
 
 
 def test_an_increment_must_continue_the_shard_numbering(parts, tmp_path):

@@ -45,7 +45,7 @@ def test_a_member_that_is_not_a_copy_of_the_kept_row_is_split_off(folder, tmp_pa
                            {"input.path": str(folder)})
         stats = run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify", "group"])
         run = open_run(cfg)
-        rows = pq.read_table(run.group_rows_file()).to_pandas()
+        rows = pq.read_table(run.group_rows_dir()).to_pandas()
         ing = run.ingest_table(columns=["gid", "key"]).to_pandas().set_index("gid")["key"]
         rows["key"] = rows["gid"].map(ing)
         groups = rows.groupby("group_id")["key"].apply(lambda k: tuple(sorted(k))).tolist()
@@ -85,7 +85,7 @@ def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp
                            {"input.path": str(folder)})
         stats = run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify", "group"])
         run = open_run(cfg)
-        rows = pq.read_table(run.group_rows_file()).to_pandas()
+        rows = pq.read_table(run.group_rows_dir()).to_pandas()
         found[skip] = (sorted(rows.groupby("group_id")["gid"].apply(lambda g: tuple(sorted(g))).tolist()),
                        stats["verify"])
     assert found["true"][0] == found["false"][0]

@@ -1,15 +1,12 @@
-"""The group stage's nodes (rows with a vector) in bounded memory: per-row numbers only.
+"""The group stage's nodes (rows with a vector): per-row numbers for the representative rank
+and the node map.
 
-Read shard by shard from the ingest and embed stages' files, in gid order: gid, pixels
-(width x height), bytes, a 16-byte prefix of the key, and the sha256 digest as 32 raw bytes. No
-string per row is held: the representative rule's "smallest key" compares the prefixes, and only
-rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their full keys
-read back, a tied run at a time. Captions (duplicate_key image+text) and keys (the clash check of
-an incremental run) are read only where asked.
+The rank compares a 16-byte prefix of each key (most pixels, then most bytes, then the smallest
+key); only rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their
+full keys read back, a tied run at a time. sha256 digests are held as 32 raw bytes. GidIndex maps
+gids to node positions by arithmetic.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,17 +19,6 @@ _HEX = np.zeros(256, np.uint8)
 _HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
 _HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
 _HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-@dataclass
-class Nodes:
-    gids: np.ndarray             # int64, ascending
-    pixels: np.ndarray           # int64 (0 where unknown)
-    nbytes: np.ndarray           # int64 (0 where unknown)
-    prefix: np.ndarray           # S16: the key's first 16 UTF-8 bytes
-    sha: np.ndarray | None       # S32 raw digests; None where any row has none
-    captions: list | None = None  # per row, only when asked
-    keys: list | None = None      # per row, only when asked
 
 
 def key_prefix(keys: list) -> np.ndarray:
@@ -62,37 +48,6 @@ def raw_digest(hexes: pa.ChunkedArray) -> np.ndarray:
     u = _HEX[np.frombuffer(h.tobytes(), np.uint8).reshape(len(h), -1)]
     raw = np.ascontiguousarray((u[:, 0::2] << 4) | u[:, 1::2])
     return raw.view(f"S{raw.shape[1]}").ravel()
-
-
-def read_nodes(run, embedded: dict, captions: bool = False, keys: bool = False) -> Nodes:
-    """`embedded`: shard name -> the gids with a vector (the embed stage's metadata)."""
-    parts = {k: [] for k in ("gids", "pixels", "nbytes", "prefix", "sha", "captions", "keys")}
-    has_sha = True
-    for name in [sh.name for sh in sorted(run.shards, key=lambda sh: sh.index)]:   # gid order: shard high
-        cols = ["gid", "width", "height", "nbytes", "key", "sha256"] + (["caption"] if captions else [])
-        t = pq.read_table(run.ingest_file(name), columns=cols)
-        t = t.filter(pc.is_in(t["gid"], pa.array(embedded[name], pa.int64()))).sort_by("gid")
-        parts["gids"].append(t["gid"].to_numpy())
-        w = pc.cast(t["width"].fill_null(0), pa.int64()).to_numpy()
-        h = pc.cast(t["height"].fill_null(0), pa.int64()).to_numpy()
-        parts["pixels"].append(w * h)
-        parts["nbytes"].append(pc.cast(t["nbytes"].fill_null(0), pa.int64()).to_numpy())
-        key_list = t["key"].to_pylist()
-        parts["prefix"].append(key_prefix(key_list))
-        if keys:
-            parts["keys"] += key_list
-        if captions:
-            parts["captions"] += t["caption"].to_pylist()
-        has_sha = has_sha and t["sha256"].null_count == 0
-        if has_sha:
-            parts["sha"].append(raw_digest(t["sha256"]))
-    def cat(k, dt):      # each field's per-shard parts released as it is joined: no field held twice
-        got = np.concatenate(parts[k]) if parts[k] else np.zeros(0, dt)
-        parts[k].clear()
-        return got
-    return Nodes(cat("gids", np.int64), cat("pixels", np.int64), cat("nbytes", np.int64), cat("prefix", f"S{PREFIX}"),
-                 cat("sha", "S32") if has_sha else None,
-                 parts["captions"] if captions else None, parts["keys"] if keys else None)
 
 
 def quality_rank(gids, pixels, nbytes, prefix, full_keys) -> np.ndarray:
@@ -125,15 +80,20 @@ def quality_rank(gids, pixels, nbytes, prefix, full_keys) -> np.ndarray:
 
 def keys_of(run, gids: np.ndarray) -> list:
     """The keys of the given gids (any order), read from the ingest files of their shards."""
+    return column_of(run, gids, "key")
+
+
+def column_of(run, gids: np.ndarray, column: str) -> list:
+    """An ingest column's values of the given gids (any order), read from their shards' files."""
     gids = np.asarray(gids, np.int64)
     found: dict[int, str] = {}
     for shard in run.shards:
         sel = gids[(gids >> 32) == shard.index]
         if not len(sel):
             continue
-        t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key"])
+        t = pq.read_table(run.ingest_file(shard.name), columns=["gid", column])
         t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
-        found.update(zip(t["gid"].to_pylist(), t["key"].to_pylist()))
+        found.update(zip(t["gid"].to_pylist(), t[column].to_pylist()))
     return [found[int(g)] for g in gids]
 
 

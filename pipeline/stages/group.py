@@ -2,37 +2,54 @@
 
 Nodes are the rows that have a vector. Edges are exact-byte pairs (equal sha256, kind bytes), near
 pairs at or above the threshold (kind descriptor) or, where the verify stage ran, pairs at or above
-verify.sure (descriptor) and pairs in [verify.low, sure) the pixel check accepted (kind pixels). Components come from the vectorised union-find
-(unionfind.py), fed in bounded chunks. Each group gets one representative by a deterministic
-rule: most pixels, then most bytes, then the smallest key (group.representative: quality), or
-the first row in input order (first). Chaining guard: a member less similar than
-`min_rep_similarity` to its representative is split off, and where the pixel check runs
-(group.member_check) so is a member that is not a copy of its representative (no accepted edge
-between the two, and their pixels say no: MemberCheck); the split-off members are regrouped
-among themselves (by the edges between them) and the rule repeats until every member passes.
-Writes group/rows.parquet (gid, group_id, group_size, is_representative, rep_similarity,
-nearest_gid, nearest_similarity) and group/edges.parquet (gid_a, gid_b, similarity, kind, pixel_score).
-The group id is the representative's gid: stable and deterministic.
+verify.sure (descriptor) and pairs in [verify.low, sure) the pixel check accepted (kind pixels).
+Each group gets one representative by a deterministic rule: most pixels, then most bytes, then the
+smallest key (group.representative: quality), or the first row in input order (first). Chaining
+guard: a member less similar than `min_rep_similarity` to its representative is split off, and
+where the pixel check runs (group.member_check) so is a member that is not a copy of its
+representative (no accepted edge between the two, and their pixels say no: MemberCheck); the
+split-off members are regrouped among themselves (by the edges between them) and the rule repeats
+until every member passes. The group id is the representative's gid: stable and deterministic.
+
+Memory, in three passes:
+1. Components of every edge (streamed in chunks of CHUNK into the vectorised union-find,
+   unionfind.py): a gid and a parent per node (HEAD_BYTES), exact copies found a bucket of
+   digests at a time. These components may be a little coarser than the groups (rows whose
+   digests share 8 bytes, the same image under another caption): the next pass finds the exact
+   ones.
+2. The rows of components of 2+ nodes and the edges, partitioned by component into buckets of
+   about BUCKET_ROWS rows through files (lib/spill.py), then a bucket at a time: the rank, the
+   components again exactly, the guard, the member check, the nearest verified neighbour, the
+   edges to keep. A component is never split, so a bucket holds at least its largest component.
+3. A rows file per shard: the bucket results of its grouped rows, every other row its own group.
+
+Writes group/rows/NNNNN.parquet (gid, group_id, group_size, is_representative, rep_similarity,
+nearest_gid, nearest_similarity; a parquet dataset read as one table) and group/edges.parquet
+(gid_a, gid_b, similarity, kind, pixel_score; bucket by bucket).
 Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
 node ranked before every new row, so earlier rows keep their status and new copies are removed.
 """
 from __future__ import annotations
 
+import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.arrays import unique
-from ..core.io import Marker, parquet_writer
+from ..core.io import Marker, parquet_writer, write_parquet
 from ..core.memory import need
 from ..core.run import Run
-from ..core.vectors import StoreUnion, VectorStore, meta_path
+from ..core.vectors import StoreUnion, meta_path
 from ..lib import registry
-from ..lib.nodes import GidIndex, keys_of, quality_rank, read_nodes
+from ..lib.nodes import GidIndex, column_of, key_prefix, keys_of, quality_rank, raw_digest
+from ..lib.spill import Spill
 from ..lib.unionfind import UnionFind, exact_edges
 from . import verify
 
@@ -41,10 +58,20 @@ FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
-ROW_BYTES = 110     # held per row at the stage's peak (89 B measured at 10 M rows: bench/results/stage_memory.md)
+ROW_BYTES = 110     # held per row of a bucket at its peak (89 B measured at 10 M rows: bench/results/stage_memory.md)
 GROUP_BUFFERS = 512 << 20   # an edge chunk and its copies, member / representative vectors
 SIM_ROWS = 16384    # member / representative vector pairs compared at once (768-d: 2 x 50 MB of float32;
                     # 65,536 held 500 MB, the stage's largest buffer at 1 M rows)
+
+HEAD_BYTES = 17     # held per row while the components are found: gid, union-find parent, a flag
+BUCKET_ROWS = 4_000_000   # grouped rows per bucket (about 110 B each at a bucket's peak); a
+                          # component is never split, so a bucket holds at least its largest one
+DIGEST_ROWS = 8_000_000   # rows per bucket of the exact-copy pass (24 B each while sorted)
+
+ROW_SPILL = pa.schema([("gid", pa.int64()), ("width", pa.int64()), ("height", pa.int64()), ("nbytes", pa.int64()),
+                       ("key", pa.string()), ("sha256", pa.string()), ("caption", pa.string())])
+EDGE_SPILL = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
+                        ("pixels", pa.bool_()), ("pixel_score", pa.float32())])
 
 
 def components(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -189,61 +216,69 @@ class MemberCheck:
                 for m in todo.tolist()]
 
 
+def verified_edges(run: Run):
+    """The run's accepted near pairs, pair file by pair file in chunks of CHUNK: tables of gid_a,
+    gid_b, similarity, pixels (accepted by the pixel check, below verify.sure) and pixel_score.
+    Without the pixel check the descriptor decides at the threshold; with it, at `sure`, and pairs
+    in [low, sure) are edges where the pixels accepted them."""
+    pixels = verify.active(run)
+    threshold = run.cfg.search.threshold
+    low, sure = verify.band(run) if pixels else (threshold, threshold)
+    cols = ["gid_a", "gid_b", "similarity"]
+    for path in run.pair_files():
+        batches = pq.ParquetFile(path).iter_batches(CHUNK, columns=cols)
+        if pixels:
+            decisions = verify.decision_file(run, path)
+            batches = zip(batches, pq.ParquetFile(decisions).iter_batches(CHUNK))   # aligned row by row
+        for item in batches:
+            batch, dec = item if pixels else (item, None)
+            sim = batch.column(2).to_numpy()
+            if dec is None:
+                sel = sim >= sure
+                by_px = np.zeros(int(sel.sum()), bool)
+                score = np.full(int(sel.sum()), np.nan, np.float32)
+            else:
+                if dec.num_rows != batch.num_rows:
+                    raise RuntimeError(f"{decisions}: decisions out of step with {path}; rerun the verify stage")
+                px, sc = dec.column(0).to_numpy(), dec.column(1).to_numpy()
+                sel = verify.accepted(sim, px, low, sure, threshold)
+                by_px = (sim[sel] < sure) & (px[sel] == 1)
+                score = np.asarray(sc[sel], np.float32)
+            yield pa.table({"gid_a": batch.column(0).to_numpy()[sel], "gid_b": batch.column(1).to_numpy()[sel],
+                            "similarity": sim[sel].astype(np.float32), "pixels": by_px, "pixel_score": score},
+                           schema=EDGE_SPILL)
+
+
 class Edges:
-    """A run's verified edges, never all in memory: exact-byte edges (copy -> first copy), then
-    near pairs read pair file by pair file in chunks of CHUNK, then (incremental runs) edges to
-    earlier runs' rows. Node indexes are positions in `gids`; node n + k is earlier group k."""
+    """One bucket's verified edges, in the order the run's edges come: exact-byte edges (copy ->
+    first copy), then the near pairs in pair-file order, then (incremental runs) edges to earlier
+    runs' rows. Node indexes are positions in the bucket's `gids`; node n + k is the bucket's
+    earlier group k. A near pair equal to an exact edge is dropped; with duplicate_key image+text,
+    so is a pair whose normalized captions differ."""
 
-    def __init__(self, run: Run, gids: np.ndarray, texts: np.ndarray, exact: tuple, old: dict | None):
-        self.files = run.pair_files()
-        self.pixels = verify.active(run)
-        self.decisions = [verify.decision_file(run, p) for p in self.files]
-        # without the pixel check the descriptor decides at the threshold; with it, at `sure`,
-        # and pairs in [low, sure) are edges where the pixels accepted them
-        self.threshold = run.cfg.search.threshold
-        self.low, self.sure = verify.band(run) if self.pixels else (self.threshold,) * 2
-        self.by_text = run.cfg.group.duplicate_key == "image+text"
-        self.gids, self.texts, self.old = gids, texts, old
-        self.position = GidIndex(gids)
+    def __init__(self, gids: np.ndarray, texts: np.ndarray | None, exact: tuple, near: pa.Table,
+                 old: dict | None):
+        self.gids, self.old = gids, old
         self.ea, self.eb = exact
-        self.head = np.full(len(gids), -1, np.int64)   # a near pair equal to an exact edge is dropped
-        self.head[self.eb] = self.ea
-
-    def _batches(self, path: Path, decisions: Path):
-        cols = ["gid_a", "gid_b", "similarity"]
-        pairs = pq.ParquetFile(path).iter_batches(CHUNK, columns=cols)
-        if not self.pixels:
-            for batch in pairs:
-                yield batch, None, None
-            return
-        for batch, dec in zip(pairs, pq.ParquetFile(decisions).iter_batches(CHUNK)):   # aligned row by row
-            if dec.num_rows != batch.num_rows:
-                raise RuntimeError(f"{decisions}: decisions out of step with {path}; rerun the verify stage")
-            yield batch, dec.column(0).to_numpy(), dec.column(1).to_numpy()
-
-    def near(self):
-        """(lo, hi, similarity, by pixels, pixel score) node-index chunks of the descriptor and
-        pixel-verified edges."""
-        for path, decisions in zip(self.files, self.decisions):
-            for batch, px, score in self._batches(path, decisions):
-                sim = batch.column(2).to_numpy()
-                sel = sim >= self.sure if px is None else verify.accepted(sim, px, self.low, self.sure, self.threshold)
-                lo = self.position(batch.column(0).to_numpy()[sel])
-                hi = self.position(batch.column(1).to_numpy()[sel])
-                keep = self.head[hi] != lo
-                if self.by_text:   # the same picture under another text is not a duplicate
-                    keep &= self.texts[lo] == self.texts[hi]
-                by_px = ((sim[sel] < self.sure) & (px[sel] == 1) if px is not None else np.zeros(int(sel.sum()), bool))[keep]
-                sc = score[sel][keep] if score is not None else np.full(int(keep.sum()), np.nan, np.float32)
-                yield lo[keep], hi[keep], sim[sel][keep].astype(np.float32), by_px, sc
+        lo = np.searchsorted(gids, near.column("gid_a").to_numpy())
+        hi = np.searchsorted(gids, near.column("gid_b").to_numpy())
+        head = np.full(len(gids), -1, np.int64)
+        head[self.eb] = self.ea
+        keep = head[hi] != lo
+        if texts is not None:   # the same picture under another text is not a duplicate
+            keep &= texts[lo] == texts[hi]
+        self.lo, self.hi = lo[keep], hi[keep]
+        self.sim = near.column("similarity").to_numpy()[keep]
+        self.by_px = near.column("pixels").to_numpy(zero_copy_only=False)[keep]
+        self.score = near.column("pixel_score").to_numpy()[keep]
 
     def pairs(self):
         """(a, b) chunks for union-find, the earlier groups' nodes included."""
         n = len(self.gids)
         for i in range(0, len(self.ea), CHUNK):
             yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
-        for lo, hi, *_ in self.near():
-            yield lo, hi
+        for i in range(0, len(self.lo), CHUNK):
+            yield self.lo[i:i + CHUNK], self.hi[i:i + CHUNK]
         if self.old is not None:
             yield self.old["a"], n + self.old["b"]
 
@@ -254,8 +289,10 @@ class Edges:
         for i in range(0, len(self.ea), CHUNK):
             a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
             yield a, b, g[a], g[b], np.ones(len(a), np.float32), "bytes", None
-        for lo, hi, sim, by_px, score in self.near():   # in file order, whatever the chunk size
-            yield lo, hi, g[lo], g[hi], sim, np.where(by_px, "pixels", "descriptor"), score
+        for i in range(0, len(self.lo), CHUNK):
+            s = slice(i, i + CHUNK)
+            lo, hi = self.lo[s], self.hi[s]
+            yield lo, hi, g[lo], g[hi], self.sim[s], np.where(self.by_px[s], "pixels", "descriptor"), self.score[s]
         if self.old is not None:
             a = self.old["a"]
             yield a, len(g) + self.old["b"], g[a], self.old["other"], self.old["sim"], "descriptor", None
@@ -294,39 +331,197 @@ def run(run: Run, ex, stats: dict) -> dict:
         return {"skipped": True}
     t0 = time.time()
     cfg = run.cfg
-    by_text = cfg.group.duplicate_key == "image+text"
-    # per-row numbers only, read shard by shard (lib/nodes.py): no key or digest string per row;
-    # captions only for duplicate_key image+text, keys only for an incremental run's clash check
-    embedded = {n: pq.read_table(meta_path(run.embed_dir(), n), columns=["gid"])["gid"].to_numpy()
-                for n in run.shard_names()}
-    n_rows = sum(len(g) for g in embedded.values())
-    need(f"group: {n_rows:,} rows in one process", n_rows * ROW_BYTES + GROUP_BUFFERS)
-    nodes = read_nodes(run, embedded, captions=by_text, keys=bool(cfg.against))
-    del embedded
-    gids = nodes.gids
+    shards = sorted(run.shards, key=lambda sh: sh.index)       # gid order: shard high
+    gids = np.concatenate([_embedded(run, sh.name) for sh in shards] or [np.zeros(0, np.int64)])
     n = len(gids)
+    need(f"group: the components of {n:,} rows", n * HEAD_BYTES + GROUP_BUFFERS)
+    position = GidIndex(gids)
+    old = _old_groups(run, gids) if cfg.against else None
+    n_old = len(old["group_ids"]) if old is not None else 0
+    work = run.dir(NAME) / "_work"
+
+    # 1. components over every edge (a superset where digests share 8 bytes or captions differ:
+    #    each bucket's components are found again exactly): one parent per node
+    uf = UnionFind(n + n_old)
+    if cfg.group.exact_bytes:
+        for a, b in _same_digest(run, shards, position, work):
+            uf.union(a, b)
+    for t in verified_edges(run):
+        uf.union(position(t.column(0).to_numpy()), position(t.column(1).to_numpy()))
+    if old is not None:
+        uf.union(position(old["gid_a"]), n + old["b"])
+    labels = uf.labels()
+    del uf
+    grouped = np.zeros(len(labels), bool)              # in a component of 2+ nodes
+    for i in range(0, len(labels), 1 << 20):
+        s = labels[i:i + (1 << 20)]
+        grouped[i:i + len(s)] = s != np.arange(i, i + len(s))
+    grouped[labels[grouped]] = True
+    n_buckets = max(1, -(-int(grouped[:n].sum()) // BUCKET_ROWS))
+    bucket_of = lambda nodes, labels=labels: _bucket(labels[nodes], n_buckets)   # noqa: E731
+
+    # 2. the grouped rows and the edges, partitioned by component into buckets
+    by_text = cfg.group.duplicate_key == "image+text"
+    rows = Spill(work / "rows", n_buckets, ROW_SPILL)
+    for sh in shards:
+        lo, hi = np.searchsorted(gids, [sh.index << 32, (sh.index + 1) << 32])
+        sel = gids[lo:hi][grouped[lo:hi]]
+        if len(sel):
+            t = pq.read_table(run.ingest_file(sh.name), columns=ROW_SPILL.names[:-1] + ["caption"] * by_text)
+            t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
+            if not by_text:
+                t = t.append_column("caption", pa.nulls(len(t), pa.string()))
+            rows.write(bucket_of(position(t["gid"].to_numpy())), t)
+    edges = Spill(work / "edges", n_buckets, EDGE_SPILL)
+    for t in verified_edges(run):
+        edges.write(bucket_of(position(t.column(0).to_numpy())), t)
+    old_bucket = bucket_of(n + np.arange(n_old)) if old is not None else None
+    old_edge_bucket = bucket_of(position(old["gid_a"])) if old is not None else None
+    del labels, grouped, position, gids, bucket_of       # nothing per row is held from here on
+
+    # 3. a bucket at a time: rank, representatives, guard, member check, nearest, forest
+    shard_range = {sh.index: i * n_buckets // max(len(shards), 1) for i, sh in enumerate(shards)}
+    results = Spill(work / "results", n_buckets, ROW_SCHEMA)
+    totals = Counter()
+    with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
+        for b in range(n_buckets):
+            part = None
+            if old is not None:
+                part = _old_part(old, old_bucket == b, old_edge_bucket == b)
+            got, st = _group_bucket(run, ex, rows.read(b), edges.read(b), part, writer)
+            results.write(_ranges(got["gid"].to_numpy(), shard_range), got)
+            totals.update(st)
+    rows.close()
+    edges.close()
+
+    # 4. rows, a file per shard: the grouped rows' results, every other row alone
+    files, n_rows, n_alone = [], 0, 0
+    current, res, res_gid = -1, None, np.zeros(0, np.int64)
+    for sh in shards:
+        if shard_range[sh.index] != current:
+            current = shard_range[sh.index]
+            res = results.read(current).sort_by("gid")
+            res_gid = res["gid"].to_numpy()
+        g = _embedded(run, sh.name)
+        lo, hi = np.searchsorted(res_gid, [sh.index << 32, (sh.index + 1) << 32])
+        files.append(write_parquet(run.group_rows_file(sh.name), _shard_rows(g, res.slice(lo, hi - lo))))
+        n_rows += len(g)
+        n_alone += len(g) - (hi - lo)
+    results.close()
+    shutil.rmtree(work, ignore_errors=True)
+    n_groups = n_alone + totals["groups"]
+    files.append(run.group_edges_file())
+    run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=n_rows, groups=n_groups)
+    member = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items() if k.startswith("member_")}
+    stats = {"rows": n_rows, "groups": n_groups, "edges": totals["edges"], "verified_edges_read": totals["verified"],
+             "buckets": n_buckets, "seconds": round(time.time() - t0, 3), **member}
+    if old is not None:
+        stats.update(rows_joining_earlier_groups=totals["joining"], earlier_groups_grown=totals["grown"])
+    return stats
+
+
+def _embedded(run: Run, shard: str) -> np.ndarray:
+    """A shard's rows with a vector (the group stage's nodes), in gid order."""
+    return np.sort(pq.read_table(meta_path(run.embed_dir(), shard), columns=["gid"])["gid"].to_numpy())
+
+
+def _bucket(labels: np.ndarray, n: int) -> np.ndarray:
+    """The bucket of each component label (a multiplicative hash: components spread evenly)."""
+    if n == 1:
+        return np.zeros(len(labels), np.int64)
+    h = labels.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    return ((h >> np.uint64(33)) % np.uint64(n)).astype(np.int64)
+
+
+def _ranges(gids: np.ndarray, shard_range: dict) -> np.ndarray:
+    shard = gids >> 32
+    ids, inv = unique(shard, return_inverse=True)
+    return np.array([shard_range[int(i)] for i in ids], np.int64)[inv]
+
+
+def _same_digest(run: Run, shards, position: GidIndex, work: Path):
+    """(a, b) node chunks joining rows whose sha256 digests share their first 8 bytes (every exact
+    copy, and with a chance of 2^-64 a pair more: the buckets find exact copies by whole digests),
+    found a bucket of digests at a time."""
+    k = max(1, -(-len(position.gids) // DIGEST_ROWS))
+    spill = Spill(work / "digests", k, pa.schema([("head", pa.uint64()), ("node", pa.int64())]))
+    for sh in shards:
+        t = pq.read_table(run.ingest_file(sh.name), columns=["gid", "sha256"]).drop_null()
+        g = t["gid"].to_numpy()
+        keep = np.isin(g, position.gids[slice(*np.searchsorted(position.gids, [sh.index << 32, (sh.index + 1) << 32]))])
+        if not keep.any():
+            continue
+        t = t.filter(pa.array(keep))
+        raw = raw_digest(t["sha256"])
+        head = np.frombuffer(raw.tobytes(), np.uint8).reshape(len(raw), -1)[:, :8].copy().view("<u8").ravel()
+        spill.write((head % np.uint64(k)).astype(np.int64),
+                    pa.table({"head": head, "node": position(t["gid"].to_numpy())}))
+    for b in range(k):
+        t = spill.read(b)
+        a, c = exact_edges(t["head"].to_numpy())
+        node = t["node"].to_numpy()
+        yield node[a], node[c]
+    spill.close()
+
+
+def _shard_rows(gids: np.ndarray, res: pa.Table) -> pa.Table:
+    """A shard's rows.parquet: the bucket results of its grouped rows, every other row its own group."""
+    n = len(gids)
+    pos = np.searchsorted(gids, res["gid"].to_numpy())
+    group_id, size, is_rep = gids.copy(), np.ones(n, np.int64), np.ones(n, bool)
+    rep_sim = np.ones(n, np.float32)
+    near_gid, near_sim, found = np.zeros(n, np.int64), np.zeros(n, np.float32), np.zeros(n, bool)
+    group_id[pos] = res["group_id"].to_numpy()
+    size[pos] = res["group_size"].to_numpy()
+    is_rep[pos] = res["is_representative"].to_numpy(zero_copy_only=False)
+    rep_sim[pos] = res["rep_similarity"].to_numpy()
+    found[pos] = res["nearest_gid"].is_valid().to_numpy(zero_copy_only=False)
+    near_gid[pos] = res["nearest_gid"].fill_null(0).to_numpy()
+    near_sim[pos] = res["nearest_similarity"].fill_null(0).to_numpy()
+    return pa.table({"gid": gids, "group_id": group_id, "group_size": size, "is_representative": is_rep,
+                     "rep_similarity": rep_sim, "nearest_gid": pa.array(near_gid, mask=~found),
+                     "nearest_similarity": pa.array(near_sim, mask=~found)}, schema=ROW_SCHEMA)
+
+
+def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None, writer) -> tuple[pa.Table, dict]:
+    """One bucket's components, exactly: its rows (gid order), its edges, its earlier groups.
+    Writes its edges to `writer`; returns its rows' results and counts."""
+    cfg = run.cfg
+    rows = rows.sort_by("gid")
+    gids = rows["gid"].to_numpy()
+    n = len(gids)
+    need(f"group: a bucket of {n:,} rows", n * ROW_BYTES + GROUP_BUFFERS)
     if cfg.group.representative == "first":
         rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
     else:                                     # most pixels, most bytes, smallest key
-        rank = quality_rank(gids, nodes.pixels, nodes.nbytes, nodes.prefix, lambda g: keys_of(run, g))
-    nodes.pixels = nodes.nbytes = nodes.prefix = None    # the rank's inputs: 32 B a row, no longer needed
-    texts = np.array([normalize_text(t) for t in nodes.captions], dtype=object) if by_text else None
-    if cfg.group.exact_bytes and nodes.sha is not None:
-        exact = exact_edges(np.array([d.hex() for d in nodes.sha.tolist()], object) + "\x00" + texts if by_text
-                            else nodes.sha)
+        pixels = (pc.cast(rows["width"].fill_null(0), pa.int64()).to_numpy()
+                  * pc.cast(rows["height"].fill_null(0), pa.int64()).to_numpy())
+        rank = quality_rank(gids, pixels, pc.cast(rows["nbytes"].fill_null(0), pa.int64()).to_numpy(),
+                            key_prefix(rows["key"].to_pylist()), lambda g: keys_of(run, g))
+    by_text = cfg.group.duplicate_key == "image+text"
+    texts = np.array([normalize_text(t) for t in rows["caption"].to_pylist()], dtype=object) if by_text else None
+    has_sha = rows["sha256"].is_valid().to_numpy(zero_copy_only=False)
+    if cfg.group.exact_bytes and has_sha.any():
+        idx = np.flatnonzero(has_sha)
+        sha = raw_digest(rows["sha256"].filter(pa.array(has_sha)))
+        ea, eb = exact_edges(np.array([d.hex() for d in sha.tolist()], object) + "\x00" + texts[idx] if by_text
+                             else sha)
+        exact = (idx[ea].astype(np.int64), idx[eb].astype(np.int64))
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    keys = np.array(nodes.keys, dtype=object) if cfg.against else None
-    del nodes
-
+    del rows
     store = run.vectors()
-    old = _old_groups(run, gids, keys, texts, store) if cfg.against else None
-    edges = Edges(run, gids, texts, tuple(np.asarray(e, np.int64) for e in exact), old)
+    local_old = None
+    if old is not None:
+        local_old = {"a": np.searchsorted(gids, old["gid_a"]), "b": old["b"], "other": old["other"], "sim": old["sim"]}
+    edges = Edges(gids, texts, exact, near, local_old)
+    del near
     all_gids = np.concatenate([gids, old["group_ids"]]) if old is not None else gids
     check = (MemberCheck(run, ex, all_gids, edges.pairs, n, cfg.group.member_hops)
              if verify.active(run) and cfg.group.member_check else None)
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
-        all_rank = np.concatenate([rank, np.arange(len(old["group_ids"])) - len(old["group_ids"])])
+        k = len(old["group_ids"])
+        all_rank = np.concatenate([rank, np.arange(k) - k])
         rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity,
                                    check)
         rep, rep_sim = rep[:n], rep_sim[:n]
@@ -344,64 +539,68 @@ def run(run: Run, ex, stats: dict) -> dict:
     n_edges = n_verified = 0
     # search.pairs forest: the edges that join components, in the order they come (exact bytes
     # first): a spanning forest of the threshold graph, n - components edges whatever the pairs
-    forest = UnionFind(n + (len(old["group_ids"]) if old is not None else 0)) if cfg.search.pairs == "forest" else None
-    with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
-        for a, b, ga, gb, sim, kind, score in edges.scored():
-            inside = b < n                       # this run's rows (not an earlier group's node)
-            nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
-                           np.concatenate([sim, sim[inside]]))
-            n_verified += len(ga)
-            score = np.full(len(ga), np.nan, np.float32) if score is None else score
-            if forest is not None:
-                keep = forest.forest(a, b)
-                a, b, ga, gb, sim, score = a[keep], b[keep], ga[keep], gb[keep], sim[keep], score[keep]
-            writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
-                                   "kind": pa.repeat(pa.scalar(kind), len(ga)) if isinstance(kind, str)
-                                   else pa.array(kind[keep] if forest is not None else kind, pa.string()),
-                                   "pixel_score": pa.array(score, mask=np.isnan(score))}, schema=EDGE_SCHEMA))
-            n_edges += len(ga)
-    n_reps = 0
-    with parquet_writer(run.group_rows_file(), ROW_SCHEMA) as writer:
-        for i in range(0, len(gids), 1 << 20):     # a row group at a time: no Arrow copy of every row
-            s = slice(i, i + (1 << 20))
-            found = nearest.gid[s] >= 0
-            is_rep = rep[s] == np.arange(i, i + len(found))
-            n_reps += int(is_rep.sum())
-            writer.write(pa.table({"gid": gids[s], "group_id": group_ids[s], "group_size": size[s].astype(np.int64),
-                                   "is_representative": is_rep,
-                                   "rep_similarity": rep_sim[s], "nearest_gid": pa.array(nearest.gid[s], mask=~found),
-                                   "nearest_similarity": pa.array(nearest.sim[s], mask=~found)}, schema=ROW_SCHEMA))
-    files = [run.group_rows_file(), run.group_edges_file()]
-    # each group of this run's rows has its representative among them; an earlier run's group does not
-    n_groups = n_reps if old is None else int(len(unique(group_ids)))
-    run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=len(gids), groups=n_groups)
-    stats = {"rows": len(gids), "groups": n_groups, "edges": n_edges, "verified_edges_read": n_verified,
-             "seconds": round(time.time() - t0, 3), **(check.stats if check is not None else {})}
-    if old is not None:
-        stats.update(rows_joining_earlier_groups=int(np.isin(group_ids, old["group_ids"]).sum()),
-                     earlier_groups_grown=int(np.isin(old["group_ids"], group_ids).sum()))
-    return stats
+    forest = UnionFind(len(all_gids)) if cfg.search.pairs == "forest" else None
+    for a, b, ga, gb, sim, kind, score in edges.scored():
+        inside = b < n                       # this run's rows (not an earlier group's node)
+        nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
+                       np.concatenate([sim, sim[inside]]))
+        n_verified += len(ga)
+        score = np.full(len(ga), np.nan, np.float32) if score is None else score
+        if forest is not None:
+            keep = forest.forest(a, b)
+            a, b, ga, gb, sim, score = a[keep], b[keep], ga[keep], gb[keep], sim[keep], score[keep]
+        writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
+                               "kind": pa.repeat(pa.scalar(kind), len(ga)) if isinstance(kind, str)
+                               else pa.array(kind[keep] if forest is not None else kind, pa.string()),
+                               "pixel_score": pa.array(score, mask=np.isnan(score))}, schema=EDGE_SCHEMA))
+        n_edges += len(ga)
+    found = nearest.gid >= 0
+    is_rep = rep == np.arange(n)
+    out = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),
+                    "is_representative": is_rep, "rep_similarity": rep_sim,
+                    "nearest_gid": pa.array(nearest.gid, mask=~found),
+                    "nearest_similarity": pa.array(nearest.sim, mask=~found)}, schema=ROW_SCHEMA)
+    st = {"edges": n_edges, "verified": n_verified, **(check.stats if check is not None else {})}
+    if old is None:    # each group of this run's rows has its representative among them
+        st["groups"] = int(is_rep.sum())
+    else:
+        st["groups"] = int(len(unique(group_ids)))
+        st["joining"] = int(np.isin(group_ids, old["group_ids"]).sum())
+        st["grown"] = int(np.isin(old["group_ids"], group_ids).sum())
+    return out, st
 
 
-def _old_groups(run: Run, gids: np.ndarray, keys: np.ndarray, texts: np.ndarray, store: VectorStore) -> dict:
-    """Verified edges from this run's rows to earlier runs' rows, as edges to one node per earlier group."""
+def _old_part(old: dict, groups: np.ndarray, edges: np.ndarray) -> dict:
+    """A bucket's share of the earlier groups: its groups (renumbered from 0) and their edges."""
+    renumber = np.cumsum(groups) - 1
+    return {"group_ids": old["group_ids"][groups], "gid_a": old["gid_a"][edges], "b": renumber[old["b"][edges]],
+            "other": old["other"][edges], "sim": old["sim"][edges], "sizes": old["sizes"], "store": old["store"]}
+
+
+def _old_groups(run: Run, gids: np.ndarray) -> dict:
+    """Verified edges from this run's rows to earlier runs' rows, as edges to one node per earlier
+    group: gid_a (this run's row), b (the earlier group's index in group_ids), other (the earlier
+    row's gid), sim. Refuses keys already in the earlier runs (read shard by shard)."""
     import pandas as pd
     cfg = run.cfg
     target = registry.Target(cfg.against, cfg.embed.model, run.root)
     cross = verify.cross_pairs(run, "against", Path(cfg.against).name).to_pandas()
     reg = target.registry.set_index("gid")
-    clash = set(target.registry["key"]) & set(keys.tolist())
-    if clash:
-        raise ValueError(f"keys {sorted(clash)[:3]} are already in {cfg.against}; "
-                         "keys must be unique across increments")
-    a = np.searchsorted(gids, cross["gid"].to_numpy())
-    other = cross["other_gid"].to_numpy()
-    ok = (a < len(gids)) & (gids[np.minimum(a, len(gids) - 1)] == cross["gid"].to_numpy())
+    earlier_keys = pa.array(target.registry["key"].tolist(), pa.string())
+    for name in run.shard_names():
+        t = pq.read_table(run.ingest_file(name), columns=["key"])
+        clash = t.filter(pc.is_in(t["key"], earlier_keys))["key"].to_pylist()
+        if clash:
+            raise ValueError(f"keys {sorted(set(clash))[:3]} are already in {cfg.against}; "
+                             "keys must be unique across increments")
+    g = cross["gid"].to_numpy(np.int64)
+    ok = np.isin(g, gids)
     if cfg.group.duplicate_key == "image+text":
-        ok &= texts[np.minimum(a, len(gids) - 1)] == reg["text"].reindex(other).to_numpy()
-    a, other, sim = a[ok], other[ok], cross["similarity"].to_numpy()[ok]
+        captions = np.array([normalize_text(c) for c in column_of(run, g[ok], "caption")], dtype=object)
+        ok[ok] = captions == reg["text"].reindex(cross["other_gid"].to_numpy()[ok]).to_numpy()
+    other, sim = cross["other_gid"].to_numpy()[ok], cross["similarity"].to_numpy()[ok]
     old_group = reg["group_id"].reindex(other).to_numpy(np.int64)
     group_ids, b = unique(old_group, return_inverse=True)
     sizes = target.registry.groupby("group_id").size()
-    return {"group_ids": group_ids, "a": a.astype(np.int64), "b": b.astype(np.int64), "other": other,
-            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([store, *target.stores])}
+    return {"group_ids": group_ids, "gid_a": g[ok], "b": b.astype(np.int64), "other": other,
+            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([run.vectors(), *target.stores])}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,23 +26,23 @@ def run(run: Run, ex, stats: dict) -> dict:
     if not run.pending(NAME, [run.run_id]):
         return {"skipped": True}
     t0 = time.time()
-    rows = pq.read_table(run.group_rows_file(), columns=["gid", "group_id"]).sort_by("gid")
-    gids, group_ids = rows["gid"].to_numpy(), rows["group_id"].to_numpy()
+    n_rows = sum(pq.ParquetFile(run.group_rows_file(s.name)).metadata.num_rows for s in run.shards)
 
     def shard_rows():
-        """This run's registry rows, a shard at a time: only one shard's keys and captions held."""
+        """This run's registry rows, a shard at a time: only one shard's rows, keys and captions held."""
         for shard in run.shards:
-            lo, hi = np.searchsorted(gids, [shard.index << 32, (shard.index + 1) << 32])
-            if hi == lo:
+            rows = pq.read_table(run.group_rows_file(shard.name), columns=["gid", "group_id"]).sort_by("gid")
+            if not rows.num_rows:
                 continue
+            gids = rows["gid"].to_numpy()
             t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key", "caption"])
-            t = t.filter(pc.is_in(t["gid"], pa.array(gids[lo:hi]))).sort_by("gid")
-            yield (gids[lo:hi], t["key"], group_ids[lo:hi],
+            t = t.filter(pc.is_in(t["gid"], pa.array(gids))).sort_by("gid")
+            yield (gids, t["key"], rows["group_id"].to_numpy(),
                    pa.array([normalize_text(c) for c in t["caption"].to_pylist()], pa.string()))
 
-    out = registry.register(run, len(gids), shard_rows(), ex)
+    out = registry.register(run, n_rows, shard_rows(), ex)
     folder = run.dir(NAME)
     run.marker(NAME, run.run_id).write(run.fingerprint(NAME), [folder / "registry.parquet", folder / "runs.json"],
-                                       rows=rows.num_rows)
+                                       rows=n_rows)
     out["seconds"] = round(time.time() - t0, 3)
     return out

@@ -98,7 +98,7 @@ def invariant(run: Run, counts: Counts) -> tuple[int, int, int, int]:
 
 
 class Groups:
-    """One pass over group/rows.parquet in batches: the groups of 2+ rows (size, the least
+    """One pass over the group stage's rows, a shard's file at a time: the groups of 2+ rows (size, the least
     similarity to the representative, rows of this run), singletons, the gids whose keys the
     reports name (grouped rows, nearest neighbours), the leaked rows' groups."""
 
@@ -109,8 +109,9 @@ class Groups:
         self.request_gids = unique(np.r_[req.gids, rows_with_keys(run, req.keys)])
         gid, group, size, sim, refs, leak_groups, request_groups = [], [], [], [], [], [], [req.groups]
         self.singletons = 0
-        for batch in pq.ParquetFile(run.group_rows_file()).iter_batches(
-                1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"]):
+        shards = sorted(run.shards, key=lambda sh: sh.index)     # gid order
+        for batch in (b for shard in shards for b in pq.ParquetFile(run.group_rows_file(shard.name)).iter_batches(
+                1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"])):
             g, q = batch.column(0).to_numpy(), batch.column(1).to_numpy()
             n = batch.column(2).to_numpy()
             multi = n > 1
@@ -120,7 +121,7 @@ class Groups:
             refs.append(batch.column(4).drop_null().to_numpy())
             leak_groups.append(q[np.isin(g, self.leaked)])
             request_groups.append(q[np.isin(g, self.request_gids)])
-        # the grouped rows (numbers only), in gid order as rows.parquet holds them
+        # the grouped rows (numbers only), sorted by gid
         cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)   # noqa: E731
         self.gid, self.group = cat(gid, np.int64).astype(np.int64), cat(group, np.int64).astype(np.int64)
         size, sim = cat(size, np.int64), cat(sim, np.float32)
@@ -223,8 +224,7 @@ def shard_samples(run: Run, shard, key_of: Keys, groups: Groups) -> pd.DataFrame
     other columns (member: what the HTML report needs of the shown rows)."""
     ing = pq.read_table(run.ingest_file(shard.name)).to_pandas()
     failed = pq.read_table(run.failed_file(shard.name)).to_pandas()
-    lo, hi = shard.index << 32, (shard.index + 1) << 32
-    rows = pq.read_table(run.group_rows_file(), filters=[("gid", ">=", lo), ("gid", "<", hi)]).to_pandas()
+    rows = pq.read_table(run.group_rows_file(shard.name)).to_pandas()
     if len(failed):
         err = ing["gid"].map(failed.set_index("gid")["error"])
         ing.loc[err.notna(), "status"] = "failed"
@@ -385,7 +385,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     reports name, and the rows the HTML shows."""
     out = run.report_dir()
     cfg = run.cfg
-    n_rows = pq.ParquetFile(run.group_rows_file()).metadata.num_rows
+    n_rows = sum(pq.ParquetFile(run.group_rows_file(s.name)).metadata.num_rows for s in run.shards)
     need(f"report: {n_rows:,} rows in one process", n_rows * ROW_BYTES + REPORT_BUFFERS)
     groups = Groups(run)
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)

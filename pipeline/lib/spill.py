@@ -1,0 +1,82 @@
+"""Rows partitioned into buckets through files: a stage that must bring together rows that arrive
+in another order (the group stage: the rows and edges of one component, which come shard by
+shard and pair file by pair file) holds a fixed buffer while it partitions, then one bucket at a
+time.
+
+    spill = Spill(folder, n_buckets, schema)
+    spill.write(bucket_of_each_row, table)    # any number of times
+    table = spill.read(b)                     # bucket b's rows, in the order they were written
+
+Rows wait in memory until the buffer holds `buffer` bytes; then every bucket's waiting rows are
+appended to its file (Arrow IPC, one record batch per flush). A bucket nothing was written to
+reads as an empty table of the schema. The folder is the caller's scratch: `close()`
+removes it.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+BUFFER = 256 << 20
+
+
+class Spill:
+    def __init__(self, folder: Path, n_buckets: int, schema: pa.Schema, buffer: int | None = None):
+        self.folder, self.n, self.schema, self.buffer = Path(folder), int(n_buckets), schema, buffer or BUFFER
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.waiting: list[list[pa.Table]] = [[] for _ in range(self.n)]
+        self.held = 0
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+
+    def write(self, bucket: np.ndarray, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        table = table.select(self.schema.names).cast(self.schema)
+        bucket = np.asarray(bucket, np.int64)
+        if self.n == 1:
+            self.waiting[0].append(table)
+        else:
+            order = np.argsort(bucket, kind="stable")      # each bucket's rows keep their order
+            bounds = np.searchsorted(bucket[order], np.arange(self.n + 1))
+            sorted_rows = table.take(pa.array(order))
+            for b in np.flatnonzero(np.diff(bounds)).tolist():
+                self.waiting[b].append(sorted_rows.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        self.held += table.nbytes
+        if self.held >= self.buffer:
+            self.flush()
+
+    def flush(self) -> None:
+        for b, parts in enumerate(self.waiting):
+            if not parts:
+                continue
+            if b not in self.writers:
+                self.writers[b] = pa.ipc.new_file(self.folder / f"{b:06d}.arrow", self.schema)
+            for batch in pa.concat_tables(parts).combine_chunks().to_batches():
+                self.writers[b].write_batch(batch)
+            parts.clear()
+        self.held = 0
+
+    def read(self, b: int) -> pa.Table:
+        """Bucket b's rows: its file's, then those still waiting."""
+        parts = []
+        if b in self.writers:
+            self.writers.pop(b).close()
+        path = self.folder / f"{b:06d}.arrow"
+        if path.exists():
+            with pa.ipc.open_file(path) as f:       # read whole: the file is removed below
+                parts.append(f.read_all())
+            path.unlink()
+        parts += self.waiting[b]
+        self.waiting[b] = []
+        return pa.concat_tables(parts) if parts else self.schema.empty_table()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+        self.waiting = [[] for _ in range(self.n)]
+        shutil.rmtree(self.folder, ignore_errors=True)
