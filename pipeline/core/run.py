@@ -12,7 +12,7 @@ Layout under run_dir (LAYOUT, recorded in manifest.json; a run dir of another la
   search/pairs/UNIT.parquet           verified pairs per cell block or query shard
   search/against|leaks/NAME-NNNNN.parquet  pairs against another run's registered index
   search/targets/NAME.faiss           that index's IVF-PQ, when its folder does not hold one
-  group/rows/NNNNN.parquet, group/edges.parquet
+  group/rows/NNNNN.parquet, group/edges.parquet, group/groups.parquet
   report/                             samples, pairs, groups, histogram, summary.json, HTML
   export/                             deduplicated webdataset + keep-lists + HF parquet
   calibration/                        `dedup2b calibrate`: its tables, plot and audit sample
@@ -152,6 +152,9 @@ class Run:
 
     def group_rows_file(self, shard: str) -> Path:
         return self.group_rows_dir() / f"{shard}.parquet"
+
+    def group_groups_file(self) -> Path:
+        return self.dir("group") / "groups.parquet"
 
     def group_edges_file(self) -> Path:
         return self.dir("group") / "edges.parquet"

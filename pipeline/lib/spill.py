@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-BUFFER = 256 << 20
+BUFFER = 64 << 20
 
 
 class Spill:
@@ -59,6 +59,25 @@ class Spill:
                 self.writers[b].write_batch(batch)
             parts.clear()
         self.held = 0
+
+    def finish(self) -> None:
+        """Every bucket's rows to its file (for `batches`)."""
+        self.flush()
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+    def batches(self, b: int, rows: int = 1 << 20):
+        """Bucket b's rows after `finish`, in tables of at most `rows` read from its file (memory-
+        mapped: a table at a time is held); as often as asked."""
+        path = self.folder / f"{b:06d}.arrow"
+        if not path.exists():
+            return
+        with pa.memory_map(str(path)) as source, pa.ipc.open_file(source) as f:
+            for i in range(f.num_record_batches):
+                batch = f.get_batch(i)
+                for at in range(0, batch.num_rows, rows):
+                    yield pa.Table.from_batches([batch.slice(at, rows)])
 
     def read(self, b: int) -> pa.Table:
         """Bucket b's rows: its file's, then those still waiting."""

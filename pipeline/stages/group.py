@@ -24,8 +24,10 @@ Memory, in three passes:
 3. A rows file per shard: the bucket results of its grouped rows, every other row its own group.
 
 Writes group/rows/NNNNN.parquet (gid, group_id, group_size, is_representative, rep_similarity,
-nearest_gid, nearest_similarity; a parquet dataset read as one table) and group/edges.parquet
-(gid_a, gid_b, similarity, kind, pixel_score; bucket by bucket).
+nearest_gid, nearest_similarity, representative_key, nearest_key; a parquet dataset read as one
+table), group/edges.parquet (gid_a, gid_b, similarity, kind, pixel_score, key_a, key_b; bucket by
+bucket) and group/groups.parquet (GROUP_SCHEMA: a row per group of 2+ rows). The keys come from
+the bucket's rows, so the report looks none up.
 Incremental runs (config `against`): each earlier group touched by this run's rows joins as one
 node ranked before every new row, so earlier rows keep their status and new copies are removed.
 """
@@ -256,29 +258,32 @@ class Edges:
     earlier group k. A near pair equal to an exact edge is dropped; with duplicate_key image+text,
     so is a pair whose normalized captions differ."""
 
-    def __init__(self, gids: np.ndarray, texts: np.ndarray | None, exact: tuple, near: pa.Table,
-                 old: dict | None):
-        self.gids, self.old = gids, old
+    def __init__(self, gids: np.ndarray, texts: np.ndarray | None, exact: tuple,
+                 near: Callable[[], Iterable[pa.Table]], old: dict | None):
+        self.gids, self.texts, self._near, self.old = gids, texts, near, old
         self.ea, self.eb = exact
-        lo = np.searchsorted(gids, near.column("gid_a").to_numpy())
-        hi = np.searchsorted(gids, near.column("gid_b").to_numpy())
-        head = np.full(len(gids), -1, np.int64)
-        head[self.eb] = self.ea
-        keep = head[hi] != lo
-        if texts is not None:   # the same picture under another text is not a duplicate
-            keep &= texts[lo] == texts[hi]
-        self.lo, self.hi = lo[keep], hi[keep]
-        self.sim = near.column("similarity").to_numpy()[keep]
-        self.by_px = near.column("pixels").to_numpy(zero_copy_only=False)[keep]
-        self.score = near.column("pixel_score").to_numpy()[keep]
+        self.head = np.full(len(gids), -1, np.int64)   # a near pair equal to an exact edge is dropped
+        self.head[self.eb] = self.ea
+
+    def near(self):
+        """(lo, hi, similarity, by pixels, pixel score) node-index chunks of the near pairs, read
+        anew at every pass (a chunk held at a time)."""
+        for t in self._near():
+            lo = np.searchsorted(self.gids, t.column("gid_a").to_numpy())
+            hi = np.searchsorted(self.gids, t.column("gid_b").to_numpy())
+            keep = self.head[hi] != lo
+            if self.texts is not None:   # the same picture under another text is not a duplicate
+                keep &= self.texts[lo] == self.texts[hi]
+            yield (lo[keep], hi[keep], t.column("similarity").to_numpy()[keep],
+                   t.column("pixels").to_numpy(zero_copy_only=False)[keep], t.column("pixel_score").to_numpy()[keep])
 
     def pairs(self):
         """(a, b) chunks for union-find, the earlier groups' nodes included."""
         n = len(self.gids)
         for i in range(0, len(self.ea), CHUNK):
             yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
-        for i in range(0, len(self.lo), CHUNK):
-            yield self.lo[i:i + CHUNK], self.hi[i:i + CHUNK]
+        for lo, hi, *_ in self.near():
+            yield lo, hi
         if self.old is not None:
             yield self.old["a"], n + self.old["b"]
 
@@ -289,10 +294,8 @@ class Edges:
         for i in range(0, len(self.ea), CHUNK):
             a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
             yield a, b, g[a], g[b], np.ones(len(a), np.float32), "bytes", None
-        for i in range(0, len(self.lo), CHUNK):
-            s = slice(i, i + CHUNK)
-            lo, hi = self.lo[s], self.hi[s]
-            yield lo, hi, g[lo], g[hi], self.sim[s], np.where(self.by_px[s], "pixels", "descriptor"), self.score[s]
+        for lo, hi, sim, by_px, score in self.near():
+            yield lo, hi, g[lo], g[hi], sim, np.where(by_px, "pixels", "descriptor"), score
         if self.old is not None:
             a = self.old["a"]
             yield a, len(g) + self.old["b"], g[a], self.old["other"], self.old["sim"], "descriptor", None
@@ -317,9 +320,17 @@ class Nearest:
 
 ROW_SCHEMA = pa.schema([("gid", pa.int64()), ("group_id", pa.int64()), ("group_size", pa.int64()),
                         ("is_representative", pa.bool_()), ("rep_similarity", pa.float32()),
-                        ("nearest_gid", pa.int64()), ("nearest_similarity", pa.float32())])
+                        ("nearest_gid", pa.int64()), ("nearest_similarity", pa.float32()),
+                        ("representative_key", pa.string()), ("nearest_key", pa.string())])
 EDGE_SCHEMA = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
-                         ("kind", pa.string()), ("pixel_score", pa.float32())])
+                         ("kind", pa.string()), ("pixel_score", pa.float32()),
+                         ("key_a", pa.string()), ("key_b", pa.string())])
+# a group of 2+ rows: its size (an earlier run's members included), its representative's key, the
+# highest similarity of the kept edges inside it (NaN: none, a row joining an earlier group), the
+# lowest of its members to the representative, this run's rows in it, whether it is an earlier run's
+GROUP_SCHEMA = pa.schema([("group_id", pa.int64()), ("size", pa.int64()), ("representative_key", pa.string()),
+                          ("max_similarity", pa.float32()), ("min_similarity", pa.float32()),
+                          ("rows", pa.int64()), ("earlier", pa.bool_())])
 
 
 def units(run: Run) -> list[Marker]:
@@ -372,9 +383,12 @@ def run(run: Run, ex, stats: dict) -> dict:
             if not by_text:
                 t = t.append_column("caption", pa.nulls(len(t), pa.string()))
             rows.write(bucket_of(position(t["gid"].to_numpy())), t)
-    edges = Spill(work / "edges", n_buckets, EDGE_SPILL)
-    for t in verified_edges(run):
-        edges.write(bucket_of(position(t.column(0).to_numpy())), t)
+    edges = None                  # one bucket: its edges are the pair files' own, read at every pass
+    if n_buckets > 1:
+        edges = Spill(work / "edges", n_buckets, EDGE_SPILL)
+        for t in verified_edges(run):
+            edges.write(bucket_of(position(t.column(0).to_numpy())), t)
+        edges.finish()
     old_bucket = bucket_of(n + np.arange(n_old)) if old is not None else None
     old_edge_bucket = bucket_of(position(old["gid_a"])) if old is not None else None
     del labels, grouped, position, gids, bucket_of       # nothing per row is held from here on
@@ -383,16 +397,20 @@ def run(run: Run, ex, stats: dict) -> dict:
     shard_range = {sh.index: i * n_buckets // max(len(shards), 1) for i, sh in enumerate(shards)}
     results = Spill(work / "results", n_buckets, ROW_SCHEMA)
     totals = Counter()
-    with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer:
+    with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer, \
+            parquet_writer(run.group_groups_file(), GROUP_SCHEMA) as group_writer:
         for b in range(n_buckets):
             part = None
             if old is not None:
                 part = _old_part(old, old_bucket == b, old_edge_bucket == b)
-            got, st = _group_bucket(run, ex, rows.read(b), edges.read(b), part, writer)
+            near = (lambda: verified_edges(run)) if edges is None else (lambda b=b: edges.batches(b))
+            got, groups, st = _group_bucket(run, ex, rows.read(b), near, part, writer)
+            group_writer.write(groups)
             results.write(_ranges(got["gid"].to_numpy(), shard_range), got)
             totals.update(st)
     rows.close()
-    edges.close()
+    if edges is not None:
+        edges.close()
 
     # 4. rows, a file per shard: the grouped rows' results, every other row alone
     files, n_rows, n_alone = [], 0, 0
@@ -404,13 +422,15 @@ def run(run: Run, ex, stats: dict) -> dict:
             res_gid = res["gid"].to_numpy()
         g = _embedded(run, sh.name)
         lo, hi = np.searchsorted(res_gid, [sh.index << 32, (sh.index + 1) << 32])
-        files.append(write_parquet(run.group_rows_file(sh.name), _shard_rows(g, res.slice(lo, hi - lo))))
+        keys = pq.read_table(run.ingest_file(sh.name), columns=["gid", "key"])
+        keys = keys.filter(pc.is_in(keys["gid"], pa.array(g, pa.int64()))).sort_by("gid")["key"]
+        files.append(write_parquet(run.group_rows_file(sh.name), _shard_rows(g, keys, res.slice(lo, hi - lo))))
         n_rows += len(g)
         n_alone += len(g) - (hi - lo)
     results.close()
     shutil.rmtree(work, ignore_errors=True)
     n_groups = n_alone + totals["groups"]
-    files.append(run.group_edges_file())
+    files += [run.group_edges_file(), run.group_groups_file()]
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=n_rows, groups=n_groups)
     member = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items() if k.startswith("member_")}
     stats = {"rows": n_rows, "groups": n_groups, "edges": totals["edges"], "verified_edges_read": totals["verified"],
@@ -464,8 +484,9 @@ def _same_digest(run: Run, shards, position: GidIndex, work: Path):
     spill.close()
 
 
-def _shard_rows(gids: np.ndarray, res: pa.Table) -> pa.Table:
-    """A shard's rows.parquet: the bucket results of its grouped rows, every other row its own group."""
+def _shard_rows(gids: np.ndarray, keys: pa.ChunkedArray, res: pa.Table) -> pa.Table:
+    """A shard's rows file: the bucket results of its grouped rows, every other row its own group
+    (`keys`: the shard's keys, aligned with `gids`)."""
     n = len(gids)
     pos = np.searchsorted(gids, res["gid"].to_numpy())
     group_id, size, is_rep = gids.copy(), np.ones(n, np.int64), np.ones(n, bool)
@@ -478,14 +499,25 @@ def _shard_rows(gids: np.ndarray, res: pa.Table) -> pa.Table:
     found[pos] = res["nearest_gid"].is_valid().to_numpy(zero_copy_only=False)
     near_gid[pos] = res["nearest_gid"].fill_null(0).to_numpy()
     near_sim[pos] = res["nearest_similarity"].fill_null(0).to_numpy()
+    # the keys: a row alone is its own representative; the grouped rows' keys come from their bucket
+    slot = np.full(n, -1, np.int64)
+    slot[pos] = np.arange(len(pos))
+    from_res = pa.array(slot >= 0)
+    rep_key = pc.if_else(from_res, res["representative_key"].combine_chunks().take(pa.array(np.maximum(slot, 0))),
+                         keys) if len(pos) else keys
+    near_key = (res["nearest_key"].combine_chunks().take(pa.array(slot, mask=slot < 0)) if len(pos)
+                else pa.nulls(n, pa.string()))
     return pa.table({"gid": gids, "group_id": group_id, "group_size": size, "is_representative": is_rep,
                      "rep_similarity": rep_sim, "nearest_gid": pa.array(near_gid, mask=~found),
-                     "nearest_similarity": pa.array(near_sim, mask=~found)}, schema=ROW_SCHEMA)
+                     "nearest_similarity": pa.array(near_sim, mask=~found),
+                     "representative_key": rep_key, "nearest_key": near_key}, schema=ROW_SCHEMA)
 
 
-def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None, writer) -> tuple[pa.Table, dict]:
-    """One bucket's components, exactly: its rows (gid order), its edges, its earlier groups.
-    Writes its edges to `writer`; returns its rows' results and counts."""
+def _group_bucket(run: Run, ex, rows: pa.Table, near: Callable[[], Iterable[pa.Table]], old: dict | None,
+                  writer) -> tuple[pa.Table, pa.Table, dict]:
+    """One bucket's components, exactly: its rows (gid order), its edges (`near()`: the near
+    pairs' tables, read anew at every pass), its earlier groups.
+    Writes its edges to `writer`; returns its rows' results, its groups of 2+ rows and counts."""
     cfg = run.cfg
     rows = rows.sort_by("gid")
     gids = rows["gid"].to_numpy()
@@ -509,13 +541,13 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None
         exact = (idx[ea].astype(np.int64), idx[eb].astype(np.int64))
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    key = _KeyOf(gids, rows["key"].combine_chunks(), old)
     del rows
     store = run.vectors()
     local_old = None
     if old is not None:
         local_old = {"a": np.searchsorted(gids, old["gid_a"]), "b": old["b"], "other": old["other"], "sim": old["sim"]}
     edges = Edges(gids, texts, exact, near, local_old)
-    del near
     all_gids = np.concatenate([gids, old["group_ids"]]) if old is not None else gids
     check = (MemberCheck(run, ex, all_gids, edges.pairs, n, cfg.group.member_hops)
              if verify.active(run) and cfg.group.member_check else None)
@@ -540,6 +572,7 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None
     # search.pairs forest: the edges that join components, in the order they come (exact bytes
     # first): a spanning forest of the threshold graph, n - components edges whatever the pairs
     forest = UnionFind(len(all_gids)) if cfg.search.pairs == "forest" else None
+    inner_max = np.full(len(all_gids), -np.inf, np.float32)   # per representative: its group's best kept edge
     for a, b, ga, gb, sim, kind, score in edges.scored():
         inside = b < n                       # this run's rows (not an earlier group's node)
         nearest.update(np.concatenate([a, b[inside]]), np.concatenate([gb, ga[inside]]),
@@ -552,14 +585,21 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None
         writer.write(pa.table({"gid_a": ga, "gid_b": gb, "similarity": sim,
                                "kind": pa.repeat(pa.scalar(kind), len(ga)) if isinstance(kind, str)
                                else pa.array(kind[keep] if forest is not None else kind, pa.string()),
-                               "pixel_score": pa.array(score, mask=np.isnan(score))}, schema=EDGE_SCHEMA))
+                               "pixel_score": pa.array(score, mask=np.isnan(score)),
+                               "key_a": key(ga), "key_b": key(gb)}, schema=EDGE_SCHEMA))
         n_edges += len(ga)
+        inner = b < n
+        inner[inner] = rep[a[inner]] == rep[b[inner]]
+        np.maximum.at(inner_max, rep[a[inner]], sim[inner])
     found = nearest.gid >= 0
     is_rep = rep == np.arange(n)
+    rep_key = key(group_ids)
     out = pa.table({"gid": gids, "group_id": group_ids, "group_size": size.astype(np.int64),
                     "is_representative": is_rep, "rep_similarity": rep_sim,
                     "nearest_gid": pa.array(nearest.gid, mask=~found),
-                    "nearest_similarity": pa.array(nearest.sim, mask=~found)}, schema=ROW_SCHEMA)
+                    "nearest_similarity": pa.array(nearest.sim, mask=~found),
+                    "representative_key": rep_key, "nearest_key": key(nearest.gid)}, schema=ROW_SCHEMA)
+    groups = _groups_of(group_ids, rep, size, rep_sim, inner_max, rep_key, n)
     st = {"edges": n_edges, "verified": n_verified, **(check.stats if check is not None else {})}
     if old is None:    # each group of this run's rows has its representative among them
         st["groups"] = int(is_rep.sum())
@@ -567,14 +607,56 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: pa.Table, old: dict | None
         st["groups"] = int(len(unique(group_ids)))
         st["joining"] = int(np.isin(group_ids, old["group_ids"]).sum())
         st["grown"] = int(np.isin(old["group_ids"], group_ids).sum())
-    return out, st
+    return out, groups, st
+
+
+def _groups_of(group_ids, rep, size, rep_sim, inner_max, rep_key: pa.Array, n: int) -> pa.Table:
+    """A bucket's groups of 2+ rows (GROUP_SCHEMA), by one sort of its rows."""
+    multi = np.flatnonzero(size > 1)
+    order = multi[np.argsort(group_ids[multi], kind="stable")]
+    q = group_ids[order]
+    if not len(q):
+        return GROUP_SCHEMA.empty_table()
+    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    first = order[starts]
+    r = rep[first]
+    best = inner_max[r]
+    return pa.table({"group_id": q[starts], "size": size[first].astype(np.int64),
+                     "representative_key": rep_key.take(pa.array(first)),
+                     "max_similarity": pa.array(best, mask=~np.isfinite(best)),
+                     "min_similarity": np.minimum.reduceat(rep_sim[order], starts),
+                     "rows": np.diff(np.r_[starts, len(q)]).astype(np.int64), "earlier": r >= n},
+                    schema=GROUP_SCHEMA)
+
+
+class _KeyOf:
+    """gid -> key within a bucket: its rows' keys, and (incremental runs) the earlier runs' rows
+    it touches (the earlier groups' representatives, the rows of edges to them); null where unknown."""
+
+    def __init__(self, gids: np.ndarray, keys: pa.Array, old: dict | None):
+        g, k = [gids], [keys]
+        if old is not None:
+            g += [old["group_ids"], old["other"]]
+            k += [pa.array(old["group_keys"], pa.string()), pa.array(old["other_keys"], pa.string())]
+        g = np.concatenate(g)
+        order = np.argsort(g, kind="stable")
+        self.gid = g[order]
+        self.key = pa.concat_arrays([a.cast(pa.string()) for a in k]).take(pa.array(order))
+
+    def __call__(self, gids: np.ndarray) -> pa.Array:
+        gids = np.asarray(gids, np.int64)
+        pos = np.minimum(np.searchsorted(self.gid, gids), max(len(self.gid) - 1, 0))
+        there = (self.gid[pos] == gids) if len(self.gid) else np.zeros(len(gids), bool)
+        return self.key.take(pa.array(pos, mask=~there)) if len(self.gid) else pa.nulls(len(gids), pa.string())
 
 
 def _old_part(old: dict, groups: np.ndarray, edges: np.ndarray) -> dict:
     """A bucket's share of the earlier groups: its groups (renumbered from 0) and their edges."""
     renumber = np.cumsum(groups) - 1
-    return {"group_ids": old["group_ids"][groups], "gid_a": old["gid_a"][edges], "b": renumber[old["b"][edges]],
-            "other": old["other"][edges], "sim": old["sim"][edges], "sizes": old["sizes"], "store": old["store"]}
+    return {"group_ids": old["group_ids"][groups], "group_keys": old["group_keys"][groups],
+            "gid_a": old["gid_a"][edges], "b": renumber[old["b"][edges]], "other": old["other"][edges],
+            "other_keys": old["other_keys"][edges], "sim": old["sim"][edges], "sizes": old["sizes"],
+            "store": old["store"]}
 
 
 def _old_groups(run: Run, gids: np.ndarray) -> dict:
@@ -602,5 +684,6 @@ def _old_groups(run: Run, gids: np.ndarray) -> dict:
     old_group = reg["group_id"].reindex(other).to_numpy(np.int64)
     group_ids, b = unique(old_group, return_inverse=True)
     sizes = target.registry.groupby("group_id").size()
-    return {"group_ids": group_ids, "gid_a": g[ok], "b": b.astype(np.int64), "other": other,
-            "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([run.vectors(), *target.stores])}
+    return {"group_ids": group_ids, "group_keys": reg["key"].reindex(group_ids).to_numpy(object),
+            "gid_a": g[ok], "b": b.astype(np.int64), "other": other,
+            "other_keys": reg["key"].reindex(other).to_numpy(object), "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([run.vectors(), *target.stores])}

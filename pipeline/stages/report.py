@@ -42,7 +42,7 @@ def units(run: Run) -> list[Marker]:
     return [run.marker(NAME, NAME)]
 
 
-ROW_BYTES = 120            # held per row at the stage's peak (100 B measured at 10 M rows: bench/results/stage_memory.md)
+GROUP_BYTES = 120          # held per group of 2+ rows (its numbers, its representative's key as Arrow, the sort)
 REPORT_BUFFERS = 512 << 20   # a shard's sample rows as pandas, a batch of pairs
 
 
@@ -61,6 +61,10 @@ SAMPLES_SCHEMA = pa.schema([
     ("is_duplicate", pa.bool_()), ("is_leak", pa.bool_()), ("removed_reason", pa.string()),
     ("representative_key", pa.string()), ("rep_similarity", pa.float32()), ("nearest_key", pa.string()),
     ("nearest_similarity", pa.float32())])
+
+
+GROUPS_SCHEMA = pa.schema([("group_id", pa.int64()), ("size", pa.int64()), ("representative_key", pa.string()),
+                           ("max_similarity", pa.float32()), ("min_similarity", pa.float32())])
 
 
 class Counts:
@@ -98,59 +102,39 @@ def invariant(run: Run, counts: Counts) -> tuple[int, int, int, int]:
 
 
 class Groups:
-    """One pass over the group stage's rows, a shard's file at a time: the groups of 2+ rows (size, the least
-    similarity to the representative, rows of this run), singletons, the gids whose keys the
-    reports name (grouped rows, nearest neighbours), the leaked rows' groups."""
+    """The groups of 2+ rows (the group stage's groups.parquet: size, representative key, the
+    highest and lowest similarity, this run's rows in it, sorted by size), the singletons, the
+    groups of the leaked rows and of the rows the index's removal requests name."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, n_rows: int):
         self.leaked = unique(verify.cross_pairs(run, "leaks")["gid"].to_numpy())
         req = requests.read(run.index_folder())
         self.requests = req.count
         self.request_gids = unique(np.r_[req.gids, rows_with_keys(run, req.keys)])
-        gid, group, size, sim, refs, leak_groups, request_groups = [], [], [], [], [], [], [req.groups]
-        self.singletons = 0
-        shards = sorted(run.shards, key=lambda sh: sh.index)     # gid order
-        for batch in (b for shard in shards for b in pq.ParquetFile(run.group_rows_file(shard.name)).iter_batches(
-                1 << 20, columns=["gid", "group_id", "group_size", "rep_similarity", "nearest_gid"])):
-            g, q = batch.column(0).to_numpy(), batch.column(1).to_numpy()
-            n = batch.column(2).to_numpy()
-            multi = n > 1
-            gid.append(g[multi]); group.append(q[multi]); size.append(n[multi])
-            sim.append(batch.column(3).to_numpy()[multi])
-            self.singletons += int((~multi).sum())
-            refs.append(batch.column(4).drop_null().to_numpy())
-            leak_groups.append(q[np.isin(g, self.leaked)])
-            request_groups.append(q[np.isin(g, self.request_gids)])
-        # the grouped rows (numbers only), sorted by gid
-        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)   # noqa: E731
-        self.gid, self.group = cat(gid, np.int64).astype(np.int64), cat(group, np.int64).astype(np.int64)
-        size, sim = cat(size, np.int64), cat(sim, np.float32)
-        self.leak_groups = unique(np.concatenate(leak_groups or [np.zeros(0, np.int64)]))
-        self.request_groups = unique(np.concatenate(request_groups).astype(np.int64))
-        self.refs = unique(np.concatenate([self.gid, self.group, *refs]).astype(np.int64))
-        # per group: its size (earlier runs' members included), the least similarity to the
-        # representative, the rows of this run; by one sort, no hash table per row
-        order = np.argsort(self.group, kind="stable")
-        q = self.group[order]
-        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if len(q) else np.zeros(0, np.int64)
-        self.table = pd.DataFrame({
-            "group_id": q[starts],
-            "size": np.maximum.reduceat(size[order], starts) if len(q) else np.zeros(0, np.int64),
-            "min_similarity": np.minimum.reduceat(sim[order], starts) if len(q) else np.zeros(0, np.float32),
-            "rows": np.diff(np.r_[starts, len(q)]).astype(np.int64)}).sort_values(
-            ["size", "group_id"], ascending=[False, True])
-        del order, q
-        # incremental runs: rows whose group is an earlier run's (its id is not one of this run's rows)
-        self.joining = int((_find(self.gid, self.group) == len(self.gid)).sum())
-
-    def group_of(self, gids: np.ndarray) -> np.ndarray:
-        """The group id of each gid among the grouped rows, -1 for the others."""
-        pos = _find(self.gid, np.asarray(gids, np.int64))
-        return np.append(self.group, -1)[pos]
+        t = pq.read_table(run.group_groups_file())
+        self.table = t.to_pandas(types_mapper={pa.string(): pd.ArrowDtype(pa.string())}.get).sort_values(
+            ["size", "group_id"], ascending=[False, True], ignore_index=True)
+        self.singletons = n_rows - int(self.table["rows"].sum())
+        # incremental runs: rows whose group is an earlier run's
+        self.joining = int(self.table.loc[self.table["earlier"], "rows"].sum())
+        self.leak_groups = unique(group_of(run, self.leaked))
+        self.request_groups = unique(np.r_[np.asarray(req.groups, np.int64), group_of(run, self.request_gids)])
 
     @property
     def count(self) -> int:
         return self.singletons + len(self.table)
+
+
+def group_of(run: Run, gids: np.ndarray) -> np.ndarray:
+    """The group ids of the given rows of this run (read from their shards' rows files)."""
+    gids = unique(np.asarray(gids, np.int64))
+    parts = [np.zeros(0, np.int64)]
+    for shard in run.shards:
+        lo, hi = np.searchsorted(gids, [shard.index << 32, (shard.index + 1) << 32])
+        if hi > lo:
+            t = pq.read_table(run.group_rows_file(shard.name), columns=["gid", "group_id"])
+            parts.append(t.filter(pc.is_in(t["gid"], pa.array(gids[lo:hi])))["group_id"].to_numpy())
+    return np.concatenate(parts).astype(np.int64)
 
 
 def rows_with_keys(run: Run, keys) -> np.ndarray:
@@ -219,7 +203,7 @@ def _find(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
     return np.where(there, pos, len(sorted_gids))
 
 
-def shard_samples(run: Run, shard, key_of: Keys, groups: Groups) -> pd.DataFrame:
+def shard_samples(run: Run, shard, groups: Groups) -> pd.DataFrame:
     """The sample rows of one input shard (one row per input row, in gid order), with the ingest's
     other columns (member: what the HTML report needs of the shown rows)."""
     ing = pq.read_table(run.ingest_file(shard.name)).to_pandas()
@@ -236,10 +220,8 @@ def shard_samples(run: Run, shard, key_of: Keys, groups: Groups) -> pd.DataFrame
     df["is_representative"] = df["is_representative"].astype("boolean")
     df["is_duplicate"] = (ok & ~df["is_representative"].fillna(True)).astype("boolean")
     df.loc[~ok, ["is_representative", "is_duplicate"]] = pd.NA
-    df["representative_key"] = key_of.objects(df["group_id"])
-    alone = df["group_id"] == df["gid"]                 # its own representative: no lookup needed
-    df.loc[alone.fillna(False).astype(bool), "representative_key"] = df.loc[alone.fillna(False).astype(bool), "key"]
-    df["nearest_key"] = key_of.objects(df["nearest_gid"])
+    for col in ("representative_key", "nearest_key"):    # the group stage's, None for failed rows
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
     # decontamination: a row near an evaluation item leaks it; its whole group is removed
     df["is_leak"] = (ok & df["gid"].isin(groups.leaked)).astype("boolean")
     df.loc[~ok, "is_leak"] = pd.NA
@@ -335,28 +317,17 @@ def _plot(sizes: pd.DataFrame, sim_hist: pd.DataFrame, threshold: float, title: 
     tmp.replace(path)
 
 
-def _pairs_report(edges_path: Path, out_path: Path, key_of: Keys, groups: Groups):
-    """edges.parquet -> pairs.parquet (keys instead of gids), read and written in row batches, and the
-    largest similarity inside each group. Returns (pairs written, group_id -> max similarity)."""
-    group = np.append(groups.group_of(key_of.gid), -1)   # per key_of position; len(gid): not found
+def _pairs_report(edges_path: Path, out_path: Path) -> int:
+    """edges.parquet -> pairs.parquet (the keys the group stage put beside the gids), in row
+    batches. Returns the pairs written."""
     schema = pa.schema([("key_a", pa.string()), ("key_b", pa.string()), ("similarity", pa.float32()),
                         ("kind", pa.string()), ("pixel_score", pa.float32())])
-    n, best = 0, pd.Series(dtype=np.float32)
+    n = 0
     with parquet_writer(out_path, schema) as writer:
-        for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000):
-            a, b = key_of.find(batch.column("gid_a").to_numpy()), key_of.find(batch.column("gid_b").to_numpy())
-            sim = batch.column("similarity").to_numpy()
-            writer.write(pa.table({"key_a": key_of.key.take(a).cast(pa.string()), "key_b": key_of.key.take(b).cast(pa.string()),
-                                   "similarity": sim,
-                                   "kind": batch.column("kind"), "pixel_score": batch.column("pixel_score")},
-                                  schema=schema))
-            qa, qb = group[a], group[b]
-            same = (qa >= 0) & (qa == qb)
-            if same.any():
-                part = pd.Series(sim[same]).groupby(qa[same]).max()
-                best = pd.concat([best, part]).groupby(level=0).max()
-            n += len(sim)
-    return n, best
+        for batch in pq.ParquetFile(edges_path).iter_batches(1_000_000, columns=schema.names):
+            writer.write(pa.Table.from_batches([batch]).cast(schema))
+            n += batch.num_rows
+    return n
 
 
 def _candidates(run: Run, lo: float, threshold: float, band: float):
@@ -381,21 +352,23 @@ def _candidates(run: Run, lo: float, threshold: float, band: float):
 
 def run(run: Run, ex, stage_stats: dict) -> dict:
     """Write every report; `stage_stats` are the earlier stages' stats (wall time, phases). Per-row
-    work streams shard by shard: what is held is the groups of 2+ rows (numbers), the keys the
-    reports name, and the rows the HTML shows."""
+    work streams shard by shard (the group stage's rows carry their representative's and nearest
+    neighbour's keys, its edges their rows' keys): what is held is the table of groups of 2+ rows,
+    the keys of the borderline pairs, and the rows the HTML shows."""
     out = run.report_dir()
     cfg = run.cfg
     n_rows = sum(pq.ParquetFile(run.group_rows_file(s.name)).metadata.num_rows for s in run.shards)
-    need(f"report: {n_rows:,} rows in one process", n_rows * ROW_BYTES + REPORT_BUFFERS)
-    groups = Groups(run)
+    n_groups = pq.ParquetFile(run.group_groups_file()).metadata.num_rows
+    need(f"report: {n_groups:,} groups of 2+ rows in one process", n_groups * GROUP_BYTES + REPORT_BUFFERS)
+    groups = Groups(run, n_rows)
     lo = max(-1.0, cfg.search.threshold - cfg.search.band - 0.01)
     n_cand, counts, bins, near = _candidates(run, lo, cfg.search.threshold, cfg.search.band or 0.03)
     border_gids = unique(np.r_[near["gid_a"].to_numpy(np.int64), near["gid_b"].to_numpy(np.int64)])
-    key_of = key_lookup(run, unique(np.r_[groups.refs, border_gids]))
+    key_of = key_lookup(run, border_gids)
     top = groups.table.head(gallery.GROUPS_PER_PAGE * gallery.MAX_PAGES)
     shown = Shown(top, border_gids)
     tally = Counts()
-    parts = (shard_samples(run, shard, key_of, groups) for shard in run.shards)
+    parts = (shard_samples(run, shard, groups) for shard in run.shards)
     first = next(parts)
     # the writer's schema carries the pandas metadata (nullable integer and boolean columns)
     schema = pa.Table.from_pandas(first[SAMPLES_SCHEMA.names], schema=SAMPLES_SCHEMA, preserve_index=False).schema
@@ -405,12 +378,9 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
             shown.add(df)
             writer.write(pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=schema, preserve_index=False))
         n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
-    n_pairs, max_sim = _pairs_report(run.group_edges_file(), out / "pairs.parquet", key_of, groups)
-    table = groups.table.copy()
-    table["representative_key"] = key_of.objects(table["group_id"])
-    table["max_similarity"] = table["group_id"].map(max_sim)
-    table = table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
-    write_parquet(out / "groups.parquet", pa.Table.from_pandas(table, preserve_index=False))
+    n_pairs = _pairs_report(run.group_edges_file(), out / "pairs.parquet")
+    table = groups.table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
+    write_parquet(out / "groups.parquet", pa.Table.from_pandas(table, preserve_index=False).cast(GROUPS_SCHEMA))
 
     sizes = groups.table["rows"].value_counts()
     if groups.singletons:
