@@ -97,30 +97,33 @@ def giant_corpus(tmp_path_factory):
     return root
 
 
-def _run(root, name, pairs, cells=1):
+def _run(root, name, pairs, cells=1, ex=None):
     """One cell: the join is exhaustive, so the groups can be held against brute force (many cells:
     test_join_members_dense_and_pairwise_agree; what cell borders hide: make bench-search)."""
     cfg = from_dict({"input": {"path": str(root / "emb"), "format": "embeddings"}, "run_dir": str(root / name),
                      "embed": {"model": "precomputed:test"}, "search": {"threshold": T, "pairs": pairs,
                      "dense_cell": 1000, "cells": cells}, "group": {"min_rep_similarity": -1},
                      "export": {"formats": ["keep"]}})
-    run_stages(cfg, LocalExecutor(), log=lambda *_: None)
+    run_stages(cfg, ex or LocalExecutor(), log=lambda *_: None)
     return cfg
 
 
-def test_pipeline_groups_equal_brute_force_with_giant_groups(giant_corpus, monkeypatch):
+def test_pipeline_groups_equal_brute_force_with_giant_groups(giant_corpus, monkeypatch, ray_executor):
     forest = _run(giant_corpus, "forest", "forest")
     every = _run(giant_corpus, "every", "all")
     sf = pq.read_table(forest.run_path / "report" / "samples.parquet").to_pandas()
     se = pq.read_table(every.run_path / "report" / "samples.parquet").to_pandas()
     assert sf.group_id.equals(se.group_id) and sf.group_size.max() >= 3900   # the planted 4,000 copies
-    # the group stage in buckets of 500 rows (the giant group's bucket holds it whole): the same groups
+    # the group stage in buckets of 500 rows, Ray tasks (the giant group's bucket holds it whole):
+    # the same groups
     from dedup2b.stages import group
     monkeypatch.setattr(group, "BUCKET_ROWS", 500)
-    bucketed = _run(giant_corpus, "buckets", "forest")
+    bucketed = _run(giant_corpus, "buckets", "forest", ex=ray_executor)
     sb = pq.read_table(bucketed.run_path / "report" / "samples.parquet").to_pandas()
     assert sb.group_id.equals(sf.group_id) and sb.is_representative.equals(sf.is_representative)
-    assert json.loads((bucketed.run_path / "stage_stats.json").read_text())["group"]["buckets"] >= 10
+    stats = [json.loads((c.run_path / "stage_stats.json").read_text())["group"] for c in (forest, bucketed)]
+    assert stats[0]["buckets"] == 1 and stats[1]["buckets"] >= 10
+    assert stats[0]["groups"] == stats[1]["groups"] == sf.group_id.nunique()   # a number, the same
     # against brute force over the stored vectors (fp16, as the pipeline sees them)
     from dedup2b.stages import open_run
     store = open_run(forest).vectors()

@@ -91,8 +91,8 @@ def test_the_invariant_fails_when_a_row_is_lost_or_doubled(demo_corpus, tmp_path
     real = report.shard_samples
     hit = []
 
-    def faulty(run, shard, key_of, groups):     # one row of the first shard lost or doubled
-        df = real(run, shard, key_of, groups)
+    def faulty(run, shard, groups):     # one row of the first shard lost or doubled
+        df = real(run, shard, groups)
         if hit:
             return df
         hit.append(shard.name)

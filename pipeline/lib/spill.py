@@ -54,7 +54,7 @@ class Spill:
             if not parts:
                 continue
             if b not in self.writers:
-                self.writers[b] = pa.ipc.new_file(self.folder / f"{b:06d}.arrow", self.schema)
+                self.writers[b] = pa.ipc.new_file(bucket_file(self.folder, b), self.schema)
             for batch in pa.concat_tables(parts).combine_chunks().to_batches():
                 self.writers[b].write_batch(batch)
             parts.clear()
@@ -68,23 +68,15 @@ class Spill:
         self.writers.clear()
 
     def batches(self, b: int, rows: int = 1 << 20):
-        """Bucket b's rows after `finish`, in tables of at most `rows` read from its file (memory-
-        mapped: a table at a time is held); as often as asked."""
-        path = self.folder / f"{b:06d}.arrow"
-        if not path.exists():
-            return
-        with pa.memory_map(str(path)) as source, pa.ipc.open_file(source) as f:
-            for i in range(f.num_record_batches):
-                batch = f.get_batch(i)
-                for at in range(0, batch.num_rows, rows):
-                    yield pa.Table.from_batches([batch.slice(at, rows)])
+        """Bucket b's rows after `finish`, in tables of at most `rows` (see `file_batches`)."""
+        return file_batches(self.folder, b, rows)
 
     def read(self, b: int) -> pa.Table:
         """Bucket b's rows: its file's, then those still waiting."""
         parts = []
         if b in self.writers:
             self.writers.pop(b).close()
-        path = self.folder / f"{b:06d}.arrow"
+        path = bucket_file(self.folder, b)
         if path.exists():
             with pa.ipc.open_file(path) as f:       # read whole: the file is removed below
                 parts.append(f.read_all())
@@ -99,3 +91,34 @@ class Spill:
         self.writers.clear()
         self.waiting = [[] for _ in range(self.n)]
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def bucket_file(folder: Path, b: int) -> Path:
+    return Path(folder) / f"{b:06d}.arrow"
+
+
+def file_batches(folder: Path, b: int, rows: int = 1 << 20):
+    """Bucket b's rows of a finished spill in `folder`, in tables of at most `rows`, read from its
+    file memory-mapped (a table at a time is held); as often as asked, from any process."""
+    path = bucket_file(folder, b)
+    if not path.exists():
+        return
+    with pa.memory_map(str(path)) as source, pa.ipc.open_file(source) as f:
+        for i in range(f.num_record_batches):
+            batch = f.get_batch(i)
+            for at in range(0, batch.num_rows, rows):
+                yield pa.Table.from_batches([batch.slice(at, rows)])
+
+
+def read_file(folder: Path, b: int, schema: pa.Schema) -> pa.Table:
+    """Bucket b's rows of a finished spill in `folder`, whole (the file stays)."""
+    path = bucket_file(folder, b)
+    if not path.exists():
+        return schema.empty_table()
+    with pa.ipc.open_file(path) as f:
+        return f.read_all()
+
+
+def write_file(path: Path, table: pa.Table) -> None:
+    with pa.ipc.new_file(path, table.schema) as w:
+        w.write(table)

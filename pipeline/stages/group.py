@@ -18,8 +18,9 @@ Memory, in three passes:
    digests share 8 bytes, the same image under another caption): the next pass finds the exact
    ones.
 2. The rows of components of 2+ nodes and the edges, partitioned by component into buckets of
-   about BUCKET_ROWS rows through files (lib/spill.py), then a bucket at a time: the rank, the
-   components again exactly, the guard, the member check, the nearest verified neighbour, the
+   about BUCKET_ROWS rows through files (lib/spill.py), then a task per bucket (one after another
+   on the driver where the member check runs: its pixel checks are tasks of their own): the rank,
+   the components again exactly, the guard, the member check, the nearest verified neighbour, the
    edges to keep. A component is never split, so a bucket holds at least its largest component.
 3. A rows file per shard: the bucket results of its grouped rows, every other row its own group.
 
@@ -51,6 +52,7 @@ from ..core.run import Run
 from ..core.vectors import StoreUnion, meta_path
 from ..lib import registry
 from ..lib.nodes import GidIndex, column_of, key_prefix, keys_of, quality_rank, raw_digest
+from ..lib import spill
 from ..lib.spill import Spill
 from ..lib.unionfind import UnionFind, exact_edges
 from . import verify
@@ -60,7 +62,8 @@ FIELDS = ("input", "embed.model", "codec", "search", "verify", "group", "against
 
 
 CHUNK = 5_000_000   # edges held at once: the bounded buffer of every pass over the edges
-ROW_BYTES = 110     # held per row of a bucket at its peak (89 B measured at 10 M rows: bench/results/stage_memory.md)
+ROW_BYTES = 250     # held per row of a bucket at its peak, its keys included (with GROUP_BUFFERS: two buckets of
+                    # 2.2 M rows at once peaked at 1.57 GB, bench/results/stage_memory.md)
 GROUP_BUFFERS = 512 << 20   # an edge chunk and its copies, member / representative vectors
 SIM_ROWS = 16384    # member / representative vector pairs compared at once (768-d: 2 x 50 MB of float32;
                     # 65,536 held 500 MB, the stage's largest buffer at 1 M rows)
@@ -393,19 +396,28 @@ def run(run: Run, ex, stats: dict) -> dict:
     old_edge_bucket = bucket_of(position(old["gid_a"])) if old is not None else None
     del labels, grouped, position, gids, bucket_of       # nothing per row is held from here on
 
-    # 3. a bucket at a time: rank, representatives, guard, member check, nearest, forest
+    # 3. the buckets: rank, representatives, guard, member check, nearest, forest; as tasks, except
+    #    where the member check runs (its pixel checks are tasks of their own): one after another
+    rows.finish()
+    out = work / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [{"run": run, "b": b, "rows": rows.folder, "edges": edges.folder if edges is not None else None,
+             "old": _old_part(old, old_bucket == b, old_edge_bucket == b) if old is not None else None, "out": out}
+            for b in range(n_buckets)]
+    if verify.active(run) and cfg.group.member_check:
+        done = [_bucket_task(dict(job, ex=ex)) for job in jobs]
+    else:
+        done = ex.map(_bucket_task, jobs, desc="group: buckets", num_cpus=1)
     shard_range = {sh.index: i * n_buckets // max(len(shards), 1) for i, sh in enumerate(shards)}
     results = Spill(work / "results", n_buckets, ROW_SCHEMA)
     totals = Counter()
     with parquet_writer(run.group_edges_file(), EDGE_SCHEMA) as writer, \
             parquet_writer(run.group_groups_file(), GROUP_SCHEMA) as group_writer:
-        for b in range(n_buckets):
-            part = None
-            if old is not None:
-                part = _old_part(old, old_bucket == b, old_edge_bucket == b)
-            near = (lambda: verified_edges(run)) if edges is None else (lambda b=b: edges.batches(b))
-            got, groups, st = _group_bucket(run, ex, rows.read(b), near, part, writer)
-            group_writer.write(groups)
+        for b, st in enumerate(done):          # in bucket order, whatever order the tasks ended in
+            for t in spill.file_batches(out / "edges", b):
+                writer.write(t)
+            group_writer.write(spill.read_file(out / "groups", b, GROUP_SCHEMA))
+            got = spill.read_file(out / "rows", b, ROW_SCHEMA)
             results.write(_ranges(got["gid"].to_numpy(), shard_range), got)
             totals.update(st)
     rows.close()
@@ -429,7 +441,7 @@ def run(run: Run, ex, stats: dict) -> dict:
         n_alone += len(g) - (hi - lo)
     results.close()
     shutil.rmtree(work, ignore_errors=True)
-    n_groups = n_alone + totals["groups"]
+    n_groups = int(n_alone + totals["groups"])
     files += [run.group_edges_file(), run.group_groups_file()]
     run.marker(NAME, NAME).write(run.fingerprint(NAME), files, rows=n_rows, groups=n_groups)
     member = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items() if k.startswith("member_")}
@@ -513,6 +525,23 @@ def _shard_rows(gids: np.ndarray, keys: pa.ChunkedArray, res: pa.Table) -> pa.Ta
                      "representative_key": rep_key, "nearest_key": near_key}, schema=ROW_SCHEMA)
 
 
+def _bucket_task(job: dict) -> dict:
+    """One bucket (a task): its rows and edges read from the spill files, its results written to
+    out/{rows,groups,edges}/BBBBBB.arrow; returns its counts. `ex` (not in a task): the executor
+    the member check's pixel checks run on."""
+    run, b, out = job["run"], job["b"], Path(job["out"])
+    rows = spill.read_file(job["rows"], b, ROW_SPILL)
+    near = ((lambda: verified_edges(run)) if job["edges"] is None
+            else (lambda: spill.file_batches(job["edges"], b)))
+    for d in ("rows", "groups", "edges"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    with pa.ipc.new_file(spill.bucket_file(out / "edges", b), EDGE_SCHEMA) as writer:
+        got, groups, st = _group_bucket(run, job.get("ex"), rows, near, job["old"], writer)
+    spill.write_file(spill.bucket_file(out / "groups", b), groups)
+    spill.write_file(spill.bucket_file(out / "rows", b), got)
+    return st
+
+
 def _group_bucket(run: Run, ex, rows: pa.Table, near: Callable[[], Iterable[pa.Table]], old: dict | None,
                   writer) -> tuple[pa.Table, pa.Table, dict]:
     """One bucket's components, exactly: its rows (gid order), its edges (`near()`: the near
@@ -554,8 +583,9 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: Callable[[], Iterable[pa.T
     if old is not None:   # earlier runs' groups join as one node each, ranked first: old rows never change
         k = len(old["group_ids"])
         all_rank = np.concatenate([rank, np.arange(k) - k])
-        rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, old["store"], cfg.group.min_rep_similarity,
-                                   check)
+        target = registry.Target(cfg.against, cfg.embed.model, run.root)
+        rep, rep_sim = group_nodes(all_gids, all_rank, edges.pairs, StoreUnion([store, *target.stores]),
+                                   cfg.group.min_rep_similarity, check)
         rep, rep_sim = rep[:n], rep_sim[:n]
         group_ids = all_gids[rep]
         earlier = old["sizes"].reindex(group_ids).fillna(0).to_numpy(np.int64)   # earlier members of the group
@@ -655,8 +685,7 @@ def _old_part(old: dict, groups: np.ndarray, edges: np.ndarray) -> dict:
     renumber = np.cumsum(groups) - 1
     return {"group_ids": old["group_ids"][groups], "group_keys": old["group_keys"][groups],
             "gid_a": old["gid_a"][edges], "b": renumber[old["b"][edges]], "other": old["other"][edges],
-            "other_keys": old["other_keys"][edges], "sim": old["sim"][edges], "sizes": old["sizes"],
-            "store": old["store"]}
+            "other_keys": old["other_keys"][edges], "sim": old["sim"][edges], "sizes": old["sizes"]}
 
 
 def _old_groups(run: Run, gids: np.ndarray) -> dict:
@@ -686,4 +715,5 @@ def _old_groups(run: Run, gids: np.ndarray) -> dict:
     sizes = target.registry.groupby("group_id").size()
     return {"group_ids": group_ids, "group_keys": reg["key"].reindex(group_ids).to_numpy(object),
             "gid_a": g[ok], "b": b.astype(np.int64), "other": other,
-            "other_keys": reg["key"].reindex(other).to_numpy(object), "sim": sim.astype(np.float32), "sizes": pd.Series(sizes), "store": StoreUnion([run.vectors(), *target.stores])}
+            "other_keys": reg["key"].reindex(other).to_numpy(object), "sim": sim.astype(np.float32),
+            "sizes": pd.Series(sizes)}
