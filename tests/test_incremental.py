@@ -94,6 +94,21 @@ def test_quality_rule_keeps_one_row_per_group_and_never_touches_earlier_rows(par
         assert again[k] == stats["group"][k], k
 
 
+def test_increments_grouped_in_buckets_as_tasks_keep_the_all_at_once_rows(parts, monkeypatch):
+    """Without the pixel check the group stage's buckets run as tasks, earlier groups included."""
+    from dedup2b.stages import group
+    root, shards = parts
+    monkeypatch.setattr(group, "BUCKET_ROWS", 3)
+    off = {"verify": {"method": "off"}}
+    ex, quiet = LocalExecutor(), dict(log=lambda *_: None)
+    run_stages(_cfg(root, shards, "all-off", "first", **off), ex, **quiet)
+    run_stages(_cfg(root, root / "a", "inc1-off", "first", **off), ex, **quiet)
+    stats = run_stages(_cfg(root, root / "b", "inc2-off", "first", against=str(root / "first" / "idx" / "inc1-off"),
+                            **off), ex, **quiet)["group"]
+    assert stats["buckets"] > 1 and stats["earlier_groups_grown"] > 0 and stats["rows_joining_earlier_groups"] > 0
+    assert _kept(root, "first", "all-off") == _kept(root, "first", "inc1-off") | _kept(root, "first", "inc2-off")
+
+
 def test_an_increment_must_continue_the_shard_numbering(parts, tmp_path):
     root, shards = parts
     idx = root / "first" / "idx" / "inc1"

@@ -69,7 +69,7 @@ SIM_ROWS = 16384    # member / representative vector pairs compared at once (768
                     # 65,536 held 500 MB, the stage's largest buffer at 1 M rows)
 
 HEAD_BYTES = 17     # held per row while the components are found: gid, union-find parent, a flag
-BUCKET_ROWS = 4_000_000   # grouped rows per bucket (about 110 B each at a bucket's peak); a
+BUCKET_ROWS = 4_000_000   # grouped rows per bucket (ROW_BYTES each at a bucket's peak); a
                           # component is never split, so a bucket holds at least its largest one
 DIGEST_ROWS = 8_000_000   # rows per bucket of the exact-copy pass (24 B each while sorted)
 
@@ -685,7 +685,8 @@ def _old_part(old: dict, groups: np.ndarray, edges: np.ndarray) -> dict:
     renumber = np.cumsum(groups) - 1
     return {"group_ids": old["group_ids"][groups], "group_keys": old["group_keys"][groups],
             "gid_a": old["gid_a"][edges], "b": renumber[old["b"][edges]], "other": old["other"][edges],
-            "other_keys": old["other_keys"][edges], "sim": old["sim"][edges], "sizes": old["sizes"]}
+            "other_keys": old["other_keys"][edges], "sim": old["sim"][edges],
+            "sizes": old["sizes"].reindex(old["group_ids"][groups])}      # only its groups' sizes go to its task
 
 
 def _old_groups(run: Run, gids: np.ndarray) -> dict:
