@@ -4,11 +4,12 @@ and the node map.
 The rank compares a 16-byte prefix of each key (most pixels, then most bytes, then the smallest
 key); only rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their
 full keys read back, a tied run at a time. sha256 digests are held as 32 raw bytes. GidIndex maps
-gids to node positions by arithmetic.
+gids to node positions by arithmetic; Keys maps given rows' gids to their keys.
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -136,3 +137,35 @@ class GidIndex:
         if slow.any():
             pos[slow] = np.searchsorted(self.gids, g[slow])
         return pos
+
+
+class Keys:
+    """gid -> key of given rows (the group stage's bucket, the report's borderline pairs): the gids
+    sorted, their keys one Arrow string array (about 4 B a key beside its text; a pandas Series of
+    Python strings held about 60 B more a key), looked up a batch at a time by one binary search
+    per gid."""
+
+    def __init__(self, gid: np.ndarray, key: pa.Array):
+        self.gid = gid
+        self.key = pa.concat_arrays([key, pa.nulls(1, key.type)])   # position len(gid): not found
+
+    def find(self, gids: np.ndarray) -> np.ndarray:
+        """Position of each gid, len(gid) where it is not there."""
+        return find_sorted(self.gid, gids)
+
+    def take(self, gids) -> pa.Array:
+        """The keys of `gids` (an array or a Series with NA), null where unknown or NA."""
+        g = gids.to_numpy(np.int64, na_value=-1) if isinstance(gids, pd.Series) else np.asarray(gids, np.int64)
+        return self.key.take(self.find(g))
+
+    def objects(self, gids) -> np.ndarray:
+        """The keys of `gids` as a numpy object array (None where unknown): for one shard's rows."""
+        return self.take(gids).to_numpy(zero_copy_only=False)
+
+
+def find_sorted(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
+    """Position of each gid in `sorted_gids` by binary search, len(sorted_gids) where it is not there."""
+    pos = np.searchsorted(sorted_gids, gids)
+    there = pos < len(sorted_gids)
+    there[there] = sorted_gids[pos[there]] == gids[there]
+    return np.where(there, pos, len(sorted_gids))

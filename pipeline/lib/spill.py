@@ -61,15 +61,11 @@ class Spill:
         self.held = 0
 
     def finish(self) -> None:
-        """Every bucket's rows to its file (for `batches`)."""
+        """Every bucket's rows to its file (read by `file_batches` / `read_file`, in any process)."""
         self.flush()
         for w in self.writers.values():
             w.close()
         self.writers.clear()
-
-    def batches(self, b: int, rows: int = 1 << 20):
-        """Bucket b's rows after `finish`, in tables of at most `rows` (see `file_batches`)."""
-        return file_batches(self.folder, b, rows)
 
     def read(self, b: int) -> pa.Table:
         """Bucket b's rows: its file's, then those still waiting."""

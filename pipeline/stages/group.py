@@ -51,7 +51,7 @@ from ..core.memory import need
 from ..core.run import Run
 from ..core.vectors import StoreUnion, meta_path
 from ..lib import registry
-from ..lib.nodes import GidIndex, column_of, key_prefix, keys_of, quality_rank, raw_digest
+from ..lib.nodes import GidIndex, Keys, column_of, key_prefix, keys_of, quality_rank, raw_digest
 from ..lib import spill
 from ..lib.spill import Spill
 from ..lib.unionfind import UnionFind, exact_edges
@@ -570,7 +570,7 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: Callable[[], Iterable[pa.T
         exact = (idx[ea].astype(np.int64), idx[eb].astype(np.int64))
     else:
         exact = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    key = _KeyOf(gids, rows["key"].combine_chunks(), old)
+    key = _bucket_keys(gids, rows["key"].combine_chunks(), old).take
     del rows
     store = run.vectors()
     local_old = None
@@ -659,25 +659,16 @@ def _groups_of(group_ids, rep, size, rep_sim, inner_max, rep_key: pa.Array, n: i
                     schema=GROUP_SCHEMA)
 
 
-class _KeyOf:
+def _bucket_keys(gids: np.ndarray, keys: pa.Array, old: dict | None) -> Keys:
     """gid -> key within a bucket: its rows' keys, and (incremental runs) the earlier runs' rows
-    it touches (the earlier groups' representatives, the rows of edges to them); null where unknown."""
-
-    def __init__(self, gids: np.ndarray, keys: pa.Array, old: dict | None):
-        g, k = [gids], [keys]
-        if old is not None:
-            g += [old["group_ids"], old["other"]]
-            k += [pa.array(old["group_keys"], pa.string()), pa.array(old["other_keys"], pa.string())]
-        g = np.concatenate(g)
-        order = np.argsort(g, kind="stable")
-        self.gid = g[order]
-        self.key = pa.concat_arrays([a.cast(pa.string()) for a in k]).take(pa.array(order))
-
-    def __call__(self, gids: np.ndarray) -> pa.Array:
-        gids = np.asarray(gids, np.int64)
-        pos = np.minimum(np.searchsorted(self.gid, gids), max(len(self.gid) - 1, 0))
-        there = (self.gid[pos] == gids) if len(self.gid) else np.zeros(len(gids), bool)
-        return self.key.take(pa.array(pos, mask=~there)) if len(self.gid) else pa.nulls(len(gids), pa.string())
+    it touches (the earlier groups' representatives, the rows of edges to them)."""
+    g, k = [gids], [keys]
+    if old is not None:
+        g += [old["group_ids"], old["other"]]
+        k += [pa.array(old["group_keys"], pa.string()), pa.array(old["other_keys"], pa.string())]
+    g = np.concatenate(g)
+    order = np.argsort(g, kind="stable")
+    return Keys(g[order], pa.concat_arrays([a.cast(pa.string()) for a in k]).take(pa.array(order)))
 
 
 def _old_part(old: dict, groups: np.ndarray, edges: np.ndarray) -> dict:

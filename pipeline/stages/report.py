@@ -32,6 +32,7 @@ from ..core.io import Marker, parquet_writer, read_json, write_json, write_parqu
 from ..core.memory import need
 from ..core.run import Run
 from ..lib import gallery, registry, requests
+from ..lib.nodes import Keys
 from . import verify
 
 NAME = "report"
@@ -149,29 +150,6 @@ def rows_with_keys(run: Run, keys) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-class Keys:
-    """gid -> key of the rows the reports name: the gids sorted, their keys one Arrow string array
-    (about 4 B a key beside its text; a pandas Series of Python strings held about 60 B more a
-    key), looked up a batch at a time by one binary search per gid."""
-
-    def __init__(self, gid: np.ndarray, key: pa.Array):
-        self.gid = gid
-        self.key = pa.concat_arrays([key, pa.nulls(1, key.type)])   # position len(gid): not found
-
-    def find(self, gids: np.ndarray) -> np.ndarray:
-        """Position of each gid, len(gid) where it is not there."""
-        return _find(self.gid, gids)
-
-    def take(self, gids) -> pa.Array:
-        """The keys of `gids` (an array or a Series with NA), null where unknown or NA."""
-        g = gids.to_numpy(np.int64, na_value=-1) if isinstance(gids, pd.Series) else np.asarray(gids, np.int64)
-        return self.key.take(self.find(g))
-
-    def objects(self, gids) -> np.ndarray:
-        """The keys of `gids` as a numpy object array (None where unknown): for one shard's rows."""
-        return self.take(gids).to_numpy(zero_copy_only=False)
-
-
 def key_lookup(run: Run, gids: np.ndarray) -> Keys:
     """The keys of the given gids only (read shard by shard), the earlier runs' rows included for
     an incremental run."""
@@ -193,14 +171,6 @@ def key_lookup(run: Run, gids: np.ndarray) -> Keys:
         return Keys(np.zeros(0, np.int64), pa.array([], pa.large_string()))
     t = pa.concat_tables(parts).sort_by("gid").combine_chunks()
     return Keys(t["gid"].to_numpy(), t["key"].chunk(0) if t["key"].num_chunks else pa.array([], pa.large_string()))
-
-
-def _find(sorted_gids: np.ndarray, gids: np.ndarray) -> np.ndarray:
-    """Position of each gid in `sorted_gids` by binary search, len(sorted_gids) where it is not there."""
-    pos = np.searchsorted(sorted_gids, gids)
-    there = pos < len(sorted_gids)
-    there[there] = sorted_gids[pos[there]] == gids[there]
-    return np.where(there, pos, len(sorted_gids))
 
 
 def shard_samples(run: Run, shard, groups: Groups) -> pd.DataFrame:
