@@ -361,6 +361,9 @@ def build_set(seed: int = 0, faces: int = 100, chains: int = 4, tiny: int = 20,
     scans = [cs.add(im, f"page-scan[{i}]", rng)
              for i, im in enumerate(grid_crops(ph["page"], 1, 2) + grid_crops(ph["text"], 1, 2))]
     cs.pairs += [(a, b, False, "text") for a, b in itertools.combinations(pages + scans, 2)]
+    # a half of a page against the page: its text is uneven (margins, short lines), so the half can
+    # hold more than half of the page's detail
+    cs.pairs += [(whole[name], s, False, "part-of") for name, s in zip(["page", "page", "text", "text"], scans)]
     small = [cs.add(text_page(rng, (800, 1000), 14, fam), f"small-print[{i}]", rng)
              for i, fam in enumerate(["DejaVuSerif"] * 4 + ["DejaVuSans"] * 2)]
     cs.pairs += [(a, b, False, "text") for a, b in itertools.combinations(small, 2)]
@@ -371,6 +374,9 @@ def build_set(seed: int = 0, faces: int = 100, chains: int = 4, tiny: int = 20,
         ids = [cs.add(im, f"{name}<{i}>", rng) for i, im in enumerate(grid_crops(ph[name], 2, 2))]
         cs.pairs += [(a, b, False, "disjoint-crops") for a, b in itertools.combinations(ids, 2)]
         cs.pairs += [(whole[name], a, False, "part-of") for a in ids]
+        if big.get(name) == (1, 2):     # a quarter against the half it lies in (a sky is smooth:
+            halves = [whole[f"{name}[{j}]"] for j in range(2)]   # the quarter below holds most detail)
+            cs.pairs += [(halves[i % 2], a, False, "part-of") for i, a in enumerate(ids)]
     tex = {}
     for name in ("brick", "grass", "gravel"):
         tex[name] = [cs.add(ph[name], name, rng)] + [cs.add(im, f"{name}<{i}>", rng)

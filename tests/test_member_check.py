@@ -94,24 +94,28 @@ def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp
 
 
 def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_path):
-    """The kept row is the photo on a big canvas (the most pixels); a cropped copy fails against
-    it but is a clear copy of the unedited photo, which is a full
-    copy of the kept row (each holds >= verify.FULL_SHARE of the other): it stays, through that
-    anchor and only through it."""
+    """The kept row is the photo on a canvas (the most pixels); a copy turned on another canvas fails against it
+    but is a clear copy of the unedited photo, which is a full copy of the kept row (each holds >=
+    verify.FULL_SHARE of the other): it stays, through that anchor and only through it. A part of
+    the kept row is not rescued: a crop whose pixels agree with the photo on a canvas but hold less
+    than pixels.MIN_SHARE of it stays out, though it is a clear copy of the unedited photo."""
     import numpy as np
 
     from bench.copies import build_set
     from dedup2b.lib import pixels
     from dedup2b.stages import verify
     cs = build_set(0)
-    names = ["astronaut|canvas", "astronaut", "astronaut|crop", "lfw[3]"]
+    names = ["rocket|canvas", "rocket", "rocket|canvas+text+rot90", "lfw[3]", "astronaut|canvas", "astronaut", "astronaut|crop"]
     feats = [pixels.features(cs.images[cs.names.index(n)]) for n in names]
     path = tmp_path / "00000.npz"
     np.savez(path, gid=np.arange(len(feats), dtype=np.int64), **verify.pack(feats))
-    job = {"a": [2, 2, 3], "b": [0, 0, 0], "alt": [[1], [], [1]], "features": {0: str(path)}}
+    job = {"a": [2, 2, 3, 6], "b": [0, 0, 0, 4], "alt": [[1], [], [1], [5]], "features": {0: str(path)}}
     got = verify.decide_members(job)
-    assert got["pixels"] == [1, 0, 0] and got["via_full_copy"] == 1
+    assert got["pixels"] == [1, 0, 0, 0] and got["via_full_copy"] == 1
     assert not pixels.verify(feats[2], feats[0])[0] and pixels.verify(feats[2], feats[1])[1] >= verify.ANCHOR_ACCEPT
+    assert not pixels.explain(feats[2], feats[0], {"min_share": 0.0})["copy"]      # not a part: misaligned
+    assert pixels.verify(feats[6], feats[5])[1] >= verify.ANCHOR_ACCEPT and not pixels.verify(feats[6], feats[4])[0]
+    assert pixels.explain(feats[6], feats[4], {"min_share": 0.0})["copy"]          # a part of the kept row
 
 
 def test_checks_run_ahead_on_threads_give_what_checking_one_by_one_gives():

@@ -89,6 +89,25 @@ def test_a_half_of_a_photo_is_not_a_copy_of_it_but_a_large_crop_is(photo):
     assert pixels.explain(whole, pixels.features(_jpeg(grid_crops(photo, 2, 2)[0])), {"min_share": 0.0})["copy"]
 
 
+def test_a_part_with_most_of_the_detail_is_still_a_part():
+    """Smooth picture (a sky, a page's margin) is content: the lower quarter of a photo under a
+    clear sky holds most of the detail of the half it lies in, but only half of its picture; a half
+    of a scanned page against the page, whose other half holds shorter lines."""
+    from sklearn.datasets import load_sample_images
+    import skimage.data
+    china = Image.fromarray(load_sample_images().images[0])
+    for half, quarters in zip(grid_crops(china, 1, 2), ([0, 2], [1, 3])):
+        whole = pixels.features(_jpeg(half))
+        for q in quarters:
+            part = pixels.features(_jpeg(grid_crops(china, 2, 2)[q]))
+            assert not pixels.verify(whole, part)[0], q
+        assert pixels.verify(whole, pixels.features(_jpeg(half, 30)))[0]     # a copy still is one
+    page = Image.fromarray(skimage.data.page())
+    whole = pixels.features(_png(page))
+    for part in grid_crops(page, 1, 2):
+        assert not pixels.verify(whole, pixels.features(_png(part)))[0]
+
+
 def test_different_text_pages_are_rejected():
     rng = random.Random(1)
     a, b = text_page(rng), text_page(rng)              # same font, size and layout; other words

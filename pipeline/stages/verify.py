@@ -360,7 +360,8 @@ def decide_members(job: dict) -> dict:
     that is a full copy of the representative: each holds >= FULL_SHARE of the other's content
     (the unedited photo of a representative that is the photo on a canvas). Through a full copy a
     member still holds about half of the representative or more, so two members still share some
-    of it."""
+    of it. A member that is a part of its representative (rejected by the share rule alone) is
+    never rescued."""
     from ..lib import pixels
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
     full: dict[tuple[int, int], bool] = {}
@@ -372,10 +373,17 @@ def decide_members(job: dict) -> dict:
                                 and pixels.explain(fx, fr, {"min_share": FULL_SHARE}, stop=True)["copy"])
         return full[(x, r)]
 
+    def is_part(a: int, r: int) -> bool:
+        # rejected by the share rule alone: the pixels agree where the two overlap, but the member
+        # holds less than pixels.MIN_SHARE of the representative (a quarter of a photo against the
+        # half it lies in). No anchor makes a part a copy: through an edited anchor whose smooth
+        # areas lost their detail (gamma, a brighter sky) the same part can pass the rule
+        return bool(pixels.explain(store.get(a), store.get(r), {"min_share": 0.0}, stop=True)["copy"])
+
     out, via = [], 0
     for a, b, alt in zip(job["a"], job["b"], job.get("alt") or [()] * len(job["a"])):
         d = _decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE)[0]
-        if d == 0:
+        if d == 0 and not is_part(a, b):
             for x in (x for x in alt if x != a):
                 d2, score = _decide(pixels, store.get(a), store.get(x))
                 if d2 == 1 and score >= ANCHOR_ACCEPT and is_full(x, b):
