@@ -155,3 +155,28 @@ def test_checks_run_ahead_on_threads_give_what_checking_one_by_one_gives():
     assert sum(r is None for _, r in alone) > 50 and sum(r is True for _, r in alone) > 10
     for threads in (2, 4):
         assert one_pass(threads) == alone
+
+
+def test_byte_identical_rows_share_one_set_of_features(copies, tmp_path):
+    """The verify stage computes the features of each distinct content once: a row whose bytes
+    repeat another's gets the same features, stored once."""
+    import shutil
+
+    import numpy as np
+
+    from dedup2b.stages import verify
+    folder = tmp_path / "in"
+    shutil.copytree(copies, folder)
+    shutil.copy(folder / "cat_q90.jpg", folder / "cat_q90_again.jpg")
+    cfg = config.build(None, ["verify.low=0.0"], tmp_path / "run", {"input.path": str(folder)})
+    stats = run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify"])["verify"]
+    run = open_run(cfg)
+    keys = run.ingest_table(columns=["gid", "key"]).to_pandas().set_index("key")["gid"]
+    z = dict(np.load(verify.feature_file(run, run.shards[0].name)))
+    assert stats["rows_with_features"] == len(z["gid"]) == stats["images_with_features"] + 1
+    assert len(z["thumb__off"]) - 1 == stats["images_with_features"]          # images stored once
+    store = verify.FeatureStore({run.shards[0].index: verify.feature_file(run, run.shards[0].name)})
+    a, b = store.get(keys["cat_q90.jpg"]), store.get(keys["cat_q90_again.jpg"])
+    other = store.get(keys["cat_q70.jpg"])
+    assert a is not None and np.array_equal(a.desc, b.desc) and np.array_equal(a.thumb, b.thumb)
+    assert not np.array_equal(a.thumb, other.thumb)

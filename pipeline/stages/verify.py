@@ -162,7 +162,8 @@ def unpack(z: dict, i: int):
 
 
 def features_shard(job: dict) -> dict:
-    """Features of the wanted rows of one shard -> one .npz (see pack)."""
+    """Features of the wanted rows of one shard -> one .npz (see pack; `slot`: each gid's image
+    in it, byte-identical rows sharing one)."""
     from ..lib import pixels
     t0 = time.time()
     shard = Shard(job["index"], job["name"], Path(job["parquet"]), Path(job["data"]))
@@ -175,17 +176,28 @@ def features_shard(job: dict) -> dict:
             return item[0], None
 
     images = source_for(job["format"]).read_images(shard, wanted)
+    # the features of each distinct content once: byte-identical rows (a placeholder crawled from
+    # many URLs) share them (demo: 140 rows, 125 contents)
+    first: dict[bytes, int] = {}
+    content = [first.setdefault(bytes(data), len(first)) for _, data in images]
+    distinct = [None] * len(first)
+    for (g, data), c in zip(images, content):
+        if distinct[c] is None:
+            distinct[c] = (g, data)
     threads = int(job.get("threads", 1))
     if threads > 1:      # decoding and SIFT release the GIL: a task alone on the machine uses its cores
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(threads) as pool:
-            done = list(pool.map(one, images))
+            done = list(pool.map(one, distinct))
     else:
-        done = [one(x) for x in images]
-    gids = [g for g, f in done if f is not None]
+        done = [one(x) for x in distinct]
+    packed = np.cumsum([f is not None for _, f in done]) - 1        # distinct content -> packed slot
     feats = [f for _, f in done if f is not None]
-    errors = len(done) - len(feats)
-    arrays = {"gid": np.array(gids, np.int64), **pack(feats)}
+    ok = [done[c][1] is not None for c in content]
+    gids = [g for (g, _), k in zip(images, ok) if k]
+    errors = len(images) - len(gids)
+    arrays = {"gid": np.array(gids, np.int64),
+              "slot": np.array([packed[c] for c, k in zip(content, ok) if k], np.int64), **pack(feats)}
     path = Path(job["out"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -193,7 +205,7 @@ def features_shard(job: dict) -> dict:
         np.savez(fh, **arrays)
     tmp.replace(path)
     Marker(path.parent.parent, f"features-{job['name']}").write(job["fp"], [path], rows=len(gids), errors=errors)
-    return {"rows": len(gids), "errors": errors, "seconds": time.time() - t0}
+    return {"rows": len(gids), "images": len(feats), "errors": errors, "seconds": time.time() - t0}
 
 
 class FeatureStore:
@@ -210,7 +222,8 @@ class FeatureStore:
             if shard not in self.loaded:
                 path = self.files.get(shard)
                 z = dict(np.load(path, allow_pickle=False)) if path and path.exists() else None
-                self.loaded[shard] = (z, {int(g): i for i, g in enumerate(z["gid"])} if z else {})
+                slots = (z["slot"] if "slot" in z else np.arange(len(z["gid"]))) if z else []
+                self.loaded[shard] = (z, dict(zip(z["gid"].tolist(), np.asarray(slots).tolist())) if z else {})
         z, pos = self.loaded[shard]
         i = pos.get(int(gid))
         return None if i is None else unpack(z, i)
@@ -507,7 +520,8 @@ def run(run: Run, ex, stats: dict) -> dict:
             "feature_errors": sum(r["errors"] for r in feats), "pairs_checked": checked,
             "pairs_accepted": sum(r["accepted"] for r in done),
             "pairs_implied": sum(r.get("implied", 0) for r in done),
-            "ms_per_image_features": round(1000 * t_feat / max(1, sum(r["rows"] for r in feats)), 2),
+            "images_with_features": sum(r.get("images", r["rows"]) for r in feats),
+            "ms_per_image_features": round(1000 * t_feat / max(1, sum(r.get("images", r["rows"]) for r in feats)), 2),
             "ms_per_pair": round(1000 * t_dec / max(checked, 1), 2),
             "worker_s_per_million_pairs": round(1e6 * t_dec / max(checked, 1), 1),
             "seconds": round(time.time() - t0, 3)}
