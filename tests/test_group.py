@@ -45,6 +45,35 @@ def test_chaining_guard_splits_a_chain():
     assert rep[0] == 0 and rep[1] == 0
 
 
+def test_similarities_to_the_representative_come_from_its_edges_or_the_vectors():
+    """With the edges' similarities (`similar`), a member joined to its representative by an edge
+    takes that edge's similarity, the others their vectors' product; the guard sees the same
+    numbers either way. The store is asked only for the members without such an edge."""
+    rng = np.random.default_rng(4)
+    base = _unit(rng.normal(size=(1, 16)))
+    vecs = _unit(base + 0.15 * rng.normal(size=(8, 16)))
+    gids = np.arange(8)
+    a, b = np.array([0, 0, 0, 3, 5, 6]), np.array([1, 2, 3, 4, 6, 7])      # 4 via 3; 5-6-7 a chain
+    exact = np.einsum("ij,ij->i", vecs[a], vecs[b])
+    asked = []
+
+    class Store(_Store):
+        def get(self, g):
+            asked.extend(np.asarray(g).tolist())
+            return super().get(g)
+    for guard in (0.0, 0.9):
+        plain = group.group_nodes(gids, gids, lambda: [(a, b)], _Store(vecs), guard)
+        asked.clear()
+        rep, sim = group.group_nodes(gids, gids, lambda: [(a, b)], Store(vecs), guard,
+                                     similar=lambda: [(a, b, exact)])
+        assert rep.tolist() == plain[0].tolist()
+        np.testing.assert_allclose(sim, plain[1], atol=1e-6)
+        direct = {(x, y) for x, y in zip(a.tolist(), b.tolist())} | {(y, x) for x, y in zip(a.tolist(), b.tolist())}
+        far = [m for m in range(8) if rep[m] != m and (m, int(rep[m])) not in direct]
+        if guard == 0.0:                             # one round: 4 and 7 have no edge to theirs
+            assert far == [4, 7] and set(asked) == {4, 7} | set(rep[far].tolist()), asked
+
+
 def test_members_that_are_not_copies_of_their_representative_are_split_off():
     """A chain 0-1-2-3 where only 0-1 and 2-3 are copies (confirm says so): every member of a
     group is confirmed against its representative, whatever the descriptor says."""

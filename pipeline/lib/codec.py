@@ -51,6 +51,7 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
 
 
 CELL_SAMPLE = 2_000_000   # projected rows k-means sees at most (128-d float32: 1 GB)
+PROJ_ROWS = 20_000        # sample rows the projection is trained on
 SAMPLE_RUN = 16           # rows a sample takes together (768-d fp16: 24 KB, six pages)
 
 
@@ -94,7 +95,10 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     # CELL_SAMPLE points, held projected; the projection is trained on >= 20k rows
     n_cells = cells or max(1, round(n / cell_rows))
     xt = sample(store, counts, min(c.train_size, max(20_000, 100 * n_cells)), c.seed + 1)
-    proj = celljoin.train_projection(xt, min(proj_dim or store.dim, store.dim))
+    # the projection from PROJ_ROWS of the sample, evenly spaced: the top directions of 768-d vectors
+    # are found as well from 20 k rows as from 100 k (energy kept 0.99147 vs 0.99157 at 1 M rows;
+    # the join's candidates 5 % fewer, chance), at a fifth of the product (0.41 -> 0.13 s)
+    proj = celljoin.train_projection(xt[::max(1, len(xt) // PROJ_ROWS)], min(proj_dim or store.dim, store.dim))
     want = min(CELL_SAMPLE, 100 * n_cells)
     zt = celljoin.project(xt, proj)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, proj)
     n_cells = min(n_cells, len(zt))
