@@ -11,7 +11,7 @@ of another exactly when both derive from the same original (the part of its name
 A part of a photo (a grid cell: half of it or less) is another original, as the product's rule
 says (a copy holds more than half of each image's content, dedup2b.lib.pixels.MIN_SHARE).
 Reported per setting: pair precision / recall / F1 over every pair of rows (same group vs same
-original), recall per edit kind and false merges per negative kind on the labelled pairs, the
+original), and over the rows of the originals that have copies alone (the look-alikes left out), recall per edit kind and false merges per negative kind on the labelled pairs, the
 largest group holding two or more distinct originals, the pixel check's cost, and `dedup2b
 calibrate`'s printed precision of the removals against the measured one (calibration_error); the groups that hold distinct originals, with what they hold. `--methods
 pixels` runs the default setting alone. Writes bench/results/quality.md and .json.
@@ -62,6 +62,15 @@ def score(cs, keys: list[str], samples) -> dict:
     pairs = lambda c: sum(v * (v - 1) // 2 for v in c.values())   # noqa: E731
     tp, pred, true = pairs(both), pairs(by_group), pairs(by_origin)
     p, r = tp / max(pred, 1), tp / max(true, 1)
+    # copies alone: the rows of the originals that have copies (the look-alike negatives left out)
+    with_copies = {n.split("|")[0] for n in cs.names if "|" in n}
+    cg, co, cb = Counter(), Counter(), Counter()
+    for gi, oi in zip(g, origin):
+        if oi in with_copies:
+            cg[gi] += 1
+            co[oi] += 1
+            cb[(gi, oi)] += 1
+    cp, cr = pairs(cb) / max(pairs(cg), 1), pairs(cb) / max(pairs(co), 1)
     per_kind: dict[str, list[int]] = {}
     for a, b, is_copy, kind in cs.pairs:
         same = g[a] is not None and g[a] == g[b]
@@ -75,6 +84,8 @@ def score(cs, keys: list[str], samples) -> dict:
     detail = sorted(({"rows": by_group[gi], "originals": o.most_common()} for gi, o in origins_in.items()
                      if gi is not None and len(o) > 1), key=lambda x: -x["rows"])
     return {"pair_precision": round(p, 4), "pair_recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-9), 4),
+            "copies_alone": {"rows": sum(co.values()), "pair_precision": round(cp, 4), "pair_recall": round(cr, 4),
+                             "f1": round(2 * cp * cr / max(cp + cr, 1e-9), 4)},
             "true_pairs": true, "predicted_pairs": pred,
             "largest_false_group": {"rows": false_groups[0][0], "originals": false_groups[0][1]} if false_groups else None,
             "groups_with_distinct_originals": len(false_groups), "false_groups": detail,
@@ -143,6 +154,10 @@ def main(argv=None) -> int:
     for k in ("pair_precision", "pair_recall", "f1", "predicted_pairs", "true_pairs", "groups_with_distinct_originals",
               "largest_false_group", "wall_s"):
         lines.append(f"| {k} | " + " | ".join(str(res[m][k]) for m in methods) + " |")
+    ca = {m: res[m]["copies_alone"] for m in methods}
+    lines.append(f"| copies alone ({ca[methods[0]]['rows']} rows of the originals with copies): precision / recall / "
+                 "F1 | " + " | ".join(f"{ca[m]['pair_precision']} / {ca[m]['pair_recall']} / {ca[m]['f1']}"
+                                      for m in methods) + " |")
     px = res.get("pixels")
     if px:
         pc = px["pixel_check"] or {}
