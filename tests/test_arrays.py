@@ -18,3 +18,37 @@ def test_unique_answers_as_numpy(seed):
             assert len(want) == len(got)
             for w, g in zip(want, got):
                 assert np.array_equal(w.ravel(), g)
+
+
+def test_npy_files_are_opened_one_thread_at_a_time(tmp_path, monkeypatch):
+    """numpy parses a .npy header with ast, which CPython 3.11 cannot do in two threads at once
+    (SystemError: AST constructor recursion depth mismatch): core.io.load_npy opens every .npy and
+    .npz under one lock, and gives what np.load gives."""
+    import threading
+
+    from dedup2b.core import io
+    x = np.arange(12, dtype=np.float16).reshape(3, 4)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "b.npz", x=x, y=x[:1])
+    real, inside, seen = np.load, [], []
+
+    def spy(*args, **kwargs):
+        seen.append(io._NPY_LOCK.locked())
+        inside.append(threading.get_ident())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(np, "load", spy)
+    got = [None] * 8
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, io.load_npy(tmp_path / ("a.npy" if i % 2 else "b.npz"),
+                                                                                mmap=bool(i % 4 == 1))))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 8 and all(seen)
+    for i, g in enumerate(got):
+        if i % 2:
+            np.testing.assert_array_equal(g, x)
+        else:
+            assert sorted(g) == ["x", "y"] and np.array_equal(g["y"], x[:1])
+    assert isinstance(got[1], np.memmap) and not isinstance(got[3], np.memmap)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,24 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+# numpy reads a .npy header with ast.literal_eval, and CPython 3.11's AST constructor keeps one
+# recursion count per interpreter: two threads parsing at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (cpython gh-106905). The local executor runs a stage's
+# tasks in threads, so every .npy / .npz this package reads is opened under one lock (headers
+# only; a memory map's pages are read after it)
+_NPY_LOCK = threading.Lock()
+
+
+def load_npy(path, mmap: bool = False):
+    """np.load of a .npy (memory-mapped with `mmap`) or of a whole .npz (a dict of its arrays),
+    pickles refused, safe across threads."""
+    with _NPY_LOCK:
+        if str(path).endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .arrays import unique
+from .io import load_npy
 
 GATHER_CHUNK = 4096     # rows converted fp16 -> float32 at a time
 
@@ -44,7 +45,7 @@ def _open_linked(link: Path) -> np.ndarray:
     if not src.exists() or link_to(src) != info:
         raise ValueError(f"{src}: the input file this run reads in place changed or is gone since the embed "
                          f"stage ({link}); rerun the embed stage (delete the run's embed/_done) or restore it")
-    return np.load(src, mmap_mode="r", allow_pickle=False)
+    return load_npy(src, mmap=True)
 
 
 def _shard_gids(path: Path) -> np.ndarray:
@@ -80,7 +81,7 @@ class VectorStore:
                 vecs = _open_linked(link)
                 self._linked.add(index)
             else:
-                vecs = np.load(emb_path(self.embed_dir, name), mmap_mode="r", allow_pickle=False)
+                vecs = load_npy(emb_path(self.embed_dir, name), mmap=True)
             if len(gids) != len(vecs):
                 raise ValueError(f"{emb_path(self.embed_dir, name)}: {len(vecs)} vectors but "
                                  f"{len(gids)} metadata rows")

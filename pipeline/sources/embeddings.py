@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.io import load_npy
 from .base import SCHEMA, InputError, Shard, as_text, content_uid, make_gid, normalize_uid
 
 FORMAT = "embeddings"
@@ -60,7 +61,7 @@ def list_shards(folder: str | Path) -> list[Shard]:
 
 def open_vectors(shard: Shard) -> np.ndarray:
     try:
-        x = np.load(shard.data, mmap_mode="r", allow_pickle=False)
+        x = load_npy(shard.data, mmap=True)
     except Exception as exc:
         raise InputError(f"{shard.data}: unreadable npy ({exc})") from exc
     if x.ndim != 2:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..core.io import Marker, write_json, write_npy, write_parquet
+from ..core.io import Marker, load_npy, write_json, write_npy, write_parquet
 from ..core.run import Run
 from ..core.vectors import emb_path, link_path, link_to, meta_path
 from ..lib.images import crop_bytes
@@ -119,7 +119,7 @@ def _copy_precomputed(job: dict) -> dict:
     emb_path(out, name).unlink(missing_ok=True)
     link_path(out, name).unlink(missing_ok=True)
     if source is not None:        # read in place: a link, and the input file itself checked by the marker
-        dim = int(np.load(source, mmap_mode="r", allow_pickle=False).shape[1])
+        dim = int(load_npy(source, mmap=True).shape[1])
         files = [write_json(link_path(out, name), link_to(source)), Path(source)]
     else:
         vecs = run.source.unit_vectors(shard, ok["row"].to_numpy(), run.cfg.input)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..core.arrays import unique
 from ..core.config import SearchConfig
-from ..core.io import Marker, parquet_writer, write_parquet
+from ..core.io import Marker, load_npy, parquet_writer, write_parquet
 from ..core.memory import need
 from ..core.run import Run
 from ..core.vectors import VectorStore
@@ -99,7 +99,7 @@ def _codec(job: SearchJob):
     nprobe the index stage measured, in codec.json). Where the index stage chose the exhaustive
     assignment (two levels would not prune), it is exhaustive, whatever files the folder holds."""
     meta = index_mod.check(job.index_dir, job.index_fp)
-    load = lambda name: np.load(job.index_dir / name, allow_pickle=False)   # noqa: E731
+    load = lambda name: load_npy(job.index_dir / name)   # noqa: E731
     two = (job.index_dir / "coarse.npy").exists() and "assign_nprobe" in meta
     coarse = load("coarse.npy") if two else None
     cells, _ = celljoin.cell_index(load("centroids.npy"), coarse)
@@ -109,7 +109,7 @@ def _codec(job: SearchJob):
 
 
 def n_cells(index_dir: Path) -> int:
-    return len(np.load(Path(index_dir) / "centroids.npy", mmap_mode="r", allow_pickle=False))
+    return len(load_npy(Path(index_dir) / "centroids.npy", mmap=True))
 
 
 def assign_shard(args: tuple) -> dict:

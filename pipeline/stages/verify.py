@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.arrays import unique
-from ..core.io import Marker, write_parquet
+from ..core.io import Marker, load_npy, write_parquet
 from ..core.run import Run
 from ..lib.nodes import PREFIX, quality_rank
 from ..sources import Shard, source_for
@@ -221,7 +221,7 @@ class FeatureStore:
         with self.lock:
             if shard not in self.loaded:
                 path = self.files.get(shard)
-                z = dict(np.load(path, allow_pickle=False)) if path and path.exists() else None
+                z = load_npy(path) if path and path.exists() else None
                 slots = (z["slot"] if "slot" in z else np.arange(len(z["gid"]))) if z else []
                 self.loaded[shard] = (z, dict(zip(z["gid"].tolist(), np.asarray(slots).tolist())) if z else {})
         z, pos = self.loaded[shard]
