@@ -298,19 +298,17 @@ class Edges:
 
     def pairs(self):
         """(a, b) chunks for union-find, the earlier groups' nodes included."""
-        n = len(self.gids)
-        for i in range(0, len(self.ea), CHUNK):
-            yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
-        for lo, hi, *_ in self.near():
-            yield lo, hi
+        for a, b, _ in self.similar():
+            yield a, b
         if self.old is not None:
-            yield self.old["a"], n + self.old["b"]
+            yield self.old["a"], len(self.gids) + self.old["b"]
 
     def similar(self):
         """(a, b, similarity) chunks of the edges between this run's rows (exact bytes: 1); an
         edge to an earlier group is to one of its rows, not to the node that stands for it."""
         for i in range(0, len(self.ea), CHUNK):
-            yield self.ea[i:i + CHUNK], self.eb[i:i + CHUNK], np.ones(len(self.ea[i:i + CHUNK]), np.float32)
+            a, b = self.ea[i:i + CHUNK], self.eb[i:i + CHUNK]
+            yield a, b, np.ones(len(a), np.float32)
         for lo, hi, sim, *_ in self.near():
             yield lo, hi, sim
 

@@ -520,8 +520,8 @@ def run(run: Run, ex, stats: dict) -> dict:
             "feature_errors": sum(r["errors"] for r in feats), "pairs_checked": checked,
             "pairs_accepted": sum(r["accepted"] for r in done),
             "pairs_implied": sum(r.get("implied", 0) for r in done),
-            "images_with_features": sum(r.get("images", r["rows"]) for r in feats),
-            "ms_per_image_features": round(1000 * t_feat / max(1, sum(r.get("images", r["rows"]) for r in feats)), 2),
+            "images_with_features": sum(r["images"] for r in feats),
+            "ms_per_image_features": round(1000 * t_feat / max(1, sum(r["images"] for r in feats)), 2),
             "ms_per_pair": round(1000 * t_dec / max(checked, 1), 2),
             "worker_s_per_million_pairs": round(1e6 * t_dec / max(checked, 1), 1),
             "seconds": round(time.time() - t0, 3)}
