@@ -180,3 +180,27 @@ def test_byte_identical_rows_share_one_set_of_features(copies, tmp_path):
     other = store.get(keys["cat_q70.jpg"])
     assert a is not None and np.array_equal(a.desc, b.desc) and np.array_equal(a.thumb, b.thumb)
     assert not np.array_equal(a.thumb, other.thumb)
+
+
+def test_a_smooth_picture_is_a_copy_where_its_pixels_accept_it(tmp_path):
+    """A clock face has too few keypoints (under verify.MIN_KEYPOINTS) to reject a pair on, but an
+    alignment whose pixels agree still says copy: its mirror image is accepted (decision 1), a
+    different photo is no evidence (2: the descriptor decides), never a rejection. Against a kept
+    row where it finds no alignment (the clock on a canvas), its copy stays through the unedited
+    clock, which is a full copy of that row (the canvas's edge is the frame, not content)."""
+    import numpy as np
+
+    from bench.copies import build_set
+    from dedup2b.lib import pixels
+    from dedup2b.stages import verify
+    cs = build_set(0)
+    names = ["clock|canvas", "clock", "clock|mirror", "clock|color", "coffee"]
+    feats = [pixels.features(cs.images[cs.names.index(n)]) for n in names]
+    assert all(len(f.xy) < verify.MIN_KEYPOINTS for f in feats[2:4])
+    assert verify._decide(pixels, feats[2], feats[1])[0] == 1
+    assert verify._decide(pixels, feats[2], feats[4])[0] == verify.NO_EVIDENCE
+    path = tmp_path / "00000.npz"
+    np.savez(path, gid=np.arange(len(feats), dtype=np.int64), **verify.pack(feats))
+    job = {"a": [2, 3, 2], "b": [0, 0, 0], "alt": [[1], [1], []], "features": {0: str(path)}}
+    got = verify.decide_members(job)
+    assert got["pixels"] == [1, 1, verify.NO_EVIDENCE] and got["via_full_copy"] == 2

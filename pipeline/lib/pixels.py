@@ -21,8 +21,10 @@ Method
             rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
             mapping one image onto >= MIN_COVER of the other, and a shared part that holds >=
             MIN_SHARE (more than half) of EACH image's content, counted in detailed thumbnail
-            pixels that land on the other's picture (a half of a photo is another picture: two disjoint parts must not meet through
-            the whole; plain borders and canvases are flat, so they do not count); and the 8 full-frame maps (4
+            pixels that land on the other's picture or on the edge of its frame (a half of a photo
+            is another picture: two disjoint parts must not meet through the whole; plain borders
+            and canvases are flat, so they do not count, and the edge between a pasted picture and
+            its canvas is the frame, not content the other lacks); and the 8 full-frame maps (4
             rotations x mirror, any aspect change) that >= MIN_SUPPORT matches agree with. Those
             align tiny and featureless images better than a fit, and being 8 fixed guesses, a
             few agreeing matches are already unlikely by chance.
@@ -42,10 +44,10 @@ Method
             no randomness elsewhere).
 
 Measured with bench/copies.py (make bench-copies; bench/results/copies.md), seed 0: 1076 copy
-pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5922 look-alike pairs (4950 of
+pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5938 look-alike pairs (4950 of
 them LFW faces; halves and quarters of a photo against it).
-  recall 0.981 (single edits 0.987, chains of three 0.941, copy vs copy 0.961, tiny faces 0.996);
-  1 false accept in 5922 look-alike pairs (two LFW faces of different men, score 0.547); a half
+  recall 0.985 (single edits 0.990, chains of three 0.961, copy vs copy 0.961, tiny faces 0.996);
+  1 false accept in 5938 look-alike pairs (two LFW faces of different men, score 0.547); a half
   of a photo is rejected by the share rule. Copies that fail: crops keeping less than about 60 %
   of a picture's detail (the rule), watermarks or text over nearly featureless pictures (a
   blurred clock, a smooth fundus), where the overlay holds all the detail.
@@ -97,6 +99,9 @@ ACCEPT = 0.5             # decision threshold on the score: look-alikes <= 0.45 
 SEED = 12345
 _OPEN_LOCK = threading.Lock()
 _DILATE = np.ones((7, 7), np.uint8)
+_FAR = np.ones((15, 15), np.uint8)   # beyond a frame's edge: more than 7 thumbnail pixels out
+AREA_STD = 0.1           # a thumbnail pixel whose neighbourhood spreads more is picture (plain fill is constant)
+PLAIN_FILL = 0.05        # a fill beyond a frame is plain when at most this share of it is detail
 
 _P = dict(ratio=RATIO, ransac_px=RANSAC_PX, min_inliers=MIN_INLIERS, min_support=MIN_SUPPORT,
           min_cover=MIN_COVER, min_share=MIN_SHARE, s1=SIGMA_FINE, s2=SIGMA_COARSE, tile=TILE, accept=ACCEPT,
@@ -258,8 +263,9 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
     >= FLAT_STD, see _spread2) that land on the other's picture (its detail, a few pixels wider and at a lower
     spread, so that blur in one does not count as a difference; warped onto this thumbnail).
     Plain borders, canvases and bars are neither content nor picture, so they never count; pixels
-    weigh every part of a picture alike, where keypoints would crowd into its busiest part. An
-    image without detail counts by area."""
+    weigh every part of a picture alike, where keypoints would crowd into its busiest part. Each
+    share is also at most the share of the image's picture area (pixels that are not plain fill)
+    inside the other's frame. An image without detail counts by area."""
     shares = []
     sa, sb = _spread2(fa.thumb), _spread2(fb.thumb)
     for f, g, sf, sg, m in ((fa, fb, sa, sb, np.linalg.inv(h)), (fb, fa, sb, sa, h)):   # m: f's working pixels -> g's
@@ -274,9 +280,29 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
             continue
         t = _to_thumb(g) @ m @ np.linalg.inv(_to_thumb(f))           # f's thumbnail -> g's
         picture = cv2.dilate((sg >= (0.5 * FLAT_STD) ** 2).view(np.uint8), _DILATE)
-        on = cv2.warpAffine(picture, t[:2], (f.thumb.shape[1], f.thumb.shape[0]),
-                            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
-        shares.append(int(np.count_nonzero(detail & (on > 0))) / n)
+        size = (f.thumb.shape[1], f.thumb.shape[0])
+        on = cv2.warpAffine(picture, t[:2], size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+        shared = on > 0
+        # the edge of g's frame: where f is g pasted on a plain canvas (letterbox bars, a fill
+        # around a rotation), f's border between the picture and the fill is detail g cannot
+        # have (g ends there): the frame, not content f holds and g lacks. Only where f beyond
+        # g's frame is plain fill; beyond a crop's frame lies more picture, and that is content
+        frame = cv2.warpAffine(np.ones(sg.shape, np.uint8), t[:2], size,
+                               flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP, borderValue=0)
+        if frame.all():              # g's frame covers f: no edge, all of f's picture inside it
+            shares.append(int(np.count_nonzero(detail & shared)) / n)
+            continue
+        near = cv2.dilate(frame, _DILATE) > 0
+        beyond = cv2.dilate(frame, _FAR) == 0
+        if np.count_nonzero(beyond) and np.count_nonzero(detail & beyond) <= PLAIN_FILL * np.count_nonzero(beyond):
+            shared |= near & (cv2.erode(frame, _DILATE, borderValue=1) == 0)
+        # and by area: f's picture (every pixel that is not plain fill; a smooth sky is picture,
+        # though a blur can take its detail) must lie inside g's frame as much: a part of a
+        # photo whose detail sits below a blurred sky is still a part
+        picture_f = sf > AREA_STD ** 2
+        m_pic = int(np.count_nonzero(picture_f))
+        by_area = int(np.count_nonzero(picture_f & near)) / m_pic if m_pic >= 64 else 1.0
+        shares.append(min(int(np.count_nonzero(detail & shared)) / n, by_area))
     return min(shares)
 
 

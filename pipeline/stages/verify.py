@@ -7,9 +7,10 @@ checked on the images themselves; pairs at or above `sure` are taken on the desc
      turned into keypoints + a thumbnail -> verify/features/NNNNN.npz (arrays only, no pickle)
   2. decide (a task per search pair file): each pair's decision, aligned row by row with the
      pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
-     1 accepted, 2 no pixel evidence: an image without local structure, see MIN_KEYPOINTS, left
-     to the descriptor at search.threshold, 3 implied: not checked, the accepted edges checked
-     before it, most similar first, already connect its rows; verify.skip_connected) and
+     1 accepted, 2 no pixel evidence: not accepted, and an image without local structure
+     (MIN_KEYPOINTS), left to the descriptor at search.threshold, 3 implied: not checked, the
+     accepted edges checked before it, most similar first, already connect its rows;
+     verify.skip_connected) and
      pixel_score (the verifier's score; NaN where not checked)
   3. the same for the pairs against other runs' indexes (decontamination leaks, an incremental
      run's matches with earlier rows): the other side's images read back from its run's input
@@ -38,8 +39,10 @@ from ..sources import Shard, source_for
 
 NAME = "verify"
 # an image with fewer keypoints than this (smooth gradients, flat colour) gives the pixel check
-# nothing to decide on: such a pair is left to the descriptor at search.threshold (decision 2).
-# Measured: the demo's colour wheel has 3-17 keypoints; photos, text, tiny upsampled faces 500+.
+# too little to reject on: a pair the pixels do not accept is then left to the descriptor at
+# search.threshold (decision 2); one they accept (an alignment whose pixels agree) is a copy.
+# Measured: the demo's colour wheel has 3-17 keypoints; photos, text, tiny upsampled faces 500+;
+# a smooth clock face 15-28.
 MIN_KEYPOINTS = 20
 NO_EVIDENCE = 2
 IMPLIED = 3      # not checked: accepted edges checked before it already connect its two rows
@@ -230,13 +233,14 @@ class FeatureStore:
 
 
 def _decide(pixels, fa, fb, missing: int = 0) -> tuple[int, float]:
-    """(decision, score) of one pair: 1 copy, 0 not, NO_EVIDENCE where an image has too little
-    local structure to check; an image without features (could not be read) gives `missing`."""
+    """(decision, score) of one pair: 1 copy, 0 not, NO_EVIDENCE where the pixels do not accept
+    it and an image has too little local structure to reject on; an image without features
+    (could not be read) gives `missing`."""
     if fa is None or fb is None:
         return missing, 0.0 if missing == 0 else float("nan")
-    if min(len(fa.xy), len(fb.xy)) < MIN_KEYPOINTS:
-        return NO_EVIDENCE, float("nan")
     ok, score = pixels.verify(fa, fb)
+    if not ok and min(len(fa.xy), len(fb.xy)) < MIN_KEYPOINTS:
+        return NO_EVIDENCE, float("nan")     # too little structure to reject on: not a no
     return int(ok), score
 
 
@@ -374,7 +378,8 @@ def decide_members(job: dict) -> dict:
     (the unedited photo of a representative that is the photo on a canvas). Through a full copy a
     member still holds about half of the representative or more, so two members still share some
     of it. A member that is a part of its representative (rejected by the share rule alone) is
-    never rescued."""
+    never rescued. A member without pixel evidence against its representative (too few
+    keypoints to reject on) is tried through the anchors too."""
     from ..lib import pixels
     store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
     full: dict[tuple[int, int], bool] = {}
@@ -382,7 +387,7 @@ def decide_members(job: dict) -> dict:
     def is_full(x: int, r: int) -> bool:
         if (x, r) not in full:
             fx, fr = store.get(x), store.get(r)
-            full[(x, r)] = bool(fx is not None and fr is not None and min(len(fx.xy), len(fr.xy)) >= MIN_KEYPOINTS
+            full[(x, r)] = bool(fx is not None and fr is not None
                                 and pixels.explain(fx, fr, {"min_share": FULL_SHARE}, stop=True)["copy"])
         return full[(x, r)]
 
@@ -391,12 +396,13 @@ def decide_members(job: dict) -> dict:
         # holds less than pixels.MIN_SHARE of the representative (a quarter of a photo against the
         # half it lies in). No anchor makes a part a copy: through an edited anchor whose smooth
         # areas lost their detail (gamma, a brighter sky) the same part can pass the rule
-        return bool(pixels.explain(store.get(a), store.get(r), {"min_share": 0.0}, stop=True)["copy"])
+        fa, fr = store.get(a), store.get(r)
+        return fa is not None and fr is not None and bool(pixels.explain(fa, fr, {"min_share": 0.0}, stop=True)["copy"])
 
     out, via = [], 0
     for a, b, alt in zip(job["a"], job["b"], job.get("alt") or [()] * len(job["a"])):
         d = _decide(pixels, store.get(a), store.get(b), missing=NO_EVIDENCE)[0]
-        if d == 0 and not is_part(a, b):
+        if d in (0, NO_EVIDENCE) and not is_part(a, b):
             for x in (x for x in alt if x != a):
                 d2, score = _decide(pixels, store.get(a), store.get(x))
                 if d2 == 1 and score >= ANCHOR_ACCEPT and is_full(x, b):
