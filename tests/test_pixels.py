@@ -182,7 +182,7 @@ def test_verify_many_names_the_pair_or_rejects_it(photo):
 def test_a_photo_on_a_canvas_holds_all_of_it(name, side, fill):
     """The edge between a pasted picture and its plain canvas is detail only the canvas has: it is
     the frame, not content the photo lacks. A photo and the same photo on a canvas (the photo
-    `side` of its sides) each hold nearly all of the other's content (measured: 0.99-1.0; 0.87-0.92
+    `side` of its sides) each hold nearly all of the other's content (measured: 0.99-1.0; 0.87-0.90
     when the frame's edge counted as content the photo lacks), so either stands for the other in
     the member check (a full copy, an anchor of the representative: FULL_SHARE)."""
     import skimage.data

@@ -46,7 +46,7 @@ Method
 Measured with bench/copies.py (make bench-copies; bench/results/copies.md), seed 0: 1076 copy
 pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5938 look-alike pairs (4950 of
 them LFW faces; halves and quarters of a photo against it).
-  recall 0.985 (single edits 0.990, chains of three 0.961, copy vs copy 0.961, tiny faces 0.996);
+  recall 0.981 (single edits 0.987, chains of three 0.941, copy vs copy 0.961, tiny faces 0.996);
   1 false accept in 5938 look-alike pairs (two LFW faces of different men, score 0.547); a half
   of a photo is rejected by the share rule. Copies that fail: crops keeping less than about 60 %
   of a picture's detail (the rule), watermarks or text over nearly featureless pictures (a
