@@ -44,6 +44,19 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid`, from /proc (its threads' `children` files): no process is
+    started to ask (a pgrep every 0.1 s took about 6 % of a core from the stage it measured)."""
+    kids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
 def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
     """One stage in its own process (the code under `code`): wall seconds, peak RSS in MB (file
     pages of memory-mapped vectors included, as /usr/bin/time counts them) and peak anonymous RSS
@@ -57,8 +70,7 @@ def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple 
         proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=out, stderr=err, text=True)
         anon = 0
         while proc.poll() is None:
-            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            anon = max(anon, sum(_anon_kb(int(k)) for k in kids))
+            anon = max(anon, sum(_anon_kb(k) for k in _children(proc.pid)))
             time.sleep(0.1)
         secs = time.time() - t0
         out.seek(0); err.seek(0)

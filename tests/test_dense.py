@@ -80,8 +80,12 @@ def test_join_members_dense_and_pairwise_agree():
     z, _ = celljoin.project(x, proj)
     cents, _ = celljoin.train_cells(z, 8, seed=0)
     sets = celljoin.assign(z, cents, 0.01, 3)
-    a0, b0, s0, _ = celljoin.join_members(gids, sets, x, proj, T)
-    a1, b1, s1, _ = celljoin.join_members(gids, sets, x, proj, T, dense_min=500, edge_threshold=T)
+    a0, b0, s0, cand0 = celljoin.join_members(gids, sets, x, proj, T)
+    work = {}
+    a1, b1, s1, cand1 = celljoin.join_members(gids, sets, x, proj, T, dense_min=500, edge_threshold=T, stats=work)
+    # a dense cell's products are its work, not candidate pairs: counted apart
+    assert work["dense_cells"] >= 1 and work["dense_products"] > 0
+    assert cand1 < cand0
     pos = lambda g: g - (3 << 32)                                          # noqa: E731
     every = UnionFind(len(x)).union_stream([(pos(a0), pos(b0))]).labels()
     dense = UnionFind(len(x)).union_stream([(pos(a1), pos(b1))]).labels()

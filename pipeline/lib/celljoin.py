@@ -420,13 +420,17 @@ def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
 def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np.ndarray,
                  threshold: float, cells: tuple[int, int] | None = None,
                  device: str | None = None, dense_min: int = 0,
-                 edge_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                 edge_threshold: float | None = None,
+                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32, or
-    Vectors) whose cell sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all). A pair sharing
-    several cells is emitted only by the smallest one, so every pair appears exactly once across
-    all blocks. `device` ("cpu", "cuda") runs the products with torch there; None uses numpy.
+    Vectors) whose cell sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all), and
+    how many candidate pairs passed the bound. A pair sharing several cells is emitted only by the
+    smallest one, so every pair appears exactly once across all blocks. `device` ("cpu", "cuda")
+    runs the products with torch there; None uses numpy.
     A cell of `dense_min` rows or more (0: none) gives the edges of a spanning forest of its graph
-    at `edge_threshold` instead (join_cell_dense, numpy): the same components, O(rows) edges."""
+    at `edge_threshold` instead (join_cell_dense, numpy): the same components, O(rows) edges. Its
+    work is not a candidate count: `stats` (a dict, where given) gets `dense_cells` and
+    `dense_products` (the products those cells computed or bounded) added."""
     cellsets = np.asarray(cellsets, dtype=np.int64).reshape(len(gids), -1)
     lo, hi = cells if cells is not None else (0, int(cellsets.max()) + 1)
     multi = (cellsets >= 0).sum(axis=1) > 1
@@ -456,7 +460,11 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
                                        zr=None if device else zr[m]):
             if zr_np is None:
                 zr_np = zr.cpu().numpy()
-            i, j, sim, n = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
+            i, j, sim, work = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
+            n = 0
+            if stats is not None:
+                stats["dense_cells"] = stats.get("dense_cells", 0) + 1
+                stats["dense_products"] = stats.get("dense_products", 0) + work
         elif device is None:
             i, j, sim, n = join_cell(x, zr[m], threshold, idx=m)
         else:

@@ -188,11 +188,12 @@ def join_block(args: tuple) -> dict:
         need(f"search: join of cells {lo}-{hi} ({len(gids):,} rows)",
              len(gids) * (2 * store.dim + 4 * (proj.shape[0] + 1) + 64) + JOIN_BUFFER)
     x = celljoin.Vectors(*store.get_raw(gids)) if len(gids) else np.zeros((0, 1), np.float32)
+    dense = {"dense_cells": 0, "dense_products": 0}
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
                                             device=_device(job.cfg.device), dense_min=job.dense_min,
-                                            edge_threshold=job.cfg.threshold)
+                                            edge_threshold=job.cfg.threshold, stats=dense)
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
-    out.update(candidates=cand, peak_rss_mb=_peak_rss_mb())
+    out.update(candidates=cand, **dense, peak_rss_mb=_peak_rss_mb())
     return out
 
 
@@ -234,6 +235,8 @@ def run_cells(job: SearchJob, ex) -> dict:
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
     return {"shards": len(todo), "blocks": len(blocks), "assign_s": round(t_assign, 3),
             "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
+            "dense_cells": sum(r.get("dense_cells", 0) for r in results),
+            "dense_products": sum(r.get("dense_products", 0) for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
             "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
 
