@@ -294,7 +294,8 @@ def _content_share(fa: Features, fb: Features, h: np.ndarray) -> float:
             continue
         near = cv2.dilate(frame, _DILATE) > 0
         beyond = cv2.dilate(frame, _FAR) == 0
-        if np.count_nonzero(beyond) and np.count_nonzero(detail & beyond) <= PLAIN_FILL * np.count_nonzero(beyond):
+        n_beyond = int(np.count_nonzero(beyond))
+        if n_beyond and np.count_nonzero(detail & beyond) <= PLAIN_FILL * n_beyond:
             shared |= near & (cv2.erode(frame, _DILATE, borderValue=1) == 0)
         # and by area: f's picture (every pixel that is not plain fill; a smooth sky is picture,
         # though a blur can take its detail) must lie inside g's frame as much: a part of a

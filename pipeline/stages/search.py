@@ -235,8 +235,8 @@ def run_cells(job: SearchJob, ex) -> dict:
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
     return {"shards": len(todo), "blocks": len(blocks), "assign_s": round(t_assign, 3),
             "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
-            "dense_cells": sum(r.get("dense_cells", 0) for r in results),
-            "dense_products": sum(r.get("dense_products", 0) for r in results),
+            "dense_cells": sum(r["dense_cells"] for r in results),
+            "dense_products": sum(r["dense_products"] for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
             "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
 
