@@ -9,7 +9,7 @@ are removed and the stage runs again in a process of its own, first by REV's cod
 imported through a shim so the editable install of this checkout does not answer for it), then by
 ours. `ingest` runs into a fresh folder each time (rerunning it would invalidate the later stages
 of the shared run). Wall seconds include the process start (imports), as a user's `dedup2b STAGE`
-does. Writes bench/results/ab.json and ab.md.
+does. Writes bench/results/ab.json and ab.md (`--out NAME`: NAME.json and NAME.md).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--work", default="/tmp/dedup2b-bench-ab")
+    ap.add_argument("--out", default="ab", help="results file name under bench/results (no suffix)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     corpus, run_dir = fresh_corpus(work, args.rows)
@@ -67,9 +68,9 @@ def main(argv=None) -> int:
     cmd = "python -m bench.ab " + " ".join(sys.argv[1:] if argv is None else argv)
     print(md)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ab.json").write_text(json.dumps({"command": cmd, "date": time.strftime("%Y-%m-%d"),
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"command": cmd, "date": time.strftime("%Y-%m-%d"),
                                                  "cores": os.cpu_count(), "rows": args.rows, "times": times}, indent=2))
-    (RESULTS / "ab.md").write_text(f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
+    (RESULTS / f"{args.out}.md").write_text(f"Command: `{cmd}` ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
                                    f"{args.rows:,} rows)\n\n{md}\n")
     return 0
 

@@ -20,6 +20,30 @@ def test_unique_answers_as_numpy(seed):
                 assert np.array_equal(w.ravel(), g)
 
 
+def test_ahead_gives_every_result_in_order_computed_on_its_own_thread():
+    """core.io.ahead: fn over the items in order, each computed on a thread of its own while the
+    caller holds the one before; an item's error reaches the caller at that item."""
+    import threading
+
+    from dedup2b.core.io import ahead
+    main = threading.get_ident()
+    seen = []
+
+    def fn(x):
+        seen.append((x, threading.get_ident() != main))
+        if x == 7:
+            raise ValueError("item 7")
+        return x * x
+    assert list(ahead(fn, range(5))) == [0, 1, 4, 9, 16]
+    assert [x for x, _ in seen] == list(range(5)) and all(other for _, other in seen)
+    assert list(ahead(fn, [])) == []
+    got = []
+    with pytest.raises(ValueError, match="item 7"):
+        for r in ahead(fn, range(5, 10)):
+            got.append(r)
+    assert got == [25, 36]
+
+
 def test_npy_files_are_opened_one_thread_at_a_time(tmp_path, monkeypatch):
     """numpy parses a .npy header with ast, which CPython 3.11 cannot do in two threads at once
     (SystemError: AST constructor recursion depth mismatch): core.io.load_npy opens every .npy and

@@ -12,7 +12,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -117,3 +117,21 @@ class Marker:
             return False
         return all(Path(p).exists() and Path(p).stat().st_size == size
                    for p, size in info.get("outputs", {}).items())
+
+
+def ahead(fn: Callable, items) -> Iterator:
+    """fn(item) for each item, in order, the next one computed on a thread of its own while the
+    caller uses the current one: a stage that reads, transforms and writes shard by shard in one
+    process keeps its second core busy (parquet reads and writes, and numpy, release the GIL).
+    Holds two results at most."""
+    from concurrent.futures import ThreadPoolExecutor
+    items = list(items)
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as pool:
+        current = pool.submit(fn, items[0])
+        for i in range(1, len(items) + 1):
+            result = current.result()
+            if i < len(items):
+                current = pool.submit(fn, items[i])
+            yield result

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..core.io import Marker
+from ..core.io import Marker, ahead
 from ..core.run import Run
 from ..lib import registry
 from .group import normalize_text
@@ -28,19 +28,20 @@ def run(run: Run, ex, stats: dict) -> dict:
     t0 = time.time()
     n_rows = sum(pq.ParquetFile(run.group_rows_file(s.name)).metadata.num_rows for s in run.shards)
 
-    def shard_rows():
-        """This run's registry rows, a shard at a time: only one shard's rows, keys and captions held."""
-        for shard in run.shards:
-            rows = pq.read_table(run.group_rows_file(shard.name), columns=["gid", "group_id"]).sort_by("gid")
-            if not rows.num_rows:
-                continue
-            gids = rows["gid"].to_numpy()
-            t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key", "caption"])
-            t = t.filter(pc.is_in(t["gid"], pa.array(gids))).sort_by("gid")
-            yield (gids, t["key"], rows["group_id"].to_numpy(),
-                   pa.array([normalize_text(c) for c in t["caption"].to_pylist()], pa.string()))
+    def shard_rows(shard):
+        """One shard's registry rows (None: it has none); two shards' rows, keys and captions held
+        at most: the next shard's are read on a thread of their own while one is written (ahead)."""
+        rows = pq.read_table(run.group_rows_file(shard.name), columns=["gid", "group_id"]).sort_by("gid")
+        if not rows.num_rows:
+            return None
+        gids = rows["gid"].to_numpy()
+        t = pq.read_table(run.ingest_file(shard.name), columns=["gid", "key", "caption"])
+        t = t.filter(pc.is_in(t["gid"], pa.array(gids))).sort_by("gid")
+        return (gids, t["key"], rows["group_id"].to_numpy(),
+                pa.array([normalize_text(c) for c in t["caption"].to_pylist()], pa.string()))
 
-    out = registry.register(run, n_rows, shard_rows(), ex)
+    parts = (part for part in ahead(shard_rows, run.shards) if part is not None)
+    out = registry.register(run, n_rows, parts, ex)
     folder = run.dir(NAME)
     run.marker(NAME, run.run_id).write(run.fingerprint(NAME), [folder / "registry.parquet", folder / "runs.json"],
                                        rows=n_rows)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..core.arrays import unique
-from ..core.io import Marker, parquet_writer, read_json, write_json, write_parquet
+from ..core.io import Marker, ahead, parquet_writer, read_json, write_json, write_parquet
 from ..core.memory import need
 from ..core.run import Run
 from ..lib import gallery, registry, requests
@@ -338,15 +338,18 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     top = groups.table.head(gallery.GROUPS_PER_PAGE * gallery.MAX_PAGES)
     shown = Shown(top, border_gids)
     tally = Counts()
-    parts = (shard_samples(run, shard, groups) for shard in run.shards)
+    def samples(shard):     # a shard's rows, and as the table written (the pandas metadata: nullable columns)
+        df = shard_samples(run, shard, groups)
+        return df, pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=SAMPLES_SCHEMA, preserve_index=False)
+    # the next shard's rows are made on a thread of their own while this one's are written
+    parts = ahead(samples, run.shards)
     first = next(parts)
-    # the writer's schema carries the pandas metadata (nullable integer and boolean columns)
-    schema = pa.Table.from_pandas(first[SAMPLES_SCHEMA.names], schema=SAMPLES_SCHEMA, preserve_index=False).schema
+    schema = first[1].schema
     with parquet_writer(out / "samples.parquet", schema) as writer:
-        for shard, df in zip(run.shards, itertools.chain([first], parts)):
+        for shard, (df, table) in zip(run.shards, itertools.chain([first], parts)):
             tally.add(df)
             shown.add(df)
-            writer.write(pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=schema, preserve_index=False))
+            writer.write(table.replace_schema_metadata(schema.metadata))
         n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
     n_pairs = _pairs_report(run.group_edges_file(), out / "pairs.parquet")
     table = groups.table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
