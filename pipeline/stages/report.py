@@ -338,6 +338,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     top = groups.table.head(gallery.GROUPS_PER_PAGE * gallery.MAX_PAGES)
     shown = Shown(top, border_gids)
     tally = Counts()
+
     def samples(shard):     # a shard's rows, and as the table written (the pandas metadata: nullable columns)
         df = shard_samples(run, shard, groups)
         return df, pa.Table.from_pandas(df[SAMPLES_SCHEMA.names], schema=SAMPLES_SCHEMA, preserve_index=False)
@@ -345,8 +346,10 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
     parts = ahead(samples, run.shards)
     first = next(parts)
     schema = first[1].schema
+    shards = itertools.chain([first], parts)
+    del first               # the first shard's rows go once they are written, like every other's
     with parquet_writer(out / "samples.parquet", schema) as writer:
-        for shard, (df, table) in zip(run.shards, itertools.chain([first], parts)):
+        for shard, (df, table) in zip(run.shards, shards):
             tally.add(df)
             shown.add(df)
             writer.write(table.replace_schema_metadata(schema.metadata))
