@@ -352,7 +352,7 @@ def run(run: Run, ex, stage_stats: dict) -> dict:
         for shard, (df, table) in zip(run.shards, shards):
             tally.add(df)
             shown.add(df)
-            writer.write(table.replace_schema_metadata(schema.metadata))
+            writer.write(table)     # the file's schema (pandas metadata included) is the writer's
         n_in, kept, removed, n_failed = invariant(run, tally)   # raises before samples.parquet is published
     n_pairs = _pairs_report(run.group_edges_file(), out / "pairs.parquet")
     table = groups.table[["group_id", "size", "representative_key", "max_similarity", "min_similarity"]]
