@@ -94,7 +94,8 @@ def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp
 
 
 def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_path):
-    """The kept row is the photo on a canvas (the most pixels); a copy turned on another canvas fails against it
+    """The kept row is the photo on a canvas (kept where it holds more picture than the photo alone, or
+    by the pixels alone with group.representative rules that see no padding); a copy turned on another canvas fails against it
     but is a clear copy of the unedited photo, which is a full copy of the kept row (each holds >=
     verify.FULL_SHARE of the other): it stays, through that anchor and only through it. A part of
     the kept row is not rescued: a crop whose pixels agree with the photo on a canvas but hold less
@@ -204,3 +205,49 @@ def test_a_smooth_picture_is_a_copy_where_its_pixels_accept_it(tmp_path):
     job = {"a": [2, 3, 2], "b": [0, 0, 0], "alt": [[1], [1], []], "features": {0: str(path)}}
     got = verify.decide_members(job)
     assert got["pixels"] == [1, 1, verify.NO_EVIDENCE] and got["via_full_copy"] == 2
+
+
+def test_the_photo_is_kept_not_its_copy_on_a_canvas(tmp_path):
+    """Where the pixel check runs, the representative rule counts a frame's padding against it
+    (lib/nodes.picture_pixels): a photo is kept over the same photo pasted on a larger canvas or
+    between letterbox bars (more pixels, the same picture), and an enlarged version of a photo (more
+    picture) still over the photo. With the pixel check off the rule is the pixels alone."""
+    import numpy as np
+    import skimage.data
+
+    from dedup2b.lib import pixels
+    from dedup2b.lib.nodes import picture_pixels
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photo = Image.fromarray(skimage.data.coffee()).convert("RGB")          # 600 x 400
+    w, h = photo.size
+    canvas = Image.new("RGB", (w * 4 // 3, h * 3 // 2), (40, 90, 160))
+    canvas.paste(photo, (w // 9, h // 7))
+    bars = Image.new("RGB", (w, w), (0, 0, 0))
+    bars.paste(photo, (0, (w - h) // 2))
+    cat = Image.fromarray(skimage.data.chelsea()).convert("RGB")
+    images = {"a_photo": photo, "b_canvas": canvas, "c_letterbox": bars,
+              "d_cat": cat, "e_cat_larger": cat.resize((cat.width * 3 // 2, cat.height * 3 // 2), Image.LANCZOS)}
+    for name, img in images.items():
+        img.save(folder / f"{name}.png")
+    share = {n: pixels.picture_share(pixels.features((folder / f"{n}.png").read_bytes())) for n in images}
+    assert share["a_photo"] > 0.95 and share["e_cat_larger"] > 0.95
+    assert share["b_canvas"] < 0.6 and share["c_letterbox"] < 0.8
+    counted = {n: int(picture_pixels(np.array([images[n].width * images[n].height]), np.array([share[n]]))[0])
+               for n in images}
+    assert counted["a_photo"] > max(counted["b_canvas"], counted["c_letterbox"])
+    assert counted["e_cat_larger"] > counted["d_cat"]
+    kept = {}
+    for method in ("pixels", "off"):
+        cfg = config.build(None, [f"verify.method={method}", "verify.low=0.0", "search.threshold=0.5"],
+                           tmp_path / method, {"input.path": str(folder)})
+        run_stages(cfg, LocalExecutor(), stages=["ingest", "embed", "index", "search", "verify", "group"])
+        run = open_run(cfg)
+        rows = pq.read_table(run.group_rows_dir()).to_pandas()
+        ing = run.ingest_table(columns=["gid", "key"]).to_pandas().set_index("gid")["key"]
+        rows["key"], rows["rep"] = rows["gid"].map(ing), rows["group_id"].map(ing)
+        kept[method] = dict(zip(rows["key"], rows["rep"]))
+    px = kept["pixels"]
+    assert px["b_canvas.png"] == px["c_letterbox.png"] == px["a_photo.png"] == "a_photo.png", px
+    assert px["d_cat.png"] == "e_cat_larger.png", px
+    assert kept["off"]["a_photo.png"] in ("b_canvas.png", "c_letterbox.png"), kept["off"]

@@ -198,7 +198,8 @@ class GroupConfig:
     # image: near-duplicate images are duplicates; image+text: only when their texts are also equal
     # after normalisation (NFKC, case-folded, whitespace collapsed) — for VQA / RL data
     duplicate_key: str = "image"
-    # which row of a group is kept: quality = most pixels, then most bytes, then smallest key;
+    # which row of a group is kept: quality = most pixels (where the pixel check ran, a frame's
+    # padding discounted: lib/nodes.picture_pixels), then most bytes, then smallest key;
     # first = the first row in input order (smallest gid): what an incremental run keeps, so
     # increments give exactly the all-at-once kept set
     representative: str = "quality"

@@ -27,13 +27,14 @@ import pyarrow.parquet as pq
 _NPY_LOCK = threading.Lock()
 
 
-def load_npy(path, mmap: bool = False):
-    """np.load of a .npy (memory-mapped with `mmap`) or of a whole .npz (a dict of its arrays),
-    pickles refused, safe across threads."""
+def load_npy(path, mmap: bool = False, keys=None):
+    """np.load of a .npy (memory-mapped with `mmap`) or of a .npz (a dict of its arrays: all of
+    them, or those of `keys` it holds; the others are not read), pickles refused, safe across
+    threads."""
     with _NPY_LOCK:
         if str(path).endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+                return {k: z[k] for k in z.files if keys is None or k in keys}
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 

@@ -1,8 +1,8 @@
 """The group stage's nodes (rows with a vector): per-row numbers for the representative rank
 and the node map.
 
-The rank compares a 16-byte prefix of each key (most pixels, then most bytes, then the smallest
-key); only rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their
+The rank compares a 16-byte prefix of each key (most pixels, the padding of a frame discounted
+where the pixel check measured it: picture_pixels; then most bytes, then the smallest key); only rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their
 full keys read back, a tied run at a time. sha256 digests are held as 32 raw bytes. GidIndex maps
 gids to node positions by arithmetic; Keys maps given rows' gids to their keys.
 """
@@ -49,6 +49,20 @@ def raw_digest(hexes: pa.ChunkedArray) -> np.ndarray:
     u = _HEX[np.frombuffer(h.tobytes(), np.uint8).reshape(len(h), -1)]
     raw = np.ascontiguousarray((u[:, 0::2] << 4) | u[:, 1::2])
     return raw.view(f"S{raw.shape[1]}").ravel()
+
+
+SHARE_STEPS = 16     # picture shares are compared in steps of 1/16: noise (a JPEG's ringing on a
+                     # plain fill) does not outrank the bytes rule between two copies of one frame
+
+
+def picture_pixels(pixels: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """The pixels the rank counts where the pixel check measured how much of each frame is picture
+    (`share`, 1 where unknown): width x height x share^2, the picture's pixels discounted by the
+    share of the frame it fills. The same photo pasted on a canvas or between letterbox bars
+    has as many picture pixels as the photo alone, and more pixels in all; the photo is kept. A
+    larger version of the photo (twice the side: four times the pixels) still wins."""
+    q = np.round(np.clip(share, 0.0, 1.0) * SHARE_STEPS) / SHARE_STEPS
+    return np.round(pixels * q * q).astype(np.int64)
 
 
 def quality_rank(gids, pixels, nbytes, prefix, full_keys) -> np.ndarray:

@@ -191,6 +191,14 @@ def features_gray(gray: np.ndarray) -> Features:
     return Features((work.shape[1], work.shape[0]), int(max(gray.shape)), xy, root, thumb)
 
 
+def picture_share(f: Features) -> float:
+    """The share of an image's frame that is picture: thumbnail pixels that are not plain fill
+    (spread > AREA_STD, as _content_share counts a picture's area). A canvas, letterbox bars or the
+    fill around a rotation lower it; an image without any detail counts as all picture."""
+    picture = _spread2(f.thumb) > AREA_STD ** 2
+    return float(picture.mean()) if picture.any() else 1.0
+
+
 def features(data: bytes) -> Features:
     """Decode image bytes and compute what verify() compares. ValueError on undecodable bytes."""
     return features_gray(decode_gray(data))

@@ -3,8 +3,9 @@
 Nodes are the rows that have a vector. Edges are exact-byte pairs (equal sha256, kind bytes), near
 pairs at or above the threshold (kind descriptor) or, where the verify stage ran, pairs at or above
 verify.sure (descriptor) and pairs in [verify.low, sure) the pixel check accepted (kind pixels).
-Each group gets one representative by a deterministic rule: most pixels, then most bytes, then the
-smallest key (group.representative: quality), or the first row in input order (first). Chaining
+Each group gets one representative by a deterministic rule: most pixels (where the pixel check ran,
+a frame's padding discounted: nodes.picture_pixels), then most bytes, then the smallest key
+(group.representative: quality), or the first row in input order (first). Chaining
 guard: a member less similar than `min_rep_similarity` to its representative is split off, and
 where the pixel check runs (group.member_check) so is a member that is not a copy of its
 representative (no accepted edge between the two, and their pixels say no: MemberCheck); the
@@ -51,7 +52,7 @@ from ..core.memory import need
 from ..core.run import Run
 from ..core.vectors import StoreUnion, meta_path
 from ..lib import registry
-from ..lib.nodes import GidIndex, Keys, column_of, key_prefix, keys_of, quality_rank, raw_digest
+from ..lib.nodes import GidIndex, Keys, column_of, key_prefix, keys_of, picture_pixels, quality_rank, raw_digest
 from ..lib import spill
 from ..lib.spill import Spill
 from ..lib.unionfind import UnionFind, exact_edges
@@ -74,7 +75,8 @@ BUCKET_ROWS = 4_000_000   # grouped rows per bucket (ROW_BYTES each at a bucket'
 DIGEST_ROWS = 8_000_000   # rows per bucket of the exact-copy pass (24 B each while sorted)
 
 ROW_SPILL = pa.schema([("gid", pa.int64()), ("width", pa.int64()), ("height", pa.int64()), ("nbytes", pa.int64()),
-                       ("key", pa.string()), ("sha256", pa.string()), ("caption", pa.string())])
+                       ("key", pa.string()), ("sha256", pa.string()), ("caption", pa.string()),
+                       ("picture", pa.float32())])   # the share of its frame that is picture (1: not measured)
 EDGE_SPILL = pa.schema([("gid_a", pa.int64()), ("gid_b", pa.int64()), ("similarity", pa.float32()),
                         ("pixels", pa.bool_()), ("pixel_score", pa.float32())])
 
@@ -399,14 +401,18 @@ def run(run: Run, ex, stats: dict) -> dict:
     # 2. the grouped rows and the edges, partitioned by component into buckets
     by_text = cfg.group.duplicate_key == "image+text"
     rows = Spill(work / "rows", n_buckets, ROW_SPILL)
+    quality, pixel_check = cfg.group.representative == "quality", verify.active(run)
     for sh in shards:
         lo, hi = np.searchsorted(gids, [sh.index << 32, (sh.index + 1) << 32])
         sel = gids[lo:hi][grouped[lo:hi]]
         if len(sel):
-            t = pq.read_table(run.ingest_file(sh.name), columns=ROW_SPILL.names[:-1] + ["caption"] * by_text)
+            t = pq.read_table(run.ingest_file(sh.name), columns=ROW_SPILL.names[:-2] + ["caption"] * by_text)
             t = t.filter(pc.is_in(t["gid"], pa.array(sel, pa.int64())))
             if not by_text:
                 t = t.append_column("caption", pa.nulls(len(t), pa.string()))
+            share = (verify.picture_shares({sh.index: verify.feature_file(run, sh.name)}, t["gid"].to_numpy())
+                     if quality and pixel_check else np.ones(len(t), np.float32))
+            t = t.append_column("picture", pa.array(share, pa.float32()))
             rows.write(bucket_of(position(t["gid"].to_numpy())), t)
     edges = None                  # one bucket: its edges are the pair files' own, read at every pass
     if n_buckets > 1:
@@ -576,9 +582,10 @@ def _group_bucket(run: Run, ex, rows: pa.Table, near: Callable[[], Iterable[pa.T
     need(f"group: a bucket of {n:,} rows", n * ROW_BYTES + GROUP_BUFFERS)
     if cfg.group.representative == "first":
         rank = np.arange(n, dtype=np.int64)   # gids are sorted: input order
-    else:                                     # most pixels, most bytes, smallest key
+    else:                                     # most (picture) pixels, most bytes, smallest key
         pixels = (pc.cast(rows["width"].fill_null(0), pa.int64()).to_numpy()
                   * pc.cast(rows["height"].fill_null(0), pa.int64()).to_numpy())
+        pixels = picture_pixels(pixels, rows["picture"].to_numpy())   # a photo, not its copy on a canvas
         rank = quality_rank(gids, pixels, pc.cast(rows["nbytes"].fill_null(0), pa.int64()).to_numpy(),
                             key_prefix(rows["key"].to_pylist()), lambda g: keys_of(run, g))
     by_text = cfg.group.duplicate_key == "image+text"

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from ..core.arrays import unique
 from ..core.io import Marker, load_npy, write_parquet
 from ..core.run import Run
-from ..lib.nodes import PREFIX, quality_rank
+from ..lib.nodes import PREFIX, picture_pixels, quality_rank
 from ..sources import Shard, source_for
 
 NAME = "verify"
@@ -200,7 +200,8 @@ def features_shard(job: dict) -> dict:
     gids = [g for (g, _), k in zip(images, ok) if k]
     errors = len(images) - len(gids)
     arrays = {"gid": np.array(gids, np.int64),
-              "slot": np.array([packed[c] for c, k in zip(content, ok) if k], np.int64), **pack(feats)}
+              "slot": np.array([packed[c] for c, k in zip(content, ok) if k], np.int64), **pack(feats),
+              "picture": np.array([pixels.picture_share(f) for f in feats], np.float32)}
     path = Path(job["out"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -209,6 +210,29 @@ def features_shard(job: dict) -> dict:
     tmp.replace(path)
     Marker(path.parent.parent, f"features-{job['name']}").write(job["fp"], [path], rows=len(gids), errors=errors)
     return {"rows": len(gids), "images": len(feats), "errors": errors, "seconds": time.time() - t0}
+
+
+def picture_shares(files: dict, gids: np.ndarray) -> np.ndarray:
+    """Per gid, the share of its frame that is picture (pixels.picture_share), read from the
+    feature files of the gids' shards (`files`: shard index -> path) without their features; 1
+    where a row has no features (no candidate pair needed them) or its file predates the share."""
+    gids = np.asarray(gids, np.int64)
+    share = np.ones(len(gids), np.float32)
+    order = np.argsort(gids, kind="stable")
+    nodes = gids[order]
+    for shard in unique(nodes >> 32).tolist():
+        path = files.get(shard, files.get(str(shard)))
+        if path is None or not Path(path).exists():
+            continue
+        z = load_npy(path, keys=("gid", "slot", "picture"))
+        if "picture" not in z:
+            continue
+        g = z["gid"]
+        slot = z["slot"] if "slot" in z else np.arange(len(g))
+        pos = np.clip(np.searchsorted(nodes, g), 0, len(nodes) - 1)
+        hit = nodes[pos] == g
+        share[order[pos[hit]]] = z["picture"][slot[hit]]
+    return share
 
 
 class FeatureStore:
@@ -269,8 +293,9 @@ class _Forest:
 
 def _preference(job: dict, nodes: np.ndarray) -> np.ndarray:
     """Per node (sorted gids), its place in the group stage's representative order as far as the
-    ingest numbers tell it: most pixels, then most bytes, then input order (quality), or input
-    order (first). Read from the ingest files of the nodes' shards."""
+    ingest numbers and the features tell it: most pixels (picture_pixels: the padding of a frame
+    discounted), then most bytes, then input order (quality), or input order (first). Read from
+    the ingest files of the nodes' shards and their feature files."""
     if job.get("representative", "quality") != "quality" or not job.get("ingest"):
         return np.arange(len(nodes))
     pixels = np.zeros(len(nodes), np.int64)
@@ -285,6 +310,8 @@ def _preference(job: dict, nodes: np.ndarray) -> np.ndarray:
         at = np.searchsorted(nodes, g[keep])
         w, h, b = (t[c].fill_null(0).to_numpy().astype(np.int64)[keep] for c in ("width", "height", "nbytes"))
         pixels[at], nbytes[at] = w * h, b
+    if job.get("features"):
+        pixels = picture_pixels(pixels, picture_shares(job["features"], nodes))
     # the group stage's rule without its key tie-break (empty key prefixes: ties go by gid)
     return quality_rank(nodes, pixels, nbytes, np.zeros(len(nodes), f"S{PREFIX}"), None)
 
