@@ -2,8 +2,9 @@
 and the node map.
 
 The rank compares a 16-byte prefix of each key (most pixels, the padding of a frame discounted
-where the pixel check measured it: picture_pixels; then most bytes, then the smallest key); only rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their
-full keys read back, a tied run at a time. sha256 digests are held as 32 raw bytes. GidIndex maps
+where the pixel check measured it: picture_pixels; then most bytes, then the smallest key); only
+rows whose prefixes tie (with equal pixels and bytes) and run past 16 bytes have their full keys
+read back, a tied run at a time. sha256 digests are held as 32 raw bytes. GidIndex maps
 gids to node positions by arithmetic; Keys maps given rows' gids to their keys.
 """
 from __future__ import annotations
