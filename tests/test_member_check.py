@@ -94,10 +94,9 @@ def test_pairs_already_connected_are_not_checked_and_the_groups_stay(copies, tmp
 
 
 def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_path):
-    """The kept row is the photo on a canvas (kept where it holds more picture than the photo alone, or
-    by the pixels alone with group.representative rules that see no padding); a copy turned on another canvas fails against it
-    but is a clear copy of the unedited photo, which is a full copy of the kept row (each holds >=
-    verify.FULL_SHARE of the other): it stays, through that anchor and only through it. A part of
+    """The kept row is the photo on a canvas (as where it holds more picture than the photo alone); a
+    copy turned on another canvas fails against it but is a clear copy of the unedited photo, which
+    is a full copy of the kept row (each holds >= verify.FULL_SHARE of the other): it stays, through that anchor and only through it. A part of
     the kept row is not rescued: a crop whose pixels agree with the photo on a canvas but hold less
     than pixels.MIN_SHARE of it stays out, though it is a clear copy of the unedited photo."""
     import numpy as np

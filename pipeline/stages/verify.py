@@ -216,22 +216,22 @@ def picture_shares(files: dict, gids: np.ndarray) -> np.ndarray:
     """Per gid, the share of its frame that is picture (pixels.picture_share), read from the
     feature files of the gids' shards (`files`: shard index -> path) without their features; 1
     where a row has no features (no candidate pair needed them) or its file predates the share."""
+    files = {int(k): v for k, v in files.items()}
     gids = np.asarray(gids, np.int64)
     share = np.ones(len(gids), np.float32)
     order = np.argsort(gids, kind="stable")
     nodes = gids[order]
     for shard in unique(nodes >> 32).tolist():
-        path = files.get(shard, files.get(str(shard)))
+        path = files.get(shard)
         if path is None or not Path(path).exists():
             continue
         z = load_npy(path, keys=("gid", "slot", "picture"))
-        if "picture" not in z:
+        if "picture" not in z:      # written before the share (and after the slots)
             continue
         g = z["gid"]
-        slot = z["slot"] if "slot" in z else np.arange(len(g))
         pos = np.clip(np.searchsorted(nodes, g), 0, len(nodes) - 1)
         hit = nodes[pos] == g
-        share[order[pos[hit]]] = z["picture"][slot[hit]]
+        share[order[pos[hit]]] = z["picture"][z["slot"][hit]]
     return share
 
 
