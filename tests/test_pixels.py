@@ -63,6 +63,31 @@ def test_different_faces_are_rejected(faces):
             assert not same, (i, j, score)
 
 
+def test_faces_that_look_alike_squeezed_are_still_rejected(faces):
+    # aligned portraits can pass the first look's gate: compared as whole frames, then rejected
+    feats = [pixels.features(_png(f)) for f in faces[:40]]
+    gated = [(i, j) for i in range(len(feats)) for j in range(i + 1, len(feats))
+             if any(True for _ in pixels._first_frames(feats[i], feats[j]))]
+    assert len(gated) >= 5
+    for i, j in gated:
+        assert not pixels.verify(feats[i], feats[j])[0], (i, j)
+
+
+def test_a_whole_frame_copy_needs_no_keypoints(photo):
+    """A re-encoded, resized or mirrored copy is accepted on its whole frame before any keypoint is
+    computed; a crop needs keypoints, and gets them (once per image)."""
+    whole = pixels.features(_jpeg(photo))
+    small = pixels.features(_jpeg(photo.resize((200, 133)), 40))
+    mirrored = pixels.features(_jpeg(photo.transpose(Image.FLIP_LEFT_RIGHT), 70))
+    assert pixels.verify(whole, small)[0] and pixels.verify(whole, mirrored)[0]
+    assert not (whole.has_keypoints or small.has_keypoints or mirrored.has_keypoints)
+    crop = pixels.features(_jpeg(photo.crop((60, 40, 560, 380))))
+    assert pixels.verify(whole, crop)[0]
+    assert whole.has_keypoints and crop.has_keypoints and whole.keypoint_s > 0
+    xy = whole.xy
+    assert pixels.verify(whole, crop)[0] and whole.xy is xy
+
+
 def test_disjoint_crops_of_one_photo_are_rejected(photo):
     left, right = grid_crops(photo, 1, 2)
     top, bottom = grid_crops(photo, 2, 1)
@@ -140,8 +165,10 @@ def test_features_pickle_and_stay_small(photo):
     f = pixels.features(_jpeg(photo))
     g = pickle.loads(pickle.dumps(f))
     assert pixels.verify(f, g) == pixels.verify(f, f)
-    assert len(pickle.dumps(f)) < 200_000
+    assert f.work.nbytes <= pixels.WORK_SIDE ** 2 and len(pickle.dumps(f)) < 200_000
     assert f.thumb.dtype == np.uint8 and f.desc.dtype == np.uint8
+    g = pickle.loads(pickle.dumps(f))        # with its keypoints
+    assert g.has_keypoints and np.array_equal(g.desc, f.desc) and np.array_equal(g.xy, f.xy)
 
 
 def test_odd_but_valid_images_do_not_crash():

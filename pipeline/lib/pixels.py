@@ -4,18 +4,25 @@ different pictures that merely look alike?
 A global descriptor (CLIP, EfficientNet) says "the same kind of picture"; this module says "the same
 picture". It compares the images themselves, through their features:
 
-    fa, fb = features(jpeg_bytes), features(png_bytes)   # per image: ~20 ms, ~120 KB of numpy
-    same, score = verify(fa, fb)                         # per pair: ~0.4 ms (most look-alikes) to ~7 ms
+    fa, fb = features(jpeg_bytes), features(png_bytes)   # per image: ~2 ms, <= 100 KB of numpy
+    same, score = verify(fa, fb)                         # per pair: ~1.5 ms (most look-alikes) to ~7 ms,
+                                                         # and ~30 ms per image whose keypoints it needs
     same, score = verify_bytes(a, b)                     # both at once; verify_many() caches by content
 
 Method
   features  decode (PIL; JPEG draft mode for big files; EXIF orientation; transparency over white),
             grayscale, long side resized to WORK_SIDE (small images are enlarged, so a 25 px face
-            and its 100 px copy are seen alike). SIFT keypoints (the N_KEYPOINTS strongest, a low
-            contrast threshold so smooth pictures get some) as RootSIFT uint8 descriptors, and a
-            THUMB_SIDE grayscale thumbnail. Mirrors need no second SIFT run: the descriptor of a
-            mirrored patch is a fixed permutation of the original's (4x4 grid rows reversed, the 8
-            orientation bins negated), applied at match time.
+            and its 100 px copy are seen alike): the working image, and a THUMB_SIDE grayscale
+            thumbnail. SIFT keypoints (the N_KEYPOINTS strongest, a low contrast threshold so smooth
+            pictures get some) as RootSIFT uint8 descriptors, computed on first use and kept (they
+            cost an image about 15 times its decoding). Mirrors need no second SIFT run: the
+            descriptor of a mirrored patch is a fixed permutation of the original's (4x4 grid rows
+            reversed, the 8 orientation bins negated), applied at match time.
+  first look  the whole frame, as it is and mirrored, where the two thumbnails squeezed to
+            COARSE_SIDE squares correlate (a re-encode, a resize, a colour edit, a squash): the
+            pixel check below decides on it as on any alignment, and a copy it accepts needs no
+            keypoints. Only cost, never the answer, depends on this gate: a frame map it skips is
+            still tried when matches support it.
   align     descriptors matched (mutual nearest neighbours + Lowe's ratio test), as they are and
             mirrored. Per match set: an affine model by RANSAC (covers crops, canvas, letterbox,
             rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
@@ -41,7 +48,8 @@ Method
             tiles, flat tiles count little, a few strong edges (a frame, a circle) cannot decide.
   decide    a copy iff the score of some alignment >= ACCEPT; the score (clipped to [0, 1]) is that
             of the first accepted alignment, or the best one tried. Deterministic (seeded RANSAC,
-            no randomness elsewhere).
+            no randomness elsewhere). The first look adds whole-frame maps without keypoint
+            support to those tried: on bench.copies it changed no answer (recall, false accepts).
 
 Measured with bench/copies.py (make bench-copies; bench/results/copies.md), seed 0: 1076 copy
 pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5938 look-alike pairs (4950 of
@@ -51,8 +59,10 @@ them LFW faces; halves and quarters of a photo against it).
   of a photo is rejected by the share rule. Copies that fail: crops keeping less than about 60 %
   of a picture's detail (the rule), watermarks or text over nearly featureless pictures (a
   blurred clock, a smooth fundus), where the overlay holds all the detail.
-  cost, one core: features 37 ms median, 78 ms p95 (large PNG decodes); verify 1.0 ms median,
-  13 ms p95, 10 ms median on copies (the box measured features at 28 ms a session earlier).
+  cost, one core: features 1.5 ms median, 9 ms p95 (large PNG decodes); keypoints 27 ms median,
+  55 ms p95, for the 779 of 1280 images a pair needed them for; verify (keypoints apart) 1.4 ms
+  median, 12 ms p95, 5 ms median on copies. With keypoints for every image, the release before
+  measured features at 31 ms median (37 and 28 on other days: the box's speed moves).
   Detectors at WORK_SIDE 320 with the same pixel check (an earlier measurement, seed 1): SIFT
   24 ms per image, 0.99 of single edits / 0.93 of chains; AKAZE (run twice, for the mirror) 13 ms,
   0.91 / 0.80; ORB (twice) 4 ms, 0.88 / 0.75.
@@ -63,10 +73,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
 import threading
+import time
 import warnings
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -97,6 +108,11 @@ TILE = 16                # tile side for the robust correlation, thumbnail pixel
 ACCEPT = 0.5             # decision threshold on the score: look-alikes <= 0.45 but one pair in 17,550,
                          # copies mostly > 0.6 (bench/results/copies.md, score distribution)
 SEED = 12345
+COARSE_SIDE = 24         # the first look: thumbnails squeezed to this square...
+COARSE_CORR = 0.7        # ...that correlate this well are first compared as whole frames. Only cost
+                         # depends on it (a pair below goes straight to the keypoints). bench.copies:
+                         # at 0.5, 574 of 1076 copy pairs accepted on the whole frame and 1614 of 5938
+                         # look-alike pairs compared in vain; at 0.7, 567 and 372
 _OPEN_LOCK = threading.Lock()
 _DILATE = np.ones((7, 7), np.uint8)
 _FAR = np.ones((15, 15), np.uint8)   # beyond a frame's edge: more than 7 thumbnail pixels out
@@ -108,14 +124,55 @@ _P = dict(ratio=RATIO, ransac_px=RANSAC_PX, min_inliers=MIN_INLIERS, min_support
           equalise=1.3, min_tiles=4, center_max_up=1.5)
 
 
-@dataclass(frozen=True)
 class Features:
-    """What verify() needs of one image, as numpy arrays (picklable; ~120 KB, at most ~200 KB)."""
-    size: tuple[int, int]    # (w, h) of the working image the keypoints live in
-    native: int              # long side of the decoded image, pixels
-    xy: np.ndarray           # (n, 2) float32 keypoint positions, working pixels
-    desc: np.ndarray         # (n, 128) uint8 RootSIFT descriptors (x 255)
-    thumb: np.ndarray        # (h, w) uint8 grayscale, long side THUMB_SIDE
+    """What verify() needs of one image: the working image (long side WORK_SIDE, grayscale uint8),
+    its THUMB_SIDE thumbnail, and its SIFT keypoints (xy, desc), computed from the working image on
+    first use and kept: a copy that the full-frame check accepts (a re-encode, a resize, a colour
+    edit) needs no keypoints at all. Safe across threads (one computation per image)."""
+
+    __slots__ = ("size", "native", "work", "thumb", "keypoint_s", "_xy", "_desc", "_lock")
+
+    def __init__(self, size: tuple[int, int], native: int, thumb: np.ndarray, work: np.ndarray | None = None,
+                 xy: np.ndarray | None = None, desc: np.ndarray | None = None):
+        self.size = tuple(int(v) for v in size)   # (w, h) of the working image the keypoints live in
+        self.native = int(native)                 # long side of the decoded image, pixels
+        self.thumb = thumb                        # (h, w) uint8 grayscale, long side THUMB_SIDE
+        self.work = work                          # (h, w) uint8 working image; None when keypoints are given
+        self._xy, self._desc = xy, desc           # (n, 2) float32 working pixels; (n, 128) uint8 RootSIFT x 255
+        self.keypoint_s = 0.0                     # seconds this object spent computing its keypoints
+        self._lock = threading.Lock()
+        if work is None and (xy is None or desc is None):
+            raise ValueError("Features need the working image or the keypoints")
+
+    @property
+    def xy(self) -> np.ndarray:
+        return self.keypoints()[0]
+
+    @property
+    def desc(self) -> np.ndarray:
+        return self.keypoints()[1]
+
+    @property
+    def has_keypoints(self) -> bool:
+        return self._xy is not None
+
+    def keypoints(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._xy is None:
+            with self._lock:
+                if self._xy is None:
+                    t0 = time.perf_counter()
+                    xy, desc = _sift(self.work)
+                    self._desc, self._xy = desc, xy
+                    self.keypoint_s = time.perf_counter() - t0
+        return self._xy, self._desc
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_lock"}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self._lock = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------- decoding
@@ -176,19 +233,27 @@ def _resize_long(gray: np.ndarray, side: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- features
 def features_gray(gray: np.ndarray) -> Features:
-    """Features of a decoded grayscale uint8 image."""
-    work = _resize_long(np.ascontiguousarray(gray, dtype=np.uint8), WORK_SIDE)
+    """Features of a decoded grayscale uint8 image (keypoints on first use)."""
+    work = np.ascontiguousarray(_resize_long(np.ascontiguousarray(gray, dtype=np.uint8), WORK_SIDE))
+    return from_work(work, int(max(gray.shape)))
+
+
+def from_work(work: np.ndarray, native: int) -> Features:
+    """Features of a working image (long side WORK_SIDE), its thumbnail made from it."""
+    return Features((work.shape[1], work.shape[0]), native, np.ascontiguousarray(_resize_long(work, THUMB_SIDE)),
+                    work=work)
+
+
+def _sift(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoints of a working image: positions and RootSIFT uint8 descriptors."""
     # a low contrast threshold: smooth and low-contrast pictures get keypoints too; the strongest
     # N_KEYPOINTS are kept either way (a detector per call: cheap, and safe across threads)
     kps, desc = cv2.SIFT_create(N_KEYPOINTS, 3, 0.01, 10, 1.6).detectAndCompute(work, None)
     xy = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
     if desc is None or len(kps) == 0:
-        root = np.zeros((0, 128), np.uint8)
-    else:   # RootSIFT: L1-normalise, square root (unit L2 norm), as uint8
-        d = desc.astype(np.float32)
-        root = np.round(255 * np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))).astype(np.uint8)
-    thumb = np.ascontiguousarray(_resize_long(work, THUMB_SIDE))
-    return Features((work.shape[1], work.shape[0]), int(max(gray.shape)), xy, root, thumb)
+        return xy[:0], np.zeros((0, 128), np.uint8)
+    d = desc.astype(np.float32)     # RootSIFT: L1-normalise, square root (unit L2 norm), as uint8
+    return xy, np.round(255 * np.sqrt(d / (d.sum(1, keepdims=True) + 1e-7))).astype(np.uint8)
 
 
 def picture_share(f: Features) -> float:
@@ -364,6 +429,32 @@ def _models(fa: Features, fb: Features, p):
         yield from sorted(found, key=lambda x: -x[2])
 
 
+def _first_frames(fa: Features, fb: Features):
+    """The full-frame maps tried before any keypoint (kind, map, support 0): the frame as it is
+    and mirrored, where the two thumbnails, squeezed to COARSE_SIDE squares, correlate >=
+    COARSE_CORR (a re-encode, a resize, a colour edit, an aspect squash). The pixel check then
+    decides as for any alignment; a pair it does not accept goes on to the keypoints. Most web
+    copies are of this kind, and keypoints cost an image about twice what its pixel check does."""
+    a = _coarse(fa.thumb)
+    b = _coarse(fb.thumb)
+    if a is None or b is None:
+        return
+    for mirrored, h in _box_maps(fa, fb):
+        if h[0, 1] != 0 or h[1, 0] != 0 or h[1, 1] < 0 or not _sane(h):   # rotations need keypoints
+            continue
+        bb = b[:, ::-1] if mirrored else b
+        if float((a * bb).sum()) >= COARSE_CORR:
+            yield "frame", h, 0
+
+
+def _coarse(thumb: np.ndarray) -> np.ndarray | None:
+    """A thumbnail squeezed to COARSE_SIDE x COARSE_SIDE, zero mean, unit norm (None if flat)."""
+    x = cv2.resize(thumb, (COARSE_SIDE, COARSE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
+    x -= x.mean()
+    n = float(np.sqrt((x * x).sum()))
+    return x / n if n > 1e-3 * COARSE_SIDE else None
+
+
 # ----------------------------------------------------------------------------------- pixel check
 def _bandpass(img: np.ndarray, s1: float, s2: float) -> np.ndarray:
     g1 = cv2.GaussianBlur(img, (0, 0), s1)
@@ -484,8 +575,13 @@ def explain(fa: Features, fb: Features, params: dict | None = None, stop: bool =
 
 def _explain(fa: Features, fb: Features, params: dict | None, stop: bool) -> dict:
     p = {**_P, **(params or {})}
-    tried, best = [], 0.0
-    for kind, h, support in _models(fa, fb, p):
+    tried, best, seen = [], 0.0, set()
+    for kind, h, support in itertools.chain(_first_frames(fa, fb), _models(fa, fb, p)):
+        if kind == "frame":
+            key = np.round(h, 6).tobytes()
+            if key in seen:       # a full-frame map the first look scored already
+                continue
+            seen.add(key)
         ht = _to_thumb(fa) @ h @ np.linalg.inv(_to_thumb(fb))
         s = _agreement(fa.thumb, fb.thumb, ht, p, (fa.native, fb.native))
         tried.append({"kind": kind, "support": support, "score": round(s, 4)})

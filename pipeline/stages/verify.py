@@ -4,7 +4,9 @@ A global descriptor says "the same kind of picture", not "the same picture". Whe
 images, every candidate pair the descriptor cannot settle alone, similarity in [low, sure), is
 checked on the images themselves; pairs at or above `sure` are taken on the descriptor.
   1. features (a task per input shard): the shard's images of the rows in such pairs, read once,
-     turned into keypoints + a thumbnail -> verify/features/NNNNN.npz (arrays only, no pickle)
+     decoded to a grayscale working image -> verify/features/NNNNN.npz (arrays only, no pickle);
+     the pixel check makes each one's thumbnail from it, and its keypoints only when a pair needs
+     them (pixels.Features: a re-encoded or resized copy is accepted on the whole frame first)
   2. decide (a task per search pair file): each pair's decision, aligned row by row with the
      pair file -> verify/decisions/<pair file name>: pixels (int8: -1 not checked, 0 rejected,
      1 accepted, 2 no pixel evidence: not accepted, and an image without local structure
@@ -124,44 +126,36 @@ def decision_file(run: Run, pair_file: Path) -> Path:
     return run.dir(NAME) / "decisions" / pair_file.name
 
 
-def _is_array(field) -> bool:
-    return "ndarray" in str(field.type)
+STORED = ("work",)      # per image, raveled and concatenated with offsets and shapes (see pack)
 
 
 def pack(feats: list) -> dict[str, np.ndarray]:
-    """pixels.Features of many images as flat arrays (np.savez, no pickle): an array field as its
-    values raveled and concatenated, with each image's offset and shape; any other field as one
-    array with a row per image."""
-    import dataclasses
-
-    from ..lib.pixels import Features
-    out = {}
-    for f in dataclasses.fields(Features):
-        vals = [getattr(x, f.name) for x in feats]
-        if _is_array(f):
-            out[f"{f.name}__off"] = np.r_[0, np.cumsum([v.size for v in vals])].astype(np.int64)
-            out[f"{f.name}__shape"] = (np.array([v.shape for v in vals], np.int64) if vals
-                                       else np.zeros((0, 1), np.int64))
-            out[f.name] = np.concatenate([v.ravel() for v in vals]) if vals else np.zeros(0, np.uint8)
-        else:
-            out[f.name] = np.array(vals)
+    """pixels.Features of many images as flat arrays (np.savez, no pickle): the working images
+    raveled and concatenated, with each one's offset and shape, and a row per image of `size`
+    and `native`. Thumbnails and keypoints are made from the working image where they are needed."""
+    out = {"size": np.array([f.size for f in feats], np.int64).reshape(-1, 2),
+           "native": np.array([f.native for f in feats], np.int64)}
+    for name in STORED:
+        vals = [getattr(f, name) for f in feats]
+        out[f"{name}__off"] = np.r_[0, np.cumsum([v.size for v in vals])].astype(np.int64)
+        out[f"{name}__shape"] = np.array([v.shape for v in vals], np.int64).reshape(-1, 2)
+        out[name] = np.concatenate([v.ravel() for v in vals]) if vals else np.zeros(0, np.uint8)
     return out
 
 
-def unpack(z: dict, i: int):
-    """The pixels.Features of image i of a packed file."""
-    import dataclasses
+def _array(z: dict, name: str, i: int) -> np.ndarray:
+    lo, hi = z[f"{name}__off"][i], z[f"{name}__off"][i + 1]
+    return z[name][lo:hi].reshape(tuple(z[f"{name}__shape"][i]))
 
-    from ..lib.pixels import Features
-    kw = {}
-    for f in dataclasses.fields(Features):
-        if _is_array(f):
-            lo, hi = z[f"{f.name}__off"][i], z[f"{f.name}__off"][i + 1]
-            kw[f.name] = z[f.name][lo:hi].reshape(tuple(z[f"{f.name}__shape"][i]))
-        else:
-            v = z[f.name][i]
-            kw[f.name] = tuple(v.tolist()) if np.ndim(v) else v.item()
-    return Features(**kw)
+
+def unpack(z: dict, i: int):
+    """The pixels.Features of image i of a packed file (files written before the working image
+    hold the keypoints and the thumbnail instead)."""
+    from ..lib import pixels
+    if "work" in z:
+        return pixels.from_work(_array(z, "work", i), int(z["native"][i]))
+    return pixels.Features(tuple(z["size"][i].tolist()), int(z["native"][i]), _array(z, "thumb", i),
+                           xy=_array(z, "xy", i), desc=_array(z, "desc", i))
 
 
 def features_shard(job: dict) -> dict:
@@ -237,23 +231,48 @@ def picture_shares(files: dict, gids: np.ndarray) -> np.ndarray:
 
 class FeatureStore:
     """gid -> pixels.Features over the feature files (each file loaded once, on first use; safe
-    across the threads of in_order)."""
+    across the threads of in_order). The last `keep` images served stay in memory with the
+    keypoints computed for them: a group's representative, checked against each of its members
+    in turn, gets its keypoints once."""
 
-    def __init__(self, files: dict[int, Path]):
+    def __init__(self, files: dict[int, Path], keep: int = 1024):
         import threading
+        from collections import OrderedDict
         self.files, self.loaded, self.lock = files, {}, threading.Lock()
+        self.recent, self.keep = OrderedDict(), keep
+        self.dropped = [0, 0.0]    # keypoints computed by the images no longer kept: count, seconds
+
+    def keypoint_work(self, more=()) -> dict:
+        """Images whose keypoints were computed through this store (and `more`), and their seconds."""
+        with self.lock:
+            done = [f for f in (*self.recent.values(), *more) if f.keypoint_s]
+            return {"keypoints": self.dropped[0] + len(done),
+                    "keypoint_s": self.dropped[1] + sum(f.keypoint_s for f in done)}
 
     def get(self, gid: int):
-        shard = int(gid) >> 32
+        gid = int(gid)
+        shard = gid >> 32
         with self.lock:
             if shard not in self.loaded:
                 path = self.files.get(shard)
                 z = load_npy(path) if path and path.exists() else None
                 slots = (z["slot"] if "slot" in z else np.arange(len(z["gid"]))) if z else []
                 self.loaded[shard] = (z, dict(zip(z["gid"].tolist(), np.asarray(slots).tolist())) if z else {})
-        z, pos = self.loaded[shard]
-        i = pos.get(int(gid))
-        return None if i is None else unpack(z, i)
+            z, pos = self.loaded[shard]
+            i = pos.get(gid)
+            if i is None:
+                return None
+            f = self.recent.get((shard, i))          # byte-identical rows share their slot
+            if f is not None:
+                self.recent.move_to_end((shard, i))
+                return f
+            f = self.recent[(shard, i)] = unpack(z, i)
+            if len(self.recent) > self.keep:
+                old = self.recent.popitem(last=False)[1]
+                if old.keypoint_s:
+                    self.dropped[0] += 1
+                    self.dropped[1] += old.keypoint_s
+            return f
 
 
 def _decide(pixels, fa, fb, missing: int = 0) -> tuple[int, float]:
@@ -394,7 +413,8 @@ def decide_file(job: dict) -> dict:
     path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
     Marker(path.parent.parent, f"decide-{path.stem}").write(job["fp"], [path], checked=checked,
                                                             accepted=accepted_n, implied=implied)
-    return {"checked": checked, "accepted": accepted_n, "implied": implied, "seconds": time.time() - t0}
+    return {"checked": checked, "accepted": accepted_n, "implied": implied, "seconds": time.time() - t0,
+            **store.keypoint_work()}
 
 
 def decide_members(job: dict) -> dict:
@@ -484,7 +504,8 @@ def decide_cross(job: dict) -> dict:
         dec[sel[k]], score[sel[k]] = result
     path = write_parquet(Path(job["out"]), pa.table({"pixels": dec, "pixel_score": score}))
     Marker(Path(job["root"]), job["unit"]).write(job["fp"], [path], checked=len(sel), accepted=int((dec == 1).sum()))
-    return {"checked": len(sel), "accepted": int((dec == 1).sum()), "seconds": time.time() - t0}
+    work = store.keypoint_work(theirs.values())
+    return {"checked": len(sel), "accepted": int((dec == 1).sum()), "seconds": time.time() - t0, **work}
 
 
 def units(run: Run) -> list[Marker]:
@@ -555,6 +576,10 @@ def run(run: Run, ex, stats: dict) -> dict:
             "pairs_implied": sum(r.get("implied", 0) for r in done),
             "images_with_features": sum(r["images"] for r in feats),
             "ms_per_image_features": round(1000 * t_feat / max(1, sum(r["images"] for r in feats)), 2),
+            # keypoints are made in the pixel tasks, only for images a pair needed them for
+            "images_with_keypoints": sum(r.get("keypoints", 0) for r in done),
+            "ms_per_image_keypoints": round(1000 * sum(r.get("keypoint_s", 0) for r in done)
+                                            / max(1, sum(r.get("keypoints", 0) for r in done)), 2),
             "ms_per_pair": round(1000 * t_dec / max(checked, 1), 2),
             "worker_s_per_million_pairs": round(1e6 * t_dec / max(checked, 1), 1),
             "seconds": round(time.time() - t0, 3)}
