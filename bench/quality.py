@@ -161,9 +161,11 @@ def main(argv=None) -> int:
     px = res.get("pixels")
     if px:
         pc = px["pixel_check"] or {}
-        lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair, ms per image | "
+        lines.append(f"| pixel check: band, pairs checked / accepted, ms per pair (keypoints included), ms per image "
+                     f"read, images with keypoints, ms each | "
                      f"{pc.get('band')}, {pc.get('pairs_checked')} / {pc.get('pairs_accepted')}, {pc.get('ms_per_pair')}, "
-                     f"{pc.get('ms_per_image_features')} |" + " |" * (len(methods) - 1))
+                     f"{pc.get('ms_per_image_features')}, {pc.get('images_with_keypoints')} of "
+                     f"{pc.get('images_with_features')}, {pc.get('ms_per_image_keypoints')} |" + " |" * (len(methods) - 1))
         cal = px["calibration"]
         lines.append(f"| calibrate: printed precision of the removals [95 %] vs measured | {cal['printed']} "
                      f"{cal['ci95']} vs {cal['measured']} (error {cal['error']}; {cal['removed_rows']} removed rows) |"

@@ -20,9 +20,10 @@ Method
             reversed, the 8 orientation bins negated), applied at match time.
   first look  the whole frame, as it is and mirrored, where the two thumbnails squeezed to
             COARSE_SIDE squares correlate (a re-encode, a resize, a colour edit, a squash): the
-            pixel check below decides on it as on any alignment, and a copy it accepts needs no
-            keypoints. Only cost, never the answer, depends on this gate: a frame map it skips is
-            still tried when matches support it.
+            pixel check below, but with no keypoint to support the map, nearly all of the picture
+            must agree (the tiles' correlation at its weighted 20th percentile >= FIRST_ACCEPT,
+            not the median: shared structure such as letterbox bars or a circle's edge can carry
+            a median). A copy it accepts needs no keypoints; any other pair is decided as before.
   align     descriptors matched (mutual nearest neighbours + Lowe's ratio test), as they are and
             mirrored. Per match set: an affine model by RANSAC (covers crops, canvas, letterbox,
             rotations, squash, scale) kept with >= MIN_INLIERS inliers, sane scale and shear,
@@ -48,8 +49,7 @@ Method
             tiles, flat tiles count little, a few strong edges (a frame, a circle) cannot decide.
   decide    a copy iff the score of some alignment >= ACCEPT; the score (clipped to [0, 1]) is that
             of the first accepted alignment, or the best one tried. Deterministic (seeded RANSAC,
-            no randomness elsewhere). The first look adds whole-frame maps without keypoint
-            support to those tried: on bench.copies it changed no answer (recall, false accepts).
+            no randomness elsewhere).
 
 Measured with bench/copies.py (make bench-copies; bench/results/copies.md), seed 0: 1076 copy
 pairs (16 edits, chains of three, copy vs copy, 25 px faces) and 5938 look-alike pairs (4950 of
@@ -59,9 +59,9 @@ them LFW faces; halves and quarters of a photo against it).
   of a photo is rejected by the share rule. Copies that fail: crops keeping less than about 60 %
   of a picture's detail (the rule), watermarks or text over nearly featureless pictures (a
   blurred clock, a smooth fundus), where the overlay holds all the detail.
-  cost, one core: features 1.5 ms median, 9 ms p95 (large PNG decodes); keypoints 27 ms median,
-  55 ms p95, for the 779 of 1280 images a pair needed them for; verify (keypoints apart) 1.4 ms
-  median, 12 ms p95, 5 ms median on copies. With keypoints for every image, the release before
+  cost, one core: features 1.4 ms median, 9 ms p95 (large PNG decodes); keypoints 29 ms median,
+  55 ms p95, for the 854 of 1280 images a pair needed them for; verify (keypoints apart) 1.25 ms
+  median, 12 ms p95, 6 ms median on copies. With keypoints for every image, the release before
   measured features at 31 ms median (37 and 28 on other days: the box's speed moves).
   Detectors at WORK_SIDE 320 with the same pixel check (an earlier measurement, seed 1): SIFT
   24 ms per image, 0.99 of single edits / 0.93 of chains; AKAZE (run twice, for the mirror) 13 ms,
@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import re
 import threading
 import time
@@ -108,6 +107,12 @@ TILE = 16                # tile side for the robust correlation, thumbnail pixel
 ACCEPT = 0.5             # decision threshold on the score: look-alikes <= 0.45 but one pair in 17,550,
                          # copies mostly > 0.6 (bench/results/copies.md, score distribution)
 SEED = 12345
+FIRST_QUANTILE, FIRST_ACCEPT = 0.2, 0.6   # the first look takes a whole frame without keypoints when
+                         # the tiles' correlation is >= 0.6 at its weighted 20th percentile: nearly all
+                         # of the picture agrees. Not the median: two letterboxed 25 px faces, or the
+                         # mirrored quarters of a fundus (a circle's edge), reach a median of 0.85-0.9
+                         # on a frame no keypoint supports; their 20th percentile stays <= 0.43 (the
+                         # quality set's 2803 look-alike first looks), copies' mostly > 0.7
 COARSE_SIDE = 24         # the first look: thumbnails squeezed to this square...
 COARSE_CORR = 0.7        # ...that correlate this well are first compared as whole frames. Only cost
                          # depends on it (a pair below goes straight to the keypoints). bench.copies:
@@ -430,11 +435,12 @@ def _models(fa: Features, fb: Features, p):
 
 
 def _first_frames(fa: Features, fb: Features):
-    """The full-frame maps tried before any keypoint (kind, map, support 0): the frame as it is
-    and mirrored, where the two thumbnails, squeezed to COARSE_SIDE squares, correlate >=
-    COARSE_CORR (a re-encode, a resize, a colour edit, an aspect squash). The pixel check then
-    decides as for any alignment; a pair it does not accept goes on to the keypoints. Most web
-    copies are of this kind, and keypoints cost an image about twice what its pixel check does."""
+    """The full-frame maps (3x3, B's working pixels onto A's) looked at before any keypoint: the
+    frame as it is and mirrored, where the two thumbnails, squeezed to COARSE_SIDE squares,
+    correlate >= COARSE_CORR (a re-encode, a resize, a colour edit, an aspect squash). Without
+    keypoints to support the map, the pixels must agree nearly everywhere (FIRST_ACCEPT); a pair
+    that does not goes on to the keypoints, as every pair did before. Most web copies are of this
+    kind, and keypoints cost an image about ten times what a pair's pixel check does."""
     a = _coarse(fa.thumb)
     b = _coarse(fb.thumb)
     if a is None or b is None:
@@ -444,7 +450,7 @@ def _first_frames(fa: Features, fb: Features):
             continue
         bb = b[:, ::-1] if mirrored else b
         if float((a * bb).sum()) >= COARSE_CORR:
-            yield "frame", h, 0
+            yield h
 
 
 def _coarse(thumb: np.ndarray) -> np.ndarray | None:
@@ -495,6 +501,22 @@ def _fine_share(x: np.ndarray, mask: np.ndarray, p) -> tuple[np.ndarray, float]:
 def _agreement(ta: np.ndarray, tb: np.ndarray, h: np.ndarray, p, native: tuple[int, int] = (0, 0)) -> float:
     """How well two thumbnails agree in fine detail once aligned by h (B thumb -> A thumb, 3x3):
     the median over tiles of their band-passed correlation, weighted by shared detail."""
+    return _quantile(_tiles(ta, tb, h, p, native), 0.5)
+
+
+def _quantile(tiles, q: float) -> float:
+    """The weighted q-quantile of the tiles' correlations (0 without tiles)."""
+    if tiles is None:
+        return 0.0
+    ncc, w = tiles
+    order = np.argsort(ncc)
+    cum = np.cumsum(w[order])
+    return float(ncc[order][min(len(order) - 1, int(np.searchsorted(cum, q * cum[-1])))])
+
+
+def _tiles(ta: np.ndarray, tb: np.ndarray, h: np.ndarray, p, native: tuple[int, int] = (0, 0)):
+    """(correlation, weight) per tile of two thumbnails aligned by h (see _agreement), or None
+    where they share too few tiles or no detail."""
     if abs(np.linalg.det(h[:2, :2])) > 1:     # compare in the frame that holds the overlap in fewer pixels
         ta, tb, h = tb, ta, np.linalg.inv(h)
         native = native[::-1]
@@ -515,7 +537,7 @@ def _agreement(ta: np.ndarray, tb: np.ndarray, h: np.ndarray, p, native: tuple[i
     n = _tile_sums(mask, t)
     ok = n >= 0.5 * t * t
     if ok.sum() < p["min_tiles"]:
-        return 0.0
+        return None
     a = ta.astype(np.float32)
     fa, sa = _fine_share(a, mask, p)
     fb, sb = _fine_share(b, mask, p)
@@ -544,11 +566,7 @@ def _agreement(ta: np.ndarray, tb: np.ndarray, h: np.ndarray, p, native: tuple[i
     # edges decide alone
     ratio = float(np.median(vbb / np.maximum(vaa, 1e-9)))
     w = np.sqrt(np.maximum(np.minimum(vaa * ratio, vbb), 0))
-    if w.sum() <= 0:
-        return 0.0
-    order = np.argsort(ncc)
-    cum = np.cumsum(w[order])
-    return float(ncc[order][min(len(order) - 1, int(np.searchsorted(cum, 0.5 * cum[-1])))])
+    return (ncc, w) if w.sum() > 0 else None
 
 
 # ----------------------------------------------------------------------------------- decision
@@ -575,21 +593,31 @@ def explain(fa: Features, fb: Features, params: dict | None = None, stop: bool =
 
 def _explain(fa: Features, fb: Features, params: dict | None, stop: bool) -> dict:
     p = {**_P, **(params or {})}
-    tried, best, seen = [], 0.0, set()
-    for kind, h, support in itertools.chain(_first_frames(fa, fb), _models(fa, fb, p)):
-        if kind == "frame":
-            key = np.round(h, 6).tobytes()
-            if key in seen:       # a full-frame map the first look scored already
-                continue
-            seen.add(key)
+    tried, best, looked = [], 0.0, {}
+
+    def done() -> dict:
+        b = float(np.clip(best, 0.0, 1.0))
+        return {"copy": b >= p["accept"], "score": b, "tried": tried}
+
+    for h in _first_frames(fa, fb):
         ht = _to_thumb(fa) @ h @ np.linalg.inv(_to_thumb(fb))
-        s = _agreement(fa.thumb, fb.thumb, ht, p, (fa.native, fb.native))
+        tiles = looked[np.round(h, 6).tobytes()] = _tiles(fa.thumb, fb.thumb, ht, p, (fa.native, fb.native))
+        s, low = _quantile(tiles, 0.5), _quantile(tiles, FIRST_QUANTILE)
+        tried.append({"kind": "first look", "support": 0, "score": round(s, 4), "low": round(low, 4)})
+        if low >= FIRST_ACCEPT:    # nearly all of the picture agrees: a copy without keypoints
+            best = max(best, s)
+            if stop and best >= p["accept"]:
+                return done()
+    for kind, h, support in _models(fa, fb, p):
+        ht = _to_thumb(fa) @ h @ np.linalg.inv(_to_thumb(fb))
+        key = np.round(h, 6).tobytes() if kind == "frame" else None
+        tiles = looked[key] if key in looked else _tiles(fa.thumb, fb.thumb, ht, p, (fa.native, fb.native))
+        s = _quantile(tiles, 0.5)
         tried.append({"kind": kind, "support": support, "score": round(s, 4)})
         best = max(best, s)
         if stop and best >= p["accept"]:
             break
-    best = float(np.clip(best, 0.0, 1.0))
-    return {"copy": best >= p["accept"], "score": best, "tried": tried}
+    return done()
 
 
 def verify(fa: Features, fb: Features) -> tuple[bool, float]:
