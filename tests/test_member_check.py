@@ -118,6 +118,40 @@ def test_a_member_rejected_against_its_kept_row_passes_through_a_full_copy(tmp_p
     assert pixels.explain(feats[6], feats[4], {"min_share": 0.0})["copy"]          # a part of the kept row
 
 
+def test_keypoints_are_computed_once_per_image_in_bounded_memory(tmp_path):
+    """verify.FeatureStore keeps the last `keep` images; an image dropped from them leaves its
+    keypoints in a temporary file and gets them back, not computed again."""
+    import io
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from dedup2b.lib import pixels
+    from dedup2b.stages import verify
+
+    def jpeg(img):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+    rocket, astronaut = Image.fromarray(skimage.data.rocket()), Image.fromarray(skimage.data.astronaut())
+    images = [rocket, rocket.crop((30, 20, 600, 400)), astronaut, astronaut.transpose(Image.ROTATE_90)]
+    path = tmp_path / "00000.npz"
+    np.savez(path, gid=np.arange(len(images), dtype=np.int64),
+             **verify.pack([pixels.features(jpeg(i)) for i in images]))
+    store = verify.FeatureStore({0: path}, keep=2, spill_dir=tmp_path / "spill")
+    assert pixels.verify(store.get(0), store.get(1))[0]      # a crop: keypoints on both sides
+    first = [store.get(g).keypoints() for g in (0, 1)]
+    assert store.keypoint_work()["keypoints"] == 2
+    assert pixels.verify(store.get(2), store.get(3))[0]      # a 90 degree turn: keypoints; 0 and 1 dropped
+    assert len(store.recent) == 2 and set(store.spilled) == {(0, 0), (0, 1)}
+    again = store.get(0)
+    assert again.has_keypoints and again.keypoint_s == 0
+    assert np.array_equal(again.desc, first[0][1]) and np.array_equal(again.xy, first[0][0])
+    assert pixels.verify(again, store.get(1))[0]
+    assert store.keypoint_work()["keypoints"] == 4           # each image's once
+
+
 def test_checks_run_ahead_on_threads_give_what_checking_one_by_one_gives():
     """verify.in_order: with threads the pairs are checked ahead of their turn; a pair whose rows
     the accepted pairs before it connect by its turn comes out unchecked (None), exactly as when

@@ -232,15 +232,17 @@ def picture_shares(files: dict, gids: np.ndarray) -> np.ndarray:
 class FeatureStore:
     """gid -> pixels.Features over the feature files (each file loaded once, on first use; safe
     across the threads of in_order). The last `keep` images served stay in memory with the
-    keypoints computed for them: a group's representative, checked against each of its members
-    in turn, gets its keypoints once."""
+    keypoints computed for them (a group's representative, checked against each of its members in
+    turn); an image dropped from them leaves its keypoints in a temporary file (in `spill_dir`,
+    gone when the store is), so no image's keypoints are computed twice and memory stays bounded."""
 
-    def __init__(self, files: dict[int, Path], keep: int = 1024):
+    def __init__(self, files: dict[int, Path], keep: int = 1024, spill_dir: Path | None = None):
         import threading
         from collections import OrderedDict
         self.files, self.loaded, self.lock = files, {}, threading.Lock()
         self.recent, self.keep = OrderedDict(), keep
         self.dropped = [0, 0.0]    # keypoints computed by the images no longer kept: count, seconds
+        self.spill_dir, self.spill, self.spilled = spill_dir, None, {}   # (shard, slot) -> (offset, n)
 
     def keypoint_work(self, more=()) -> dict:
         """Images whose keypoints were computed through this store (and `more`), and their seconds."""
@@ -262,17 +264,42 @@ class FeatureStore:
             i = pos.get(gid)
             if i is None:
                 return None
-            f = self.recent.get((shard, i))          # byte-identical rows share their slot
+            key = (shard, i)                         # byte-identical rows share their slot
+            f = self.recent.get(key)
             if f is not None:
-                self.recent.move_to_end((shard, i))
+                self.recent.move_to_end(key)
                 return f
-            f = self.recent[(shard, i)] = unpack(z, i)
+            f = self.recent[key] = self._restored(key, unpack(z, i))
             if len(self.recent) > self.keep:
-                old = self.recent.popitem(last=False)[1]
-                if old.keypoint_s:
-                    self.dropped[0] += 1
-                    self.dropped[1] += old.keypoint_s
+                self._drop(*self.recent.popitem(last=False))
             return f
+
+    def _drop(self, key, f) -> None:
+        if not f.has_keypoints or key in self.spilled:
+            return
+        import tempfile
+        self.dropped[0] += 1
+        self.dropped[1] += f.keypoint_s
+        xy, desc = f.keypoints()
+        if self.spill is None:
+            if self.spill_dir is not None:
+                Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self.spill = tempfile.TemporaryFile(dir=self.spill_dir)
+        self.spilled[key] = (self.spill.seek(0, 2), len(xy))
+        self.spill.write(np.ascontiguousarray(xy, np.float32).tobytes())
+        self.spill.write(np.ascontiguousarray(desc, np.uint8).tobytes())
+
+    def _restored(self, key, f):
+        """f with the keypoints it left in the temporary file, if any."""
+        if key not in self.spilled:
+            return f
+        from ..lib import pixels
+        off, n = self.spilled[key]
+        self.spill.seek(off)
+        buf = self.spill.read(n * (8 + 128))
+        return pixels.Features(f.size, f.native, f.thumb, work=f.work,
+                               xy=np.frombuffer(buf[:8 * n], np.float32).reshape(n, 2),
+                               desc=np.frombuffer(buf[8 * n:], np.uint8).reshape(n, 128))
 
 
 def _decide(pixels, fa, fb, missing: int = 0) -> tuple[int, float]:
@@ -380,7 +407,7 @@ def decide_file(job: dict) -> dict:
     (nor 2n, as trees grown most similar first did)."""
     from ..lib import pixels
     t0 = time.time()
-    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
+    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()}, spill_dir=Path(job["out"]).parent)
     t = pq.read_table(job["pairs"], columns=["gid_a", "gid_b", "similarity"])
     a, b, sim = (t.column(i).to_numpy() for i in range(3))
     dec = np.full(len(sim), -1, np.int8)
@@ -490,7 +517,7 @@ def decide_cross(job: dict) -> dict:
     sim = t["similarity"].to_numpy()
     sel = np.flatnonzero((sim >= job["low"]) & (sim < job["sure"]))
     mine, other = t["gid"].to_numpy()[sel], t["other_gid"].to_numpy()[sel]
-    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()})
+    store = FeatureStore({int(k): Path(v) for k, v in job["features"].items()}, spill_dir=Path(job["out"]).parent)
     theirs = {}
     for gid, data in row_images(Target(job["target"], job["model"], job["run_dir"]).runs, unique(other)).items():
         try:
