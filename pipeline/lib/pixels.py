@@ -4,7 +4,7 @@ different pictures that merely look alike?
 A global descriptor (CLIP, EfficientNet) says "the same kind of picture"; this module says "the same
 picture". It compares the images themselves, through their features:
 
-    fa, fb = features(jpeg_bytes), features(png_bytes)   # per image: ~2 ms, <= 100 KB of numpy
+    fa, fb = features(jpeg_bytes), features(png_bytes)   # per image: ~2 ms, ~140 KB of numpy
     same, score = verify(fa, fb)                         # per pair: ~1.5 ms (most look-alikes) to ~7 ms,
                                                          # and ~30 ms per image whose keypoints it needs
     same, score = verify_bytes(a, b)                     # both at once; verify_many() caches by content

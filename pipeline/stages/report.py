@@ -47,8 +47,10 @@ GROUP_BYTES = 120          # held per group of 2+ rows (its numbers, its represe
 REPORT_BUFFERS = 512 << 20   # a shard's sample rows as pandas, a batch of pairs
 
 
+# the pixel check's work, not its answers: keypoints are made where a check needs them, and a task
+# with threads checks ahead of its order (checks it then drops), so they differ between executors
 COST_KEYS = ("wall_s", "seconds", "ms_per_image_features", "ms_per_pair", "worker_s_per_million_pairs",
-             "tasks_by_node", "skipped")
+             "tasks_by_node", "skipped", "images_with_keypoints", "ms_per_image_keypoints")
 
 
 class InvariantBroken(RuntimeError):
