@@ -275,7 +275,7 @@ class FeatureStore:
             return f
 
     def _drop(self, key, f) -> None:
-        if not f.has_keypoints or key in self.spilled:
+        if not f.keypoint_s:          # no keypoints computed here (none, from the file, or spilled already)
             return
         import tempfile
         self.dropped[0] += 1
