@@ -81,6 +81,26 @@ def test_sharded_and_resumed_search_equals_brute_force(corpus, tmp_path):
     assert _pairs(job.out_dir) == found
 
 
+def test_cells_live_in_the_projections_first_dims(corpus, tmp_path):
+    """search.cell_dim: cells are trained and rows assigned in the projection's first dims (the
+    assignment's rows x cells product at a fraction of the cost); the join still bounds in all of
+    them and re-scores exactly, and finds what brute force finds."""
+    root, shards, truth = corpus
+    store = VectorStore(root / "embed", shards)
+    counts = {i: len(store.shard(i)[0]) for i in shards}
+    codec, _ = index.train_all(store, counts, CodecConfig(train_size=8000), tmp_path / "index", "fp-index",
+                               "synthetic", cells=40, proj_dim=64, cell_dim=16)
+    cents = np.load(tmp_path / "index" / "centroids.npy")
+    assert codec["cell_dim"] == 16 and codec["proj_dim"] == 64 and cents.shape == (codec["cells"], 16)
+    z, _ = celljoin.project(store.get(store.shard(0)[0][:500]), np.load(tmp_path / "index" / "projection.npy"))
+    np.testing.assert_array_equal(celljoin.assign(z, cents, 0.01, 3), celljoin.assign(z[:, :16], cents, 0.01, 3))
+    job = SearchJob(root / "embed", shards, tmp_path / "index", tmp_path / "s",
+                    SearchConfig(threshold=0.95, cells_per_task=8, pairs="all"), "fp-index", "fp-search")
+    find_pairs(job, LocalExecutor())
+    found = _pairs(job.out_dir)
+    assert found <= truth and len(found) / len(truth) >= 0.99
+
+
 def test_pq_method_finds_the_same_pairs(corpus, tmp_path):
     root, shards, truth = corpus
     job = _job(root, shards, tmp_path / "p", method="pq", margin=0.3, nprobe=16)

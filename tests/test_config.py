@@ -14,6 +14,8 @@ def test_invalid_value_is_named():
         from_dict({"input": {"path": "x"}, "run_dir": "r", "search": {"threshold": 1.5}})
     with pytest.raises(ConfigError, match="run_dir"):
         from_dict({"input": {"path": "x"}})
+    with pytest.raises(ConfigError, match="search.cell_dim"):
+        from_dict({"input": {"path": "x"}, "run_dir": "r", "search": {"cell_dim": -1}})
 
 
 def test_threshold_default_follows_model():

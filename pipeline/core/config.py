@@ -119,7 +119,10 @@ class SearchConfig:
     cells: int = 0              # cell-join cells; 0 = rows / cell_rows
     cell_rows: int = 1000       # rows per cell when cells = 0: bounded, so a row's join cost is
                                 # flat in rows (cells beyond 8,192 are trained and assigned in two levels)
-    proj_dim: int = 128         # cell-join projection; 0 = full dimension
+    proj_dim: int = 128         # cell-join projection (the join's bound); 0 = full dimension
+    cell_dim: int = 64          # cells are trained and assigned in the projection's first cell_dim
+                                # dims (0 = all of them): the assignment's rows x cells product at
+                                # about two thirds of the cost (bench/results/ab_cell_dim.md)
     border: float = 0.01        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most
     cells_per_task: int = 64    # cells joined by one task
@@ -152,6 +155,8 @@ class SearchConfig:
                               "must be >= 1")
         if self.pairs not in ("forest", "all"):
             raise ConfigError(f"search.pairs: {self.pairs!r}; known: forest, all")
+        if self.cell_dim < 0 or self.proj_dim < 0:
+            raise ConfigError("search.cell_dim / search.proj_dim: must be >= 0 (0 = all dims)")
         if self.dense_cell < 2:
             raise ConfigError("search.dense_cell: must be >= 2 (rows of a cell joined as components)")
 

@@ -3,9 +3,10 @@
 Trained once (index stage), from a seeded sample:
   projection  V (r x d): the top-r eigenvectors of the uncentred second moment (PCA without
               centring keeps CLIP's shared mean direction as the first axis)
-  centroids   spherical k-means in the projected space: the cells, of about `search.cell_rows`
-              rows each whatever the row count, so a row's join cost stays flat as rows grow
-              (two-level k-means beyond FLAT_CELLS cells)
+  centroids   spherical k-means in the projection's first `search.cell_dim` dims (64 of 128: the
+              assignment's product at two thirds of the cost, copies share a cell as often): the
+              cells, of about `search.cell_rows` rows each whatever the row count, so a row's join
+              cost stays flat as rows grow (two-level k-means beyond FLAT_CELLS cells)
   coarse.npy  for two levels, the coarse centroids: rows are assigned to a few coarse cells,
               then to the best fine cells inside them (TwoLevel, matrix products; sublinear in cells)
 Search, in two resumable steps that run as Ray tasks:
@@ -137,7 +138,7 @@ class TwoLevel:
         self.order = np.argsort(owner, kind="stable")
         self.bounds = np.searchsorted(owner[self.order], np.arange(len(self.coarse) + 1))
         self.nprobe = nprobe
-        self.ntotal = len(self.fine)
+        self.ntotal, self.d = self.fine.shape
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(q)
@@ -199,12 +200,14 @@ def cell_index(centroids: np.ndarray, coarse: np.ndarray | None = None, points: 
 
 def assign(z: np.ndarray, cells, border: float, max_cells: int) -> np.ndarray:
     """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
-    scoring within `border` of it. `cells`: the centroids (exhaustive), or their cell_index."""
+    scoring within `border` of it. `cells`: the centroids (exhaustive), or their cell_index. The
+    cells may live in fewer dims than z (search.cell_dim): z's first dims, as they were trained."""
     if isinstance(cells, np.ndarray):              # centroids: exhaustive assignment
         import faiss
         flat = faiss.IndexFlatIP(cells.shape[1])
         flat.add(np.ascontiguousarray(cells, dtype=np.float32))
         cells = flat
+    z = z[:, :cells.d]
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     k = min(max_cells, cells.ntotal)
     score, cell = cells.search(np.ascontiguousarray(zn, dtype=np.float32), k)

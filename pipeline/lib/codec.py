@@ -78,10 +78,11 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
 
 def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
               cells: int = 0, proj_dim: int = 128, ivfpq: bool = True,
-              cell_rows: int = 1000, ex=None) -> tuple[dict, list[Path]]:
+              cell_rows: int = 1000, ex=None, cell_dim: int = 64) -> tuple[dict, list[Path]]:
     """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
     IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
-    runs has it built from the registered rows on first use). Returns codec.json and the files."""
+    runs has it built from the registered rows on first use). `cell_dim`: search.cell_dim (the
+    same default). Returns codec.json and the files."""
     from . import celljoin
     out = Path(out)
     n = sum(counts.values())
@@ -102,6 +103,7 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     want = min(CELL_SAMPLE, 100 * n_cells)
     zt = celljoin.project(xt, proj)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, proj)
     n_cells = min(n_cells, len(zt))
+    zt = zt[:, :cell_dim or None]     # the cells live in the projection's first cell_dim dims
     centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed)
     _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
@@ -109,6 +111,7 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     if coarse is not None and "assign_nprobe" in info:     # two levels kept (not where they do not prune)
         files.append(write_npy(out / "coarse.npy", coarse))
     codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
+                 cell_dim=int(centroids.shape[1]),
                  cells_train_rows=len(zt), **info, cells_train_s=round(time.time() - t0, 3))
     if ivfpq:
         codec = write_ivfpq(out / "index.faiss", store, counts, codec, ex)

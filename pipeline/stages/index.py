@@ -10,7 +10,7 @@ from ..core.run import Run
 from ..lib import codec as codec_lib
 
 NAME = "index"
-FIELDS = ("input", "embed.model", "codec", "search.cells", "search.cell_rows", "search.proj_dim", "search.method")
+FIELDS = ("input", "embed.model", "codec", "search.cells", "search.cell_rows", "search.proj_dim", "search.cell_dim", "search.method")
 
 
 def units(run: Run) -> list[Marker]:
@@ -40,7 +40,7 @@ def run(run: Run, ex, stats: dict) -> dict:
     codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
                                        run.cfg.search.cells, run.cfg.search.proj_dim,
                                        ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows,
-                                       ex=ex)
+                                       cell_dim=run.cfg.search.cell_dim, ex=ex)
     run.marker(NAME, NAME).write(fp, files, rows=sum(counts.values()))
     codec["seconds"] = round(time.time() - t0, 3)
     return codec

@@ -122,8 +122,8 @@ def assign_shard(args: tuple) -> dict:
     gids, vecs = store.shard(index)
     k = job.cfg.max_cells
     sets = [np.zeros((0, k), np.int64)]
-    for s in range(0, len(gids), 65536):
-        z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj)
+    for s in range(0, len(gids), 65536):     # only the dims the cells live in are projected
+        z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj[:cells.d])
         sets.append(celljoin.assign(z, cells, job.cfg.border, k))
     store.release(index)
     sets = np.concatenate(sets)
