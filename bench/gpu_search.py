@@ -17,7 +17,8 @@ pipeline stores them; a pair's cosine is the fp32 dot product of the stored vect
 Phases, each timed on its own (the device is synchronised at phase ends):
   generate    one pass producing every row: what reading the stored vectors once costs here
   train       the pipeline's projection (celljoin.train_projection, r = 128) and spherical
-              k-means cells (about sqrt(rows), 64 sample rows a cell) on a seeded sample, in torch
+              k-means cells (about sqrt(rows), 64 sample rows a cell) in its first 64 dims
+              (search.cell_dim) on a seeded sample, in torch
   assign      every row regenerated and projected: z and |residual| kept as fp16 on the device,
               the best cell plus the cells within `border` of it (at most `max_cells`)
   join        per cell: the bound z_a.z_b + |r_a||r_b| >= threshold - slack as one fp16 product,
@@ -240,14 +241,15 @@ def spherical_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, chunk: int 
 
 
 def train(corpus: Corpus, n_cells: int, rank: int, seed: int, chunk: int, niter: int = 10,
-          projection_rows: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
+          projection_rows: int = 200_000, cell_dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(projection r x d, centroids) from a seeded sample of 64 rows a cell, at least 20,000 (the
-    index stage's rule, without its train_size cap); the projection from `projection_rows` of it."""
+    index stage's rule, without its train_size cap); the projection from `projection_rows` of it;
+    the cells in the projection's first `cell_dim` dims (search.cell_dim; 0: all)."""
     size = min(corpus.n, max(20_000, 64 * n_cells))
     ids = torch.from_numpy(np.random.default_rng(seed + 1).choice(corpus.n, size, replace=False)).to(corpus.device)
     x = torch.cat([corpus.vectors(ids[lo:lo + chunk]).float() for lo in range(0, size, chunk)])
     proj = torch.from_numpy(train_projection(x[:projection_rows].cpu().numpy(), rank)).to(corpus.device)
-    z = _unit(x @ proj.T)
+    z = _unit((x @ proj.T)[:, :cell_dim or None])
     del x
     return proj, spherical_kmeans(z, min(n_cells, size), niter, seed)
 
@@ -270,7 +272,7 @@ def assign_all(corpus: Corpus, proj: torch.Tensor, cent: torch.Tensor, border: f
         z = x @ proj.T
         zr[lo:hi, :r] = z.half()
         zr[lo:hi, r] = (x - z @ proj).norm(dim=1).half()     # the residual itself: no cancellation
-        zn = _unit(z)
+        zn = _unit(z[:, :cent.shape[1]])            # the cells' own dims (search.cell_dim)
         for s in range(0, hi - lo, step):
             score, best = (zn[s:s + step] @ cent.T).topk(k, dim=1)
             cells[lo + s:lo + s + len(score), :k] = torch.where(score >= score[:, :1] - border, best, -1).int()
@@ -449,7 +451,7 @@ def run(args) -> dict:
     with clock.phase("generate"):
         generate_all(corpus, clock, chunk)
     with clock.phase("train"):
-        proj, cent = train(corpus, n_cells, args.rank, args.seed, chunk)
+        proj, cent = train(corpus, n_cells, args.rank, args.seed, chunk, cell_dim=args.cell_dim)
     with clock.phase("assign"):
         zr, cells = assign_all(corpus, proj, cent, args.border, args.max_cells, clock, chunk)
     rng = np.random.default_rng(args.seed + 2)
@@ -469,7 +471,7 @@ def run(args) -> dict:
     exh32, exh16 = clock.total("exhaustive fp32") * scale, clock.total("exhaustive fp16") * scale
     return {
         "rows": args.rows, "dim": args.dim, "device": device_name(device), "cells": len(cent),
-        "rank": args.rank, "threshold": args.threshold, "border": args.border, "max_cells": args.max_cells,
+        "rank": args.rank, "cell_dim": int(cent.shape[1]), "threshold": args.threshold, "border": args.border, "max_cells": args.max_cells,
         "slack": args.slack, "max_group": args.max_group, "dup_frac": args.dup_frac, "seed": args.seed,
         "regeneration_max_difference": regen_diff, "tables_s": round(tables_s, 2),
         "generate_s": round(clock.phases["generate"], 2), "train_s": round(clock.phases["train"], 2),
@@ -525,6 +527,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cells", type=int, default=0, help="0: about sqrt(rows), as the index stage")
     ap.add_argument("--rank", type=int, default=128, help="projection rank (search.proj_dim)")
+    ap.add_argument("--cell-dim", type=int, default=64, help="dims the cells live in (search.cell_dim; 0: all)")
     ap.add_argument("--border", type=float, default=0.01, help="search.border's default")
     ap.add_argument("--max-cells", type=int, default=3)
     ap.add_argument("--threshold", type=float, default=0.95)
