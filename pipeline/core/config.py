@@ -122,7 +122,7 @@ class SearchConfig:
     proj_dim: int = 128         # cell-join projection (the join's bound); 0 = full dimension
     cell_dim: int = 64          # cells are trained and assigned in the projection's first cell_dim
                                 # dims (0 = all of them): the assignment's rows x cells product at
-                                # about two thirds of the cost (bench/results/ab_cell_dim.md)
+                                # 0.56-0.64 of the cost (bench/results/ab_cell_dim.md)
     border: float = 0.01        # also put a vector in cells scoring within this of its best
     max_cells: int = 3          # cells per vector at most
     cells_per_task: int = 64    # cells joined by one task

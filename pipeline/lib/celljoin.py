@@ -4,7 +4,7 @@ Trained once (index stage), from a seeded sample:
   projection  V (r x d): the top-r eigenvectors of the uncentred second moment (PCA without
               centring keeps CLIP's shared mean direction as the first axis)
   centroids   spherical k-means in the projection's first `search.cell_dim` dims (64 of 128: the
-              assignment's product at two thirds of the cost, copies share a cell as often): the
+              assignment at 0.56-0.64 of the cost, copies share a cell nearly as often): the
               cells, of about `search.cell_rows` rows each whatever the row count, so a row's join
               cost stays flat as rows grow (two-level k-means beyond FLAT_CELLS cells)
   coarse.npy  for two levels, the coarse centroids: rows are assigned to a few coarse cells,
