@@ -47,7 +47,7 @@ def test_search_survives_a_killed_worker(tmp_path, ray_executor):
 
     def job(out):
         return SearchJob(tmp_path / "embed", shards, tmp_path / "index", out,
-                         SearchConfig(threshold=0.95, cells_per_task=4, pairs="all"), "fp", "fp-s")
+                         SearchConfig(threshold=0.95, cells_per_task=2, pairs="all"), "fp", "fp-s")
     find_pairs(job(tmp_path / "plain"), LocalExecutor())
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_first, args=("ray::_call_with_env", stop, killed))
