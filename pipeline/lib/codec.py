@@ -50,7 +50,7 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
             "estimated_index_bytes": n * (code_bytes + 8) + nlist * d * 4 + d * d * 4 * opq}
 
 
-CELL_SAMPLE = 2_000_000   # projected rows k-means sees at most (128-d float32: 1 GB)
+CELL_SAMPLE = 2_000_000   # projected rows k-means sees at most (64-d float32, search.cell_dim: 0.5 GB)
 PROJ_ROWS = 20_000        # sample rows the projection is trained on
 SAMPLE_RUN = 16           # rows a sample takes together (768-d fp16: 24 KB, six pages)
 
@@ -101,9 +101,9 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     # the join's candidates 5 % fewer, chance), at a fifth of the product (0.41 -> 0.13 s)
     proj = celljoin.train_projection(xt[::max(1, len(xt) // PROJ_ROWS)], min(proj_dim or store.dim, store.dim))
     want = min(CELL_SAMPLE, 100 * n_cells)
-    zt = celljoin.project(xt, proj)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, proj)
+    head = proj[:cell_dim or None]    # the cells live in the projection's first cell_dim dims
+    zt = celljoin.project(xt, head)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, head)
     n_cells = min(n_cells, len(zt))
-    zt = zt[:, :cell_dim or None]     # the cells live in the projection's first cell_dim dims
     centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed)
     _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
