@@ -73,12 +73,19 @@ def test_sharded_and_resumed_search_equals_brute_force(corpus, tmp_path):
     found = _pairs(job.out_dir)
     assert len(truth) > 1000 and found <= truth
     assert len(found) / len(truth) >= 0.99
+    # the join read the projections the assign step wrote, and the vectors of candidates' rows only;
+    # those projections are gone once every block is joined
+    assert 0 < stats["rows_read"] < 8000 and not (job.out_dir / "zr").exists()
     # lose one block's output: only that block is redone, with the same result
     victim = pair_files(job.out_dir)[2]
+    before = pq.read_table(victim).sort_by([("gid_a", "ascending"), ("gid_b", "ascending")])
     victim.unlink()
-    again = find_pairs(job, LocalExecutor())
+    again = find_pairs(job, LocalExecutor())        # without the projections: its members' vectors
     assert again["shards"] == 0 and again["blocks"] == 1
     assert _pairs(job.out_dir) == found
+    after = pq.read_table(victim).sort_by([("gid_a", "ascending"), ("gid_b", "ascending")])
+    assert after.num_rows == before.num_rows and after["gid_a"].equals(before["gid_a"])
+    np.testing.assert_allclose(after["similarity"].to_numpy(), before["similarity"].to_numpy(), atol=1e-6)
 
 
 def test_cells_live_in_the_projections_first_dims(corpus, tmp_path):
@@ -144,6 +151,48 @@ def test_torch_path_gives_the_numpy_pairs():
     np.testing.assert_allclose(s1, s2, atol=1e-5)
 
 
+class _Counting:
+    """Vectors read on demand (as the search's Rows), counting which rows were read."""
+
+    def __init__(self, x):
+        self.x, self.rows = x, []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, idx):
+        self.rows.append(np.asarray(idx).ravel())
+        return self.x[idx]
+
+
+@pytest.mark.parametrize("dense_min", [0, 300])
+def test_given_projections_read_only_the_rows_of_candidates(monkeypatch, dense_min):
+    """With the rows' projections given (the assign step writes them), the join reads from the
+    vectors only the rows of candidate pairs (and of cells big enough to be dense), in reads of
+    several cells at once, and finds exactly what the join reading every row finds."""
+    monkeypatch.setattr(celljoin, "RESCORE_PAIRS", 200)       # several reads in one block
+    x, _ = clip_like(4000, 128, seed=9, max_group=300)
+    x = x.astype(np.float16).astype(np.float32)
+    proj = celljoin.train_projection(x, 96)       # a bound that prunes, as CLIP's 128 of 768 do
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 8, len(x))
+    second = np.where(rng.random(len(x)) < 0.3, (first + rng.integers(1, 8, len(x))) % 8, -1)
+    cells = np.stack([first, second], axis=1)
+    gids = np.arange(len(x), dtype=np.int64)
+    kw = dict(dense_min=dense_min, edge_threshold=0.95)
+    a1, b1, s1, c1 = celljoin.join_members(gids, cells, x, proj, 0.93, **kw)
+    lazy = _Counting(x)
+    a2, b2, s2, c2 = celljoin.join_members(gids, cells, lazy, proj, 0.93, zr=celljoin.project_zr(x, proj), **kw)
+    assert len(a1) > 1000 and c1 == c2
+    one = {(a, b): s for a, b, s in zip(a1.tolist(), b1.tolist(), s1.tolist())}
+    two = {(a, b): s for a, b, s in zip(a2.tolist(), b2.tolist(), s2.tolist())}
+    assert one.keys() == two.keys() and len(two) == len(a2)
+    np.testing.assert_allclose([two[k] for k in one], list(one.values()), atol=1e-6)
+    read = np.concatenate(lazy.rows)
+    assert len(lazy.rows) >= 2 and len(np.unique(read)) < 0.8 * len(x)
+    assert set(a2.tolist()) | set(b2.tolist()) <= set(read.tolist())
+
+
 def test_two_level_cells_assign_like_exhaustive(monkeypatch):
     """Beyond FLAT_CELLS cells: two-level k-means and an IVF over the centroids; the best cell of
     a row agrees with exhaustive assignment (the rate the index stage measures and records)."""
@@ -195,3 +244,21 @@ def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
     job.index_dir = tmp_path / "flat"
     np.save(tmp_path / "flat" / "coarse.npy", np.zeros((4, 64), np.float32))
     assert not isinstance(_codec(job)[1], celljoin.TwoLevel)
+
+
+def test_packed_projections_still_bound_every_pair():
+    """The assign step stores the rows' projections in fp16 (pack_zr); unpacked, their products
+    still bound every pair's exact cosine from above (so the join stays lossless), by little more
+    than the float32 rows' own bound."""
+    x, _ = clip_like(3000, 128, seed=11, max_group=400)
+    x = x.astype(np.float16).astype(np.float32)                  # as stored: fp16 unit vectors
+    proj = celljoin.train_projection(x, 64)
+    zr = celljoin.project_zr(x, proj)
+    packed = celljoin.pack_zr(zr)
+    assert packed.dtype == np.float16 and packed.shape == zr.shape
+    u = celljoin.unpack_zr(packed)
+    bound, exact, before = u @ u.T, x @ x.T, zr @ zr.T
+    assert np.all(bound >= exact - 1e-6)
+    assert np.all(bound - before <= 3e-3)
+    a, b, _, _ = celljoin.join_members(np.arange(len(x)), np.zeros((len(x), 1), np.int64), x, proj, 0.9, zr=u)
+    assert set(zip(a.tolist(), b.tolist())) == exhaustive_pairs(x, 0.9)

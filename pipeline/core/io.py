@@ -69,6 +69,24 @@ def parquet_writer(path: Path, schema: pa.Schema):
         yield writer
 
 
+@contextmanager
+def npy_writer(path: Path, dtype, shape: tuple[int, ...]):
+    """A .npy file of `shape` written in row chunks (bounded memory): yields write(rows), which
+    appends rows; under its name only once complete, with every row written."""
+    dtype = np.dtype(dtype)
+    with _published(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                 "fortran_order": False, "shape": tuple(shape)})
+        count = [0]
+
+        def write(rows: np.ndarray) -> None:
+            f.write(np.ascontiguousarray(rows, dtype=dtype).tobytes())
+            count[0] += len(rows)
+        yield write
+        if count[0] != shape[0]:
+            raise ValueError(f"{path}: {count[0]} rows written, {shape[0]} declared")
+
+
 def write_npy(path: Path, array: np.ndarray) -> Path:
     def write(p: Path) -> None:
         with open(p, "wb") as f:

@@ -9,6 +9,7 @@ Layout under run_dir (LAYOUT, recorded in manifest.json; a run dir of another la
   embed/metadata/metadata_NNNNN.parquet
   embed/failed/NNNNN.parquet          rows that could not be embedded, with the reason
   search/assign/NNNNN.parquet         a row per (cell, vector) per shard, sorted by cell (method cells)
+  search/zr/NNNNN.npy                 those rows' projections (fp16), for the join; deleted once it is done
   search/pairs/UNIT.parquet           verified pairs per cell block or query shard
   search/against|leaks/NAME-NNNNN.parquet  pairs against another run's registered index
   search/targets/NAME.faiss           that index's IVF-PQ, when its folder does not hold one

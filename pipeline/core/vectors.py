@@ -104,6 +104,11 @@ class VectorStore:
         if mm is not None and hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_DONTNEED)
 
+    def is_linked(self, index: int) -> bool:
+        """Whether shard `index` is the input's own file, read in place (its rows normalised as read)."""
+        self.shard(index)
+        return index in self._linked
+
     def get(self, gids: np.ndarray) -> np.ndarray:
         """float32 vectors of the given gids, in the given order."""
         return _by_shard(gids, self.dim, self._fill)
@@ -158,6 +163,25 @@ def normalise(x: np.ndarray, rows: np.ndarray | None = None) -> None:
     if rows is not None:
         f[~rows] = 1.0
     x *= f[:, None]
+
+
+class Rows:
+    """The vectors of given gids, read from a store only when indexed: `rows[idx]` gives
+    store.get(gids[idx]) (float32). `before(n)` runs before n rows are read (a memory check);
+    `read` counts the rows read."""
+
+    def __init__(self, store, gids: np.ndarray, before=None):
+        self.store, self.gids, self.before, self.read = store, np.asarray(gids, dtype=np.int64), before, 0
+
+    def __len__(self) -> int:
+        return len(self.gids)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        g = self.gids[idx]
+        if self.before is not None:
+            self.before(len(g))
+        self.read += len(g)
+        return self.store.get(g)
 
 
 class StoreUnion:

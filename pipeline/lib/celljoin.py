@@ -16,7 +16,10 @@ Search, in two resumable steps that run as Ray tasks:
   join (per block of cells)   with z = V x and residual r = x - V^T z, the exact cosine is
                               x.y = z_x.z_y + r_x.r_y <= z_x.z_y + |r_x||r_y| (Cauchy-Schwarz), so
                               one small GEMM in r dimensions drops every pair that cannot reach the
-                              threshold, losslessly; survivors are re-scored with the stored vectors
+                              threshold, losslessly; survivors are re-scored with the stored vectors.
+                              The assign step writes each row's [z, |r|] (fp16, pack_zr) in the
+                              join's order, so a block reads those sequentially and, of the stored
+                              vectors, only the rows of its candidate pairs
 Pairs are found exactly within shared cells; what a cell border can still hide is measured by
 `make bench-search` against exhaustive search.
 
@@ -58,6 +61,42 @@ def project_zr(x: np.ndarray, proj: np.ndarray) -> np.ndarray:
     res2 = np.einsum("ij,ij->i", x, x) - np.einsum("ij,ij->i", zr, zr)
     zr[:, -1] = np.sqrt(np.maximum(res2, 0.0))
     return zr
+
+
+def _fp16_slack(r: int) -> float:
+    """The most the cross terms of a pack_zr bound can add: with z16 = fp16(z) and e = z - z16,
+    |e| <= u|z| + sqrt(r) 2^-25 (u = 2^-11, the second term fp16's subnormal spacing), and
+    |z| <= 1.002 (stored unit vectors are fp16 themselves); z16.e' + e.z16' <= 2 (1 + u) 1.002 |e|max."""
+    u = 2.0 ** -11
+    return 2 * 1.002 * (1 + u) * (1.002 * u + np.sqrt(r) * 2.0 ** -25)
+
+
+def pack_zr(zr: np.ndarray) -> np.ndarray:
+    """project_zr's [z, |r|] (float32, r + 1 columns) in fp16, half the bytes: z rounded to
+    nearest, and in the last column |s| = sqrt(|r|^2 + |z - z16|^2), rounded up: the length of
+    x's residual from the rounded z (x = V^T z16 + s, V s = z - z16). unpack_zr makes it a bound."""
+    z = zr[:, :-1]
+    z16 = z.astype(np.float16)
+    e = z - z16.astype(np.float32)
+    s = np.sqrt(zr[:, -1] ** 2 + np.einsum("ij,ij->i", e, e))
+    out = np.empty(zr.shape, np.float16)
+    out[:, :-1] = z16
+    s16 = s.astype(np.float16)
+    up = s16.astype(np.float32) < s
+    s16[up] = np.nextafter(s16[up], np.float16(np.inf))
+    out[:, -1] = s16
+    return out
+
+
+def unpack_zr(packed: np.ndarray) -> np.ndarray:
+    """float32 rows [z16, |s|, sqrt(c)] of pack_zr's rows: the product of two of them,
+    z16.z16' + |s||s'| + c, bounds their vectors' cosine from above as project_zr's rows do
+    (x.y = z16.z16' + z16.e' + e.z16' + s.s', the cross terms at most c = _fp16_slack), so
+    every function here that bounds with zr takes them as they are (one more column)."""
+    out = np.empty((len(packed), packed.shape[1] + 1), np.float32)
+    out[:, :-1] = packed
+    out[:, -1] = np.sqrt(_fp16_slack(packed.shape[1] - 1))
+    return out
 
 
 class Vectors:
@@ -234,18 +273,16 @@ def _upper(k: int) -> np.ndarray:
     return _UPPER[k]
 
 
-def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
-              dense: float = 0.002, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
-    and how many candidates passed the bound. `zr` is [z, |r|] of the cell's rows: one product
-    gives the bound z_i.z_j + |r_i||r_j|. The cell's vectors are x, or x[idx] with `idx` (only
-    the rows with a candidate are then read: no copy of the cell's vectors). Where the candidates
-    fill more than `dense` of the block spanned by their rows and columns, the exact product of
-    that sub-block is cheaper than gathering pairs (on 2 cores a gathered pair costs ~4 us, a GEMM
-    entry ~8 ns: break-even near 0.002); rows and columns without a candidate are never multiplied."""
-    if idx is None:
-        idx = np.arange(len(zr))
-    out_i, out_j, out_s = [], [], []
+def bound_cell(zr: np.ndarray, threshold: float, chunk: int = 2048, dense: float = 0.002) -> tuple[list, int]:
+    """The candidate pairs of one cell by the projected bound alone (no stored vector read), as
+    records to re-score with rescore_cell, and how many candidates there are. `zr` is [z, |r|] of
+    the cell's rows: one product gives the bound z_i.z_j + |r_i||r_j|. A record is (rows, cols,
+    i, j, block): the rows and columns (cell-local) of one chunk that have a candidate, the
+    candidate pairs (i < j), and whether that chunk is re-scored as the exact product of its rows
+    x columns (`block`: the candidates fill more than `dense` of it; on 2 cores a gathered pair
+    costs ~4 us, a GEMM entry ~8 ns: break-even near 0.002) instead of pair by pair. Rows and
+    columns without a candidate are never read."""
+    out = []
     n_cand = 0
     n = len(zr)
     # row chunks against the columns from the chunk on: about a quarter of a cell per chunk, so
@@ -262,8 +299,27 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
             continue
         rows = np.nonzero(hit.any(axis=1))[0]
         cols = np.nonzero(hit.any(axis=0))[0]
-        if count > dense * len(rows) * len(cols):   # exact products of the candidate rows x columns only
-            exact = x[idx[s + rows]] @ x[idx[s + cols]].T
+        block = count > dense * len(rows) * len(cols)
+        i, j = (None, None) if block else np.nonzero(hit)
+        out.append((rows + s, cols + s, None if block else i + s, None if block else j + s, block))
+    return out, n_cand
+
+
+def needed_rows(records: list) -> np.ndarray:
+    """The cell-local rows bound_cell's records re-score (sorted, unique)."""
+    if not records:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate([np.r_[r[0], r[1]] for r in records]))
+
+
+def rescore_cell(records: list, x, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of bound_cell's records with exact cosine >= threshold: (i, j, cosine), i < j.
+    `x[rows]` gives the float32 vectors of cell-local rows (an array, or anything indexed so:
+    join_members maps the cell's rows to the block's vectors read so far)."""
+    out_i, out_j, out_s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for rows, cols, i, j, block in records:
+        if block:                                   # exact products of the candidate rows x columns only
+            exact = x[rows] @ x[cols].T
             # exact >= threshold implies the bound passed (it is an upper bound): only i < j is left
             keep = exact >= threshold
             keep &= cols[None, :] > rows[:, None]
@@ -271,18 +327,49 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
             ii = flat // len(cols)
             i, j, sim = rows[ii], cols[flat - ii * len(cols)], exact.ravel()[flat]
         else:
-            i, j = np.nonzero(hit)
-            sim = np.einsum("ij,ij->i", x[idx[s + i]], x[idx[s + j]])
+            sim = np.einsum("ij,ij->i", x[i], x[j])
             keep = sim >= threshold
             i, j, sim = i[keep], j[keep], sim[keep]
-        out_i.append(i + s); out_j.append(j + s); out_s.append(sim)
-    if not out_i:
-        e = np.zeros(0, np.int64)
-        return e, e, np.zeros(0, np.float32), n_cand
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s).astype(np.float32), n_cand
+        out_i.append(i); out_j.append(j); out_s.append(sim.astype(np.float32))
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
+              dense: float = 0.002, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
+    and how many candidates passed the bound: bound_cell, then rescore_cell. The cell's vectors
+    are x, or x[idx] with `idx` (only the rows with a candidate are then read)."""
+    records, n_cand = bound_cell(zr, threshold, chunk, dense)
+    need = needed_rows(records)
+    local = _Local(need, x[need if idx is None else idx[need]])
+    i, j, sim = rescore_cell(records, local, threshold)
+    return i, j, sim, n_cand
+
+
+class _Local:
+    """Rows `need` (sorted) of a cell or block as one float32 array, indexed by their own numbers."""
+
+    def __init__(self, need: np.ndarray, x: np.ndarray):
+        self.x = np.asarray(x, dtype=np.float32)
+        self.pos = np.zeros(int(need[-1]) + 1 if len(need) else 0, np.int64)
+        self.pos[need] = np.arange(len(need))
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[self.pos[rows]]
 
 
 DENSE_NEIGHBOURS = 32   # a cell whose probed rows average this many neighbours is joined as components
+
+
+def _probe(n: int, probe: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(n, min(probe, n), replace=False)
+
+
+def sparse_by_bound(zr: np.ndarray, threshold: float, probe: int = 64, seed: int = 0) -> bool:
+    """is_dense's first look, from the projected bound alone (no vector read): True where the
+    bound, an upper bound of the exact count, already finds the cell sparse."""
+    pick = _probe(len(zr), probe, seed)
+    return float(np.mean(np.count_nonzero(zr[pick] @ zr.T >= threshold, axis=1))) - 1 < DENSE_NEIGHBOURS
 
 
 def is_dense(x: np.ndarray, threshold: float, probe: int = 64, seed: int = 0, zr: np.ndarray | None = None) -> bool:
@@ -291,10 +378,9 @@ def is_dense(x: np.ndarray, threshold: float, probe: int = 64, seed: int = 0, zr
     their near misses; a cell full of copies of one image is joined by join_cell_dense.
     With `zr` ([z, |r|], see join_cell) the probe is first counted with the projected bound, an
     upper bound of the exact count: a cell it already finds sparse is sparse (a sixth of the work)."""
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(x), min(probe, len(x)), replace=False)
-    if zr is not None and float(np.mean(np.count_nonzero(zr[pick] @ zr.T >= threshold, axis=1))) - 1 < DENSE_NEIGHBOURS:
+    if zr is not None and sparse_by_bound(zr, threshold, probe, seed):
         return False
+    pick = _probe(len(x), probe, seed)
     return float(np.mean(np.count_nonzero(x[pick] @ x.T >= threshold, axis=1))) - 1 >= DENSE_NEIGHBOURS
 
 
@@ -420,16 +506,23 @@ def join_cell_torch(x, zr, threshold: float, chunk: int = 8192):
     return cat(out_i).astype(np.int64), cat(out_j).astype(np.int64), cat(out_s).astype(np.float32), n_cand
 
 
-def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np.ndarray,
+RESCORE_PAIRS = 1 << 22   # candidate pairs a join holds before it reads their rows and re-scores them
+
+
+def join_members(gids: np.ndarray, cellsets: np.ndarray, x, proj: np.ndarray,
                  threshold: float, cells: tuple[int, int] | None = None,
                  device: str | None = None, dense_min: int = 0,
                  edge_threshold: float | None = None,
-                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                 stats: dict | None = None, zr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32, or
-    Vectors) whose cell sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all), and
-    how many candidate pairs passed the bound. A pair sharing several cells is emitted only by the
+    Vectors, or anything whose `x[idx]` gives the float32 rows idx: rows read on demand) whose cell
+    sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all), and how many
+    candidate pairs passed the bound. A pair sharing several cells is emitted only by the
     smallest one, so every pair appears exactly once across all blocks. `device` ("cpu", "cuda")
     runs the products with torch there; None uses numpy.
+    `zr`: the rows' [z, |r|] (project_zr) where the caller has them (the search's assign step
+    writes them); then x is read only for the rows of candidate pairs (about a third of a
+    block's rows at 10 M rows), in one read per RESCORE_PAIRS candidates, sorted by row.
     A cell of `dense_min` rows or more (0: none) gives the edges of a spanning forest of its graph
     at `edge_threshold` instead (join_cell_dense, numpy): the same components, O(rows) edges. Its
     work is not a candidate count: `stats` (a dict, where given) gets `dense_cells` and
@@ -442,47 +535,85 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x: np.ndarray, proj: np
     cell_of = cellsets[member, col]
     order = np.lexsort((member, cell_of))
     member, cell_of = member[order], cell_of[order]
-    zr = x.project_zr(proj) if isinstance(x, Vectors) else project_zr(x, proj)
+    if zr is None:
+        zr = x.project_zr(proj) if isinstance(x, Vectors) else project_zr(x, proj)
     xs = x
     if device:
         import torch
         torch.backends.cuda.matmul.allow_tf32 = False
-        x = x[np.arange(len(x))] if isinstance(x, Vectors) else x
+        x = x[np.arange(len(x))] if not isinstance(x, np.ndarray) else x
         xs, zr = (torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in (x, zr))
     starts = np.r_[0, np.nonzero(cell_of[1:] != cell_of[:-1])[0] + 1, len(cell_of)]
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     n_cand = 0
     zr_np = zr if device is None else None
-    for c0, c1 in zip(starts[:-1], starts[1:]):
-        if c1 - c0 < 2:
-            continue
-        m = member[c0:c1]
-        t_edge = threshold if edge_threshold is None else edge_threshold
-        xm = np.ascontiguousarray(x[m], dtype=np.float32) if dense_min and c1 - c0 >= dense_min else None
-        if xm is not None and is_dense(xm, t_edge, seed=int(cell_of[c0]),
-                                       zr=None if device else zr[m]):
-            if zr_np is None:
-                zr_np = zr.cpu().numpy()
-            i, j, sim, work = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
-            n = 0
-            if stats is not None:
-                stats["dense_cells"] = stats.get("dense_cells", 0) + 1
-                stats["dense_products"] = stats.get("dense_products", 0) + work
-        elif device is None:
-            i, j, sim, n = join_cell(x, zr[m], threshold, idx=m)
-        else:
-            mi = torch.from_numpy(m).to(device)
-            i, j, sim, n = join_cell_torch(xs[mi], zr[mi], threshold)
-        n_cand += n
-        i, j = m[i], m[j]
+    pending, held = [], 0           # bounded cells waiting for their rows: (cell, members, records)
+
+    def emit(cell: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> None:
         # a pair shares only this cell unless both rows have several; check those alone
         both = np.nonzero(multi[i] & multi[j])[0]
         if len(both):
             mine = np.ones(len(i), bool)
-            mine[both] = first_shared_cell(cellsets[i[both]], cellsets[j[both]]) == cell_of[c0]
+            mine[both] = first_shared_cell(cellsets[i[both]], cellsets[j[both]]) == cell
             i, j, sim = i[mine], j[mine], sim[mine]
         ga, gb = gids[i], gids[j]
         if not ascending:           # i < j already orders the pair when gids ascend with the rows
             ga, gb = np.minimum(ga, gb), np.maximum(ga, gb)
         a.append(ga); b.append(gb); s.append(sim)
+
+    def rescore_pending() -> None:
+        rows = np.unique(np.concatenate([m[needed_rows(rec)] for _, m, rec in pending]))
+        block = _Local(rows, x[rows])              # one read of every row a held candidate needs
+        for cell, m, rec in pending:
+            i, j, sim = rescore_cell(rec, _Mapped(block, m), threshold)
+            emit(cell, m[i], m[j], sim)
+        pending.clear()
+
+    for c0, c1 in zip(starts[:-1], starts[1:]):
+        if c1 - c0 < 2:
+            continue
+        m = member[c0:c1]
+        t_edge = threshold if edge_threshold is None else edge_threshold
+        big = dense_min and c1 - c0 >= dense_min
+        if big and device is None and sparse_by_bound(zr[m], t_edge, seed=int(cell_of[c0])):
+            big = False                     # sparse by the bound alone: joined as any cell, nothing read yet
+        xm = np.ascontiguousarray(x[m], dtype=np.float32) if big else None
+        if xm is not None and is_dense(xm, t_edge, seed=int(cell_of[c0]), zr=None):
+            if zr_np is None:
+                zr_np = zr.cpu().numpy()
+            i, j, sim, work = join_cell_dense(xm, zr_np[m], t_edge, seed=int(cell_of[c0]))
+            if stats is not None:
+                stats["dense_cells"] = stats.get("dense_cells", 0) + 1
+                stats["dense_products"] = stats.get("dense_products", 0) + work
+            emit(int(cell_of[c0]), m[i], m[j], sim)
+        elif xm is not None and device is None:     # read for the exact look: joined with those rows
+            i, j, sim, n = join_cell(xm, zr[m], threshold)
+            n_cand += n
+            emit(int(cell_of[c0]), m[i], m[j], sim)
+        elif device is None:
+            rec, n = bound_cell(zr[m], threshold)
+            n_cand += n
+            if rec:
+                pending.append((int(cell_of[c0]), m, rec))
+                held += n
+            if held >= RESCORE_PAIRS:
+                rescore_pending()
+                held = 0
+        else:
+            mi = torch.from_numpy(m).to(device)
+            i, j, sim, n = join_cell_torch(xs[mi], zr[mi], threshold)
+            n_cand += n
+            emit(int(cell_of[c0]), m[i], m[j], sim)
+    if pending:
+        rescore_pending()
     return np.concatenate(a), np.concatenate(b), np.concatenate(s), n_cand
+
+
+class _Mapped:
+    """A cell's rows (cell-local numbers) looked up in a block's _Local rows through the cell's members."""
+
+    def __init__(self, block: _Local, members: np.ndarray):
+        self.block, self.members = block, members
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.block[self.members[rows]]

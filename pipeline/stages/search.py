@@ -12,6 +12,7 @@ pair with exact cosine >= threshold - band, resumable per unit of work (a shard 
 """
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ import pyarrow.parquet as pq
 
 from ..core.arrays import unique
 from ..core.config import SearchConfig
-from ..core.io import Marker, load_npy, parquet_writer, write_parquet
+from ..core.io import Marker, load_npy, npy_writer, parquet_writer, write_parquet
 from ..core.memory import need
 from ..core.run import Run
-from ..core.vectors import VectorStore
+from ..core.vectors import Rows, VectorStore, normalise
 from ..lib import celljoin
 from ..lib import codec as index_mod
 from ..lib import registry
@@ -112,21 +113,34 @@ def n_cells(index_dir: Path) -> int:
     return len(load_npy(Path(index_dir) / "centroids.npy", mmap=True))
 
 
+def zr_path(out_dir: Path, shard: str) -> Path:
+    return Path(out_dir) / "zr" / f"{shard}.npy"
+
+
 def assign_shard(args: tuple) -> dict:
     """Cells of every vector of one shard -> search/assign/NNNNN.parquet: a row per (cell, vector)
     (cell, gid, c0..c{k-1}: the vector's whole cell set), sorted by cell, one row group per join
-    block, so a join task reads only its block's row groups of each shard (linear I/O in rows)."""
+    block, so a join task reads only its block's row groups of each shard (linear I/O in rows).
+    Beside it search/zr/NNNNN.npy: each of those rows' projection [z, |r|] (fp16, celljoin.pack_zr:
+    258 bytes; the file's row order), which the join reads in one sequential slice per shard
+    instead of every member's stored vector (only the rows of candidate pairs are read from the
+    vectors then). The join deletes the zr files once every block is joined."""
     job, index = args
     proj, cells = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
     store = job.store()
     gids, vecs = store.shard(index)
     k = job.cfg.max_cells
-    sets = [np.zeros((0, k), np.int64)]
-    for s in range(0, len(gids), 65536):     # only the dims the cells live in are projected
-        z, _ = celljoin.project(np.asarray(vecs[s:s + 65536], dtype=np.float32), proj[:cells.d])
-        sets.append(celljoin.assign(z, cells, job.cfg.border, k))
+    sets, zrs = [np.zeros((0, k), np.int64)], [np.zeros((0, proj.shape[0] + 1), np.float32)]
+    linked = store.is_linked(index)
+    for s in range(0, len(gids), 65536):     # the cells live in the projection's first cells.d dims
+        x = np.asarray(vecs[s:s + 65536], dtype=np.float32)
+        if linked:
+            normalise(x)
+        zr = celljoin.project_zr(x, proj)
+        sets.append(celljoin.assign(zr[:, :-1], cells, job.cfg.border, k))
+        zrs.append(zr)
     store.release(index)
-    sets = np.concatenate(sets)
+    sets, zrs = np.concatenate(sets), np.concatenate(zrs)
     row, col = np.nonzero(sets >= 0)
     cell = sets[row, col]
     order = np.lexsort((row, cell))
@@ -137,24 +151,27 @@ def assign_shard(args: tuple) -> dict:
     step = job.cfg.cells_per_task
     bounds = np.searchsorted(cell, np.arange(0, int(cell.max(initial=0)) + step + 1, step))
     path = job.out_dir / "assign" / f"{job.shards[index]}.parquet"
-    with parquet_writer(path, table.schema) as w:
+    with parquet_writer(path, table.schema) as w, \
+            npy_writer(zr_path(job.out_dir, job.shards[index]), np.float16, (len(row), zrs.shape[1])) as zw:
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi > lo:
                 w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
+                zw(celljoin.pack_zr(zrs[row[lo:hi]]))
     Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=len(cell))
     return {"rows": len(gids), "assignments": len(cell)}
 
 
-def _read_block(files: list[Path], lo: int, hi: int, columns: list[str]) -> pa.Table:
+def _read_block(files: list[Path], lo: int, hi: int, columns: list[str]) -> tuple[pa.Table, list]:
     """The rows of cells [lo, hi) of every assign file: the row groups whose cell range lies in
     [lo, hi) (assign_shard writes one per join block), found from the footer's statistics and
     read directly (a filtered read_table costs 7x more: 0.54 s against 0.08 s for the 80 files
-    of a 10 M-row run)."""
-    parts = []
+    of a 10 M-row run). Also where they lie: (file, first row, last row + 1) per file read, in
+    the table's order."""
+    parts, spans = [], []
     for path in files:
         with pq.ParquetFile(path) as f:
             col = f.schema_arrow.get_field_index("cell")
-            groups = []
+            groups, first, at = [], [], 0
             for g in range(f.metadata.num_row_groups):
                 st = f.metadata.row_group(g).column(col).statistics
                 if st is None or not st.has_min_max:
@@ -164,36 +181,64 @@ def _read_block(files: list[Path], lo: int, hi: int, columns: list[str]) -> pa.T
                         raise ValueError(f"{path}: row group {g} spans cells {st.min}..{st.max}, across a "
                                          f"join block [{lo}, {hi}) (written with another search.cells_per_task)")
                     groups.append(g)
+                    first.append(at)
+                at += f.metadata.row_group(g).num_rows
             if groups:
                 parts.append(f.read_row_groups(groups, columns=columns))
+                # a block's row groups are consecutive (the file is sorted by cell)
+                spans.append((path, first[0], first[0] + parts[-1].num_rows))
     if not parts:
-        return pa.table({c: pa.array([], pa.int64() if c == "gid" else pa.int32()) for c in columns})
-    return pa.concat_tables(parts)
+        return pa.table({c: pa.array([], pa.int64() if c == "gid" else pa.int32()) for c in columns}), []
+    return pa.concat_tables(parts), spans
+
+
+def _read_zr(job: SearchJob, spans: list) -> np.ndarray | None:
+    """The bound rows of a block (spans from _read_block; celljoin.unpack_zr of the stored
+    [z, |r|]), one sequential slice per shard; None where a shard's zr file is gone (the block
+    then projects its members' vectors)."""
+    out = []
+    for path, lo, hi in spans:
+        zp = zr_path(job.out_dir, path.stem)
+        if not zp.exists():
+            return None
+        m = load_npy(zp, mmap=True)
+        if hi > len(m):
+            return None
+        out.append(celljoin.unpack_zr(m[lo:hi]))
+        del m
+    return np.concatenate(out) if out else None
 
 
 JOIN_BUFFER = 256 << 20   # a cell's products and candidate pairs, chunk by chunk (celljoin.join_cell)
 
 
 def join_block(args: tuple) -> dict:
-    """Join cells [lo, hi): gather their members' vectors, bound, re-score, write verified pairs."""
+    """Join cells [lo, hi): their members' projections, bound, re-score the candidates with the
+    stored vectors of their rows, write verified pairs."""
     job, lo, hi = args
     proj, _ = _cached(("cells", str(job.index_dir), job.index_fp), lambda: _codec(job))
     k = job.cfg.max_cells
-    t = _read_block(sorted((job.out_dir / "assign").glob("*.parquet")), lo, hi,
-                    ["gid"] + [f"c{i}" for i in range(k)])
+    t, spans = _read_block(sorted((job.out_dir / "assign").glob("*.parquet")), lo, hi,
+                           ["gid"] + [f"c{i}" for i in range(k)])
     gids, first = unique(t["gid"].to_numpy(), return_index=True)   # a row once, whatever its cells here
     sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64)[first] for i in range(k)], axis=1)
     store = job.store()
-    if len(gids):   # the block's vectors as stored, their projection, and the products of a cell's rows
-        need(f"search: join of cells {lo}-{hi} ({len(gids):,} rows)",
-             len(gids) * (2 * store.dim + 4 * (proj.shape[0] + 1) + 64) + JOIN_BUFFER)
-    x = celljoin.Vectors(*store.get_raw(gids)) if len(gids) else np.zeros((0, 1), np.float32)
+    what = f"search: join of cells {lo}-{hi} ({len(gids):,} rows)"
+    zr = _read_zr(job, spans) if len(gids) else None
+    if zr is not None:              # the members' projections as assigned; vectors read for candidates only
+        zr = zr[first]
+        x = Rows(store, gids, before=lambda n: need(what, n * 4 * store.dim + JOIN_BUFFER))
+    elif len(gids):   # the block's vectors as stored, their projection, and the products of a cell's rows
+        need(what, len(gids) * (2 * store.dim + 4 * (proj.shape[0] + 1) + 64) + JOIN_BUFFER)
+        x = celljoin.Vectors(*store.get_raw(gids))
+    else:
+        x = np.zeros((0, 1), np.float32)
     dense = {"dense_cells": 0, "dense_products": 0}
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
                                             device=_device(job.cfg.device), dense_min=job.dense_min,
-                                            edge_threshold=job.cfg.threshold, stats=dense)
+                                            edge_threshold=job.cfg.threshold, stats=dense, zr=zr)
     out = _write_pairs(job, f"cells-{lo:06d}", a, b, sim)
-    out.update(candidates=cand, **dense, peak_rss_mb=_peak_rss_mb())
+    out.update(candidates=cand, **dense, rows_read=getattr(x, "read", len(gids)), peak_rss_mb=_peak_rss_mb())
     return out
 
 
@@ -233,11 +278,13 @@ def run_cells(job: SearchJob, ex) -> dict:
         if old.name.startswith("cells-") and old.name not in planned:
             old.unlink()
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
+    shutil.rmtree(job.out_dir / "zr", ignore_errors=True)   # every block joined: the projections are spent
     return {"shards": len(todo), "blocks": len(blocks), "assign_s": round(t_assign, 3),
             "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
             "dense_cells": sum(r["dense_cells"] for r in results),
             "dense_products": sum(r["dense_products"] for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
+            "rows_read": sum(r["rows_read"] for r in results),
             "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
 
 
