@@ -117,6 +117,8 @@ def one(work: Path, name: str, rows: int, giant: tuple[int, ...], baseline: bool
         out["semdedup"] = semdedup_baseline(corpus, rows)
         print(f"{name:6s} semdedup {out['semdedup']}", flush=True)
     summary = json.loads((run / "report" / "summary.json").read_text())
+    search = json.loads((run / "stage_stats.json").read_text()).get("search", {})
+    out["search_split"] = {k: search.get(k) for k in ("assign_s", "join_s", "rows_read", "candidates")}
     samples = pq.read_table(run / "report" / "samples.parquet", columns=["gid", "group_id"]).to_pandas()
     truth = pq.read_table(corpus / "ground_truth.parquet").to_pandas()
     out["sampled_recall"] = sampled_recall(corpus, samples)
@@ -199,6 +201,10 @@ def main(argv=None) -> int:
             cells = [f"{curve[n]['stages'][stage]['seconds'] / (n / 1e6):.1f}, {curve[n]['stages'][stage].get('peak_anon_mb')}"
                      for n in sizes]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines.append("| search: assignment / join s per M rows (the assignment scores every row against every "
+                     "cell) | " + " | ".join(
+                         f"{(curve[n].get('search_split', {}).get('assign_s') or 0) / (n / 1e6):.1f} / "
+                         f"{(curve[n].get('search_split', {}).get('join_s') or 0) / (n / 1e6):.1f}" for n in sizes) + " |")
         for key in ("total_s", "run_dir_bytes_per_row"):
             lines.append(f"| {key} | " + " | ".join(str(curve[n][key]) for n in sizes) + " |")
         lines.append("| total s per M rows | " + " | ".join(f"{curve[n]['total_s'] / (n / 1e6):.1f}" for n in sizes) + " |")

@@ -130,7 +130,7 @@ def assign_shard(args: tuple) -> dict:
     store = job.store()
     gids, vecs = store.shard(index)
     k = job.cfg.max_cells
-    sets, zrs = [np.zeros((0, k), np.int64)], [np.zeros((0, proj.shape[0] + 1), np.float32)]
+    sets, zrs = [np.zeros((0, k), np.int64)], [np.zeros((0, proj.shape[0] + 1), np.float16)]
     linked = store.is_linked(index)
     for s in range(0, len(gids), 65536):     # the cells live in the projection's first cells.d dims
         x = np.asarray(vecs[s:s + 65536], dtype=np.float32)
@@ -138,7 +138,7 @@ def assign_shard(args: tuple) -> dict:
             normalise(x)
         zr = celljoin.project_zr(x, proj)
         sets.append(celljoin.assign(zr[:, :-1], cells, job.cfg.border, k))
-        zrs.append(zr)
+        zrs.append(celljoin.pack_zr(zr))
     store.release(index)
     sets, zrs = np.concatenate(sets), np.concatenate(zrs)
     row, col = np.nonzero(sets >= 0)
@@ -156,7 +156,7 @@ def assign_shard(args: tuple) -> dict:
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi > lo:
                 w.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
-                zw(celljoin.pack_zr(zrs[row[lo:hi]]))
+                zw(zrs[row[lo:hi]])
     Marker(job.out_dir, unit).write(job.fp, [path], rows=len(gids), assignments=len(cell))
     return {"rows": len(gids), "assignments": len(cell)}
 
@@ -224,6 +224,8 @@ def join_block(args: tuple) -> dict:
     sets = np.stack([t[f"c{i}"].to_numpy().astype(np.int64)[first] for i in range(k)], axis=1)
     store = job.store()
     what = f"search: join of cells {lo}-{hi} ({len(gids):,} rows)"
+    if len(gids):       # the block's projections (or, where they are gone, its vectors: below)
+        need(what, len(gids) * (4 * (proj.shape[0] + 2) + 64) + JOIN_BUFFER)
     zr = _read_zr(job, spans) if len(gids) else None
     if zr is not None:              # the members' projections as assigned; vectors read for candidates only
         zr = zr[first]
