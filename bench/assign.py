@@ -1,23 +1,24 @@
 """Cell assignment at scale: do copies still share a cell when rows are assigned to cells in
-fewer products than rows x cells?
+fewer products than rows x cells, and what does the join pay for it?
 
-    python -m bench.assign --corpus /tmp/corpora/plain10000000-corpus --cells 10000
+    python -m bench.assign --corpus /tmp/corpora/plain10000000-corpus --rows 10000000
 
-The search's assignment (celljoin.assign) is exhaustive below search.cell_rows x 8,192 rows and
-wherever the index stage finds that two levels would not prune: each row scored against every
-cell, rows x cells x dims products, the one step of the search whose cost per row grows with rows
-(10 M rows, 10,000 cells: about half the search). This benchmark measures what a sublinear
-assignment would lose, on a released-style corpus (bench.corpora.write_clip_like; its
-ground_truth.parquet names each row's source): copy pairs (two rows of one source, cosine at
-or above 0.92, the search's floor) and whether they share a cell, under
-  flat        exhaustive scores (what the search does), the best cell + those within border; cells
-              in all 128 dims of the projection, or in its first 64 (search.cell_dim, the default)
-  two-level   celljoin.TwoLevel: the nprobe best coarse cells, the best fine cells inside them
-  nested      the coarse cells within `delta` of the best coarse score, the best fine cell of
-              each (and those within border of it), up to 6 cells: consistent across coarse
-              borders, at more cells a row (more join work)
+The flat assignment scores each row against every cell: rows x cells x dims products, the one
+step of the search whose cost per row grows with rows (cells of search.cell_rows rows). This
+benchmark measures the alternatives on a released-style corpus (bench.corpora.write_clip_like;
+its ground_truth.parquet names each row's source): copy pairs (two rows of one source, cosine at
+or above 0.92, the search's floor), whether they share a cell, the cells a row sits in, the
+microseconds a row costs, and the join's work that follows: the products of memberships that
+share a cell, per row of an `--rows`-row corpus (estimated from 100,000 sampled rows).
+  flat          every cell scored, the best + those within border; cells in all 128 dims of the
+                projection, in its first 64 (search.cell_dim), or its first 32; rows / 1,000 cells
+  prefiltered   the flat cells scored in the first `dims` dims only, the best `short` re-scored in 64
+  two-level     celljoin.TwoLevel: the nprobe best coarse cells, the best fine cells inside them
+  nested        celljoin.Nested (search.assign = nested, the default): the coarse cells within
+                delta of the best coarse score, in each the best fine cell and those within border
+                of it, up to 6 cells; rows / 250 cells (search.cell_rows)
 Cells are trained as the index stage trains them (celljoin.train_cells on a projected sample).
-One thread; microseconds per row. Writes bench/results/assign.md and assign.json.
+One thread. Writes bench/results/assign.md and assign.json.
 """
 from __future__ import annotations
 
@@ -61,27 +62,31 @@ def copy_pairs(corpus: Path, n: int, floor: float, seed: int) -> tuple[np.ndarra
     return xa[keep], xb[keep]
 
 
-def nested(z: np.ndarray, two, delta: float, border: float, max_cells: int) -> np.ndarray:
-    """(n, max_cells) cells: the best fine cell of every coarse cell within delta of the best
-    coarse score, with the fine cells within border of it; the best max_cells of those, -1 padded."""
-    q = np.ascontiguousarray(z / np.linalg.norm(z, axis=1, keepdims=True), dtype=np.float32)
-    coarse = q @ two.coarse.T
-    probe = coarse >= coarse.max(axis=1, keepdims=True) - delta
-    best_s = np.full((len(q), max_cells), -np.inf, np.float32)
-    best_c = np.full((len(q), max_cells), -1, np.int64)
-    for c in range(len(two.coarse)):
-        who = np.flatnonzero(probe[:, c])
-        cells = two.order[two.bounds[c]:two.bounds[c + 1]]
-        if not len(who) or not len(cells):
-            continue
-        s = q[who] @ two.fine[cells].T
-        s = np.where(s >= s.max(axis=1, keepdims=True) - border, s, -np.inf)
-        all_s = np.concatenate([best_s[who], s], axis=1)
-        all_c = np.concatenate([best_c[who], np.broadcast_to(cells, s.shape)], axis=1)
-        pick = np.argpartition(-all_s, max_cells - 1, axis=1)[:, :max_cells]
-        best_s[who] = np.take_along_axis(all_s, pick, axis=1)
-        best_c[who] = np.take_along_axis(all_c, pick, axis=1)
-    return np.where(np.isfinite(best_s), best_c, -1)
+class Prefiltered:
+    """Flat cells at a fraction of the product: every cell scored in the first `dims` dims, the
+    best `short` of those re-scored in all of them (measured, not taken: see the results)."""
+
+    def __init__(self, centroids: np.ndarray, dims: int, short: int):
+        import faiss
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.ntotal, self.d = self.centroids.shape
+        self.dims, self.short = min(dims, self.d), min(short, self.ntotal)
+        self.head = faiss.IndexFlatIP(self.dims)
+        self.head.add(np.ascontiguousarray(self.centroids[:, :self.dims]))
+
+    def search(self, q: np.ndarray, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(q, dtype=np.float32)
+        k = min(k, self.short)
+        scores, cells = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
+        for a in range(0, len(q), chunk):
+            qa = q[a:a + chunk]
+            _, cand = self.head.search(np.ascontiguousarray(qa[:, :self.dims]), self.short)
+            s = np.matmul(self.centroids[np.maximum(cand, 0)], qa[:, :, None])[:, :, 0]
+            s[cand < 0] = -np.inf
+            pick = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            scores[a:a + chunk] = np.take_along_axis(s, pick, axis=1)
+            cells[a:a + chunk] = np.take_along_axis(cand, pick, axis=1)
+        return scores, cells
 
 
 def main(argv=None) -> int:
@@ -91,10 +96,12 @@ def main(argv=None) -> int:
     from dedup2b.lib import celljoin
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", required=True, help="a bench.corpora.write_clip_like folder (e.g. bench.scale --corpora)")
-    ap.add_argument("--cells", type=int, default=10_000, help="cells (10 M rows at search.cell_rows 1,000)")
+    ap.add_argument("--rows", type=int, default=10_000_000, help="the corpus size the cells are made for: "
+                    "rows / 1,000 flat cells, rows / 250 nested (the search's defaults)")
     ap.add_argument("--sample", type=int, default=200_000, help="rows the cells are trained on")
     ap.add_argument("--pairs", type=int, default=40_000, help="copy pairs drawn from the ground truth")
-    ap.add_argument("--border", type=float, default=0.01)
+    ap.add_argument("--border", type=float, default=0.01, help="flat and two-level (search.assign = flat's border)")
+    ap.add_argument("--nested-border", type=float, default=0.007, help="nested (search.border's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="assign")
     args = ap.parse_args(argv)
@@ -107,45 +114,68 @@ def main(argv=None) -> int:
     sample = read_rows(corpus, (take // per_shard) << 32 | (take % per_shard))
     proj = celljoin.train_projection(sample[::max(1, len(sample) // 20_000)], 128)
     zs, _ = celljoin.project(sample, proj)
-    fine, coarse = celljoin.train_cells(zs, args.cells, 1234)
-    if coarse is None:
-        sys.exit(f"--cells {args.cells}: at most {celljoin.FLAT_CELLS} cells are trained in one level; ask for more")
     xa, xb = copy_pairs(corpus, args.pairs, 0.92, args.seed)
     za, zb = celljoin.project(xa, proj)[0], celljoin.project(xb, proj)[0]
     big = np.iinfo(np.int64).max
-    rows = []
+    rows, ref = [], {}
+    n_flat, n_nested = max(1, args.rows // 1000), max(1, args.rows // 250)
 
-    def measure(name: str, assign) -> None:
+    def measure(name: str, assign, n_cells: int, same_as: str | None = None) -> None:
         t0 = time.perf_counter()
         ca, cb = assign(za), assign(zb)
         us = 1e6 * (time.perf_counter() - t0) / (2 * len(za))
         shared = float(np.mean(celljoin.first_shared_cell(ca, cb) < big))
+        ref.setdefault(name, ca)
+        agree = None if same_as is None else float(np.mean(np.all(np.sort(ca, 1) == np.sort(ref[same_as], 1), axis=1)))
+        cs = assign(zs[:100_000])       # the join's work: memberships per cell, scaled to --rows rows
+        per_cell = np.bincount(cs[cs >= 0].ravel(), minlength=n_cells) * (args.rows / min(100_000, len(zs)))
         rows.append({"assignment": name, "copy_pairs_sharing_a_cell": round(shared, 5),
-                     "cells_per_row": round(float((ca >= 0).sum(1).mean()), 2), "us_per_row": round(us, 1)})
+                     "cells_per_row": round(float((ca >= 0).sum(1).mean()), 2), "us_per_row": round(us, 1),
+                     "join_products_per_row": round(float((per_cell ** 2).sum() / 2 / args.rows)),
+                     "same_cells_as_flat": None if agree is None else round(agree, 5)})
         print(rows[-1], flush=True)
 
+    def cells_in(dims: int, n: int):
+        zd = zs[:, :dims] / np.linalg.norm(zs[:, :dims], axis=1, keepdims=True)
+        return celljoin._kmeans(zd, n, 1234, 5)
+
     with threadpool_limits(1):
-        flat, _ = celljoin.cell_index(fine)
-        measure("flat, cells in all 128 dims (search.cell_dim 0)", lambda z: celljoin.assign(z, flat, args.border, 3))
-        # the search's default: cells trained and assigned in the projection's first 64 dims
-        zn = zs[:, :64] / np.linalg.norm(zs[:, :64], axis=1, keepdims=True)
-        flat64, _ = celljoin.cell_index(celljoin._kmeans(zn, len(fine), 1234, 5))
-        measure("flat, cells in the first 64 dims (search.cell_dim 64: the search)",
-                lambda z: celljoin.assign(z, flat64, args.border, 3))
+        flat128, _ = celljoin.cell_index(cells_in(128, n_flat))
+        measure("flat, cells in all 128 dims (search.cell_dim 0)",
+                lambda z: celljoin.assign(z, flat128, args.border, 3), n_flat)
+        c64 = cells_in(64, n_flat)
+        flat64, _ = celljoin.cell_index(c64)
+        base = "flat, cells in the first 64 dims (search.assign = flat, search.cell_dim 64)"
+        measure(base, lambda z: celljoin.assign(z, flat64, args.border, 3), n_flat, same_as=base)
+        flat32, _ = celljoin.cell_index(cells_in(32, n_flat))
+        measure("flat, cells in the first 32 dims", lambda z: celljoin.assign(z, flat32, args.border, 3), n_flat)
+        for dims, short in ((32, 8), (32, 16)):
+            pre = Prefiltered(c64, dims, short)
+            measure(f"prefiltered: the flat 64-dim cells scored in their first {dims} dims, the best {short} in all 64",
+                    lambda z: celljoin.assign(z, pre, args.border, 3), n_flat, same_as=base)
+        fine, coarse = celljoin.train_cells(zs[:, :64], n_flat, 1234, two_levels=True)
         two = celljoin.TwoLevel(fine, coarse)
-        for p in (2, 4, 8, 16, 32):
+        for p in (4, 16):
             two.nprobe = p
-            measure(f"two-level, nprobe {p} of {len(coarse)}", lambda z: celljoin.assign(z, two, args.border, 3))
-        for d in (0.01, 0.02):
-            measure(f"nested, coarse within {d}, up to 6 cells", lambda z: nested(z, two, d, args.border, 6))
+            measure(f"two-level, nprobe {p} of {len(coarse)}", lambda z: celljoin.assign(z, two, args.border, 3), len(fine))
+        fine, coarse = celljoin.train_cells(zs[:, :64], n_nested, 1234, two_levels=True)
+        for delta in (0.005, 0.0075, 0.01):
+            nest = celljoin.Nested(fine, coarse, delta)
+            measure(f"nested, {len(fine):,} cells ({len(nest.coarse)} coarse), coarse within {delta}, fine within "
+                    f"{args.nested_border}, up to 6 cells" + (" (the search's default)" if delta == 0.0075 else ""),
+                    lambda z: celljoin.assign(z, nest, args.nested_border, 6), len(fine))
     res = {"command": "python -m bench.assign " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d"), "corpus_rows": n_rows, "cells": len(fine), "coarse": len(coarse),
-           "copy_pairs": len(za), "rows": rows}
+           "date": time.strftime("%Y-%m-%d"), "corpus_rows": n_rows, "rows": args.rows,
+           "copy_pairs": len(za), "results": rows}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"Command: `{res['command']}` ({res['date']}, one thread); {n_rows:,}-row corpus, {len(fine):,} cells "
-             f"({len(coarse)} coarse), trained on {len(sample):,} rows; {len(za):,} copy pairs (cosine >= 0.92)", "",
-             "| assignment | copy pairs sharing a cell | cells per row | us per row |", "|---|---|---|---|"]
-    lines += [f"| {r['assignment']} | {r['copy_pairs_sharing_a_cell']:.5f} | {r['cells_per_row']} | {r['us_per_row']} |"
+    lines = [f"Command: `{res['command']}` ({res['date']}, one thread); {n_rows:,}-row corpus, cells for "
+             f"{args.rows:,} rows, trained on {len(sample):,} rows; {len(za):,} copy pairs (cosine >= 0.92). "
+             "Join products per row: pairs of memberships sharing a cell, per row of that many rows (the "
+             "join's bound work).", "",
+             "| assignment | copy pairs sharing a cell | cells per row | us per row | join products per row | "
+             "rows given the flat 64-dim cells |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['assignment']} | {r['copy_pairs_sharing_a_cell']:.5f} | {r['cells_per_row']} | {r['us_per_row']} | "
+              f"{r['join_products_per_row']:,} | {'' if r['same_cells_as_flat'] is None else r['same_cells_as_flat']} |"
               for r in rows]
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

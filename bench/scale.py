@@ -201,8 +201,7 @@ def main(argv=None) -> int:
             cells = [f"{curve[n]['stages'][stage]['seconds'] / (n / 1e6):.1f}, {curve[n]['stages'][stage].get('peak_anon_mb')}"
                      for n in sizes]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-        lines.append("| search: assignment / join s per M rows (the assignment scores every row against every "
-                     "cell) | " + " | ".join(
+        lines.append("| search: assignment / join s per M rows | " + " | ".join(
                          f"{(curve[n].get('search_split', {}).get('assign_s') or 0) / (n / 1e6):.1f} / "
                          f"{(curve[n].get('search_split', {}).get('join_s') or 0) / (n / 1e6):.1f}" for n in sizes) + " |")
         for key in ("total_s", "run_dir_bytes_per_row"):

@@ -117,15 +117,23 @@ class SearchConfig:
     method: str = "cells"       # cells: cell join + exact bound (default); pq: IVF-PQ range search
     band: float = 0.03          # pairs in [threshold - band, threshold) are kept as near misses
     cells: int = 0              # cell-join cells; 0 = rows / cell_rows
-    cell_rows: int = 1000       # rows per cell when cells = 0: bounded, so a row's join cost is
-                                # flat in rows (cells beyond 8,192 are trained and assigned in two levels)
+    cell_rows: int = 250        # rows per cell when cells = 0: bounded, so a row's join cost is
+                                # flat in rows (a row sits in ~2.5 cells under the nested assignment:
+                                # ~600 memberships a cell)
+    # how rows find their cells: nested = the coarse cells within coarse_delta of the row's best,
+    # in each the best fine cell and those within border of it (~3 sqrt(cells) products a row, so
+    # a row's cost barely grows with rows); flat = every cell scored, the best and those within
+    # border of it (cells products a row; beyond 8,192 cells two levels where they prune)
+    assign: str = "nested"
+    coarse_delta: float = 0.0075
     proj_dim: int = 128         # cell-join projection (the join's bound); 0 = full dimension
     cell_dim: int = 64          # cells are trained and assigned in the projection's first cell_dim
                                 # dims (0 = all of them): the assignment's rows x cells product at
                                 # 0.56-0.64 of the cost (bench/results/ab_cell_dim.md)
-    border: float = 0.01        # also put a vector in cells scoring within this of its best
-    max_cells: int = 3          # cells per vector at most
-    cells_per_task: int = 64    # cells joined by one task
+    border: float = 0.007       # also put a vector in cells scoring within this of its best (nested:
+                                # of its best inside each probed coarse cell)
+    max_cells: int = 6          # cells per vector at most
+    cells_per_task: int = 256   # cells joined by one task (~150,000 memberships at the defaults)
     device: str = "auto"        # cell-join products: auto (CUDA when visible, else numpy), numpy, cpu, cuda
     # which verified edges are kept: forest = the edges of a spanning forest of each group (pairs
     # .parquet holds n - groups edges; a cell of dense_cell rows or more whose probed rows average
@@ -133,7 +141,7 @@ class SearchConfig:
     # O(rows), not 5e9 pairs); all = every pair at or above the threshold, everywhere (small runs:
     # the cost grows with the pairs)
     pairs: str = "forest"
-    dense_cell: int = 512
+    dense_cell: int = 128
     margin: float = 0.15        # pq: candidates down to threshold - margin, then verified
     nprobe: int = 8             # pq, and the cross search: IVF cells visited per query
     cross_k: int = 16           # cross search (--against, decontaminate): nearest registered rows per
@@ -144,8 +152,10 @@ class SearchConfig:
     def validate(self) -> None:
         if self.threshold is None or not -1.0 <= self.threshold <= 1.0:
             raise ConfigError("search.threshold: a cosine in [-1, 1]")
-        if self.margin < 0 or self.band < 0 or self.border < 0:
-            raise ConfigError("search.margin / search.band / search.border: must be >= 0")
+        if self.margin < 0 or self.band < 0 or self.border < 0 or self.coarse_delta < 0:
+            raise ConfigError("search.margin / search.band / search.border / search.coarse_delta: must be >= 0")
+        if self.assign not in ("nested", "flat"):
+            raise ConfigError(f"search.assign: {self.assign!r}; known: nested, flat")
         if self.method not in ("cells", "pq"):
             raise ConfigError(f"search.method: {self.method!r}; known: cells, pq")
         if self.device not in ("auto", "numpy", "cpu", "cuda"):

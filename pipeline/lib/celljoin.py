@@ -6,13 +6,18 @@ Trained once (index stage), from a seeded sample:
   centroids   spherical k-means in the projection's first `search.cell_dim` dims (64 of 128: the
               assignment at 0.56-0.64 of the cost, copies share a cell nearly as often): the
               cells, of about `search.cell_rows` rows each whatever the row count, so a row's join
-              cost stays flat as rows grow (two-level k-means beyond FLAT_CELLS cells)
-  coarse.npy  for two levels, the coarse centroids: rows are assigned to a few coarse cells,
-              then to the best fine cells inside them (TwoLevel, matrix products; sublinear in cells)
+              cost stays flat as rows grow; trained in two levels (train_cells)
+  coarse.npy  the coarse centroids: sqrt(cells) of them, each owning the fine cells trained inside it
 Search, in two resumable steps that run as Ray tasks:
-  assign (per vector shard)   each vector goes to its best cell, and also to every other cell whose
-                              centroid score is within `border` of the best (at most `max_cells`),
-                              so duplicates on both sides of a border share a cell
+  assign (per vector shard)   search.assign = nested (Nested): each vector goes to the coarse cells
+                              scoring within `coarse_delta` of its best coarse cell, and in each of
+                              those to the best fine cell and every fine cell within `border` of it
+                              (at most `max_cells` in all): about 3 sqrt(cells) products a row, so
+                              its cost grows as the square root of the rows, and near copies, which
+                              probe the same coarse cells, share a fine cell as often as under
+                              search.assign = flat: the best of every cell and those within
+                              `border` of it (cells products a row: at 10 M rows, 10,000 cells, the
+                              search's largest cost)
   join (per block of cells)   with z = V x and residual r = x - V^T z, the exact cosine is
                               x.y = z_x.z_y + r_x.r_y <= z_x.z_y + |r_x||r_y| (Cauchy-Schwarz), so
                               one small GEMM in r dimensions drops every pair that cannot reach the
@@ -139,7 +144,8 @@ def _kmeans(z: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
 FLAT_CELLS = 8192
 
 
-def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 5) -> tuple[np.ndarray, np.ndarray | None]:
+def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 5,
+                two_levels: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Spherical k-means centroids (the cells), and for two levels the coarse centroids (else
     None). The cells move only the join's cost, never its result. At 1 M rows (bench-search
     corpus) 100 points a cell and 10 iterations gave the join 0.2 % more candidates than 256 points
@@ -148,9 +154,10 @@ def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 5) -> tuple[n
     Beyond FLAT_CELLS cells, two levels: sqrt(nlist) coarse cells, then each coarse cell's sample
     split into fine cells in proportion to its share, so training costs sample x (sqrt(nlist) +
     fine cells per coarse cell) products instead of sample x nlist. The fine centroids come out
-    grouped by coarse cell, in coarse order (TwoLevel assigns through that grouping)."""
+    grouped by coarse cell, in coarse order (TwoLevel assigns through that grouping).
+    `two_levels`: True for two levels at any nlist (the nested assignment), None: beyond FLAT_CELLS."""
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    if nlist <= FLAT_CELLS:
+    if not two_levels and (two_levels is False or nlist <= FLAT_CELLS):
         return _kmeans(zn, nlist, seed, niter), None
     coarse = _kmeans(zn, int(round(np.sqrt(nlist))), seed, niter)
     owner = np.argmax(zn @ coarse.T, axis=1)
@@ -201,6 +208,53 @@ class TwoLevel:
         return np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_c, order, axis=1)
 
 
+class Nested:
+    """The nested assignment (search.assign = nested): a row goes to the coarse cells scoring
+    within `delta` of its best coarse cell, and in each of those to the best fine cell and the fine
+    cells within `border` of it (that coarse cell's own best, not the row's best overall); the best
+    `max_cells` of all those, best first. A row costs (coarse cells + fine cells of the probed
+    ones) products, about 3 sqrt(cells) instead of cells. Two near copies probe nearly the same
+    coarse cells and pick the same fine cell in each, so they share a cell as often as under the
+    exhaustive rule, at more cells a row (bench/results/assign.md)."""
+
+    def __init__(self, fine: np.ndarray, coarse: np.ndarray, delta: float):
+        self.fine = np.ascontiguousarray(fine, dtype=np.float32)
+        owner = np.argmax(self.fine @ np.asarray(coarse, np.float32).T, axis=1)     # each fine cell's coarse cell
+        kept = np.unique(owner)               # coarse cells that own a fine cell: the best one always does
+        self.coarse = np.ascontiguousarray(np.asarray(coarse, np.float32)[kept])
+        owner = np.searchsorted(kept, owner)
+        self.order = np.argsort(owner, kind="stable")
+        self.bounds = np.searchsorted(owner[self.order], np.arange(len(kept) + 1))
+        self.delta = delta
+        self.ntotal, self.d = self.fine.shape
+
+    def assign(self, q: np.ndarray, border: float, max_cells: int) -> np.ndarray:
+        """(n, max_cells) fine cells of unit rows q, best first, -1 padded."""
+        n = len(q)
+        cs = q @ self.coarse.T
+        row, col = np.nonzero(cs >= cs.max(axis=1, keepdims=True) - self.delta)
+        by = np.argsort(col, kind="stable")
+        row, starts = row[by], np.searchsorted(col[by], np.arange(len(self.coarse) + 1))
+        best_s = np.full((n, max_cells), -np.inf, np.float32)
+        best_c = np.full((n, max_cells), -1, np.int64)
+        for c in range(len(self.coarse)):
+            who = row[starts[c]:starts[c + 1]]
+            if not len(who):
+                continue
+            cells = self.order[self.bounds[c]:self.bounds[c + 1]]
+            s = q[who] @ self.fine[cells].T
+            s[s < s.max(axis=1, keepdims=True) - border] = -np.inf
+            all_s = np.concatenate([best_s[who], s], axis=1)
+            all_c = np.concatenate([best_c[who], np.broadcast_to(cells, s.shape)], axis=1)
+            if all_s.shape[1] > max_cells:
+                pick = np.argpartition(-all_s, max_cells - 1, axis=1)[:, :max_cells]
+                all_s, all_c = np.take_along_axis(all_s, pick, axis=1), np.take_along_axis(all_c, pick, axis=1)
+            best_s[who], best_c[who] = all_s, all_c
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        best_s, best_c = np.take_along_axis(best_s, order, axis=1), np.take_along_axis(best_c, order, axis=1)
+        return np.where(np.isfinite(best_s), best_c, -1)
+
+
 def cell_index(centroids: np.ndarray, coarse: np.ndarray | None = None, points: np.ndarray | None = None,
                target: float = 0.999):
     """What assigns rows to cells, and how well it agrees with exhaustive assignment: exhaustive
@@ -241,6 +295,10 @@ def assign(z: np.ndarray, cells, border: float, max_cells: int) -> np.ndarray:
     """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
     scoring within `border` of it. `cells`: the centroids (exhaustive), or their cell_index. The
     cells may live in fewer dims than z (search.cell_dim): z's first dims, as they were trained."""
+    if isinstance(cells, Nested):
+        z = z[:, :cells.d]
+        zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return cells.assign(np.ascontiguousarray(zn, dtype=np.float32), border, max_cells)
     if isinstance(cells, np.ndarray):              # centroids: exhaustive assignment
         import faiss
         flat = faiss.IndexFlatIP(cells.shape[1])

@@ -51,6 +51,8 @@ def choose_codec(n: int, d: int, nlist: int = 0, m: int = 0, bits: int = 8, opq:
 
 
 CELL_SAMPLE = 2_000_000   # projected rows k-means sees at most (64-d float32, search.cell_dim: 0.5 GB)
+CELL_POINTS = 100         # and per cell (flat cells; nested: NESTED_POINTS, 4x the cells at the defaults)
+NESTED_POINTS = 40
 PROJ_ROWS = 20_000        # sample rows the projection is trained on
 SAMPLE_RUN = 16           # rows a sample takes together (768-d fp16: 24 KB, six pages)
 
@@ -78,7 +80,7 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
 
 def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model: str,
               cells: int = 0, proj_dim: int = 128, ivfpq: bool = True,
-              cell_rows: int = 1000, ex=None, cell_dim: int = 64) -> tuple[dict, list[Path]]:
+              cell_rows: int = 250, ex=None, cell_dim: int = 64, nested: bool = True) -> tuple[dict, list[Path]]:
     """Train and write what search needs into `out`: the cell-join codec, codec.json, and the
     IVF-PQ index when `ivfpq` (else only its codec is chosen and recorded: a run searched by later
     runs has it built from the registered rows on first use). `cell_dim`: search.cell_dim (the
@@ -92,23 +94,27 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
         old.unlink(missing_ok=True)
     files = []
     t0 = time.time()
-    # cells of about cell_rows rows; k-means takes 100 points a cell (see train_cells) up to
+    # cells of about cell_rows rows; k-means takes `points` points a cell (see train_cells) up to
     # CELL_SAMPLE points, held projected; the projection is trained on >= 20k rows
     n_cells = cells or max(1, round(n / cell_rows))
-    xt = sample(store, counts, min(c.train_size, max(20_000, 100 * n_cells)), c.seed + 1)
+    points = NESTED_POINTS if nested else CELL_POINTS
+    xt = sample(store, counts, min(c.train_size, max(20_000, points * n_cells)), c.seed + 1)
     # the projection from PROJ_ROWS of the sample, evenly spaced: the top directions of 768-d vectors
     # are found as well from 20 k rows as from 100 k (energy kept 0.99147 vs 0.99157 at 1 M rows;
     # the join's candidates 5 % fewer, chance), at a fifth of the product (0.41 -> 0.13 s)
     proj = celljoin.train_projection(xt[::max(1, len(xt) // PROJ_ROWS)], min(proj_dim or store.dim, store.dim))
-    want = min(CELL_SAMPLE, 100 * n_cells)
+    want = min(CELL_SAMPLE, points * n_cells)
     head = proj[:cell_dim or None]    # the cells live in the projection's first cell_dim dims
     zt = celljoin.project(xt, head)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, head)
     n_cells = min(n_cells, len(zt))
-    centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed)
-    _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
+    centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed, two_levels=True if nested else None)
+    if nested:            # search.assign = nested: always two levels, assigned as celljoin.Nested
+        info = {"assign": f"nested {len(coarse)} x {len(centroids) / len(coarse):.0f}"}
+    else:
+        _, info = celljoin.cell_index(centroids, coarse, zt[:20_000])
     files += [write_npy(out / "projection.npy", proj), write_npy(out / "centroids.npy", centroids)]
     (out / "coarse.npy").unlink(missing_ok=True)
-    if coarse is not None and "assign_nprobe" in info:     # two levels kept (not where they do not prune)
+    if coarse is not None and (nested or "assign_nprobe" in info):   # two levels kept (flat: where they prune)
         files.append(write_npy(out / "coarse.npy", coarse))
     codec.update(cells=n_cells, cell_rows=round(n / max(n_cells, 1), 1), proj_dim=int(proj.shape[0]),
                  cell_dim=int(centroids.shape[1]),

@@ -10,7 +10,8 @@ from ..core.run import Run
 from ..lib import codec as codec_lib
 
 NAME = "index"
-FIELDS = ("input", "embed.model", "codec", "search.cells", "search.cell_rows", "search.proj_dim", "search.cell_dim", "search.method")
+FIELDS = ("input", "embed.model", "codec", "search.cells", "search.cell_rows", "search.proj_dim", "search.cell_dim", "search.assign",
+          "search.method")
 
 
 def units(run: Run) -> list[Marker]:
@@ -40,7 +41,8 @@ def run(run: Run, ex, stats: dict) -> dict:
     codec, files = codec_lib.train_all(run.vectors(), counts, run.cfg.codec, run.dir(NAME), fp, run.cfg.embed.model,
                                        run.cfg.search.cells, run.cfg.search.proj_dim,
                                        ivfpq=run.cfg.search.method == "pq", cell_rows=run.cfg.search.cell_rows,
-                                       cell_dim=run.cfg.search.cell_dim, ex=ex)
+                                       cell_dim=run.cfg.search.cell_dim,
+                                       nested=run.cfg.search.assign == "nested", ex=ex)
     run.marker(NAME, NAME).write(fp, files, rows=sum(counts.values()))
     codec["seconds"] = round(time.time() - t0, 3)
     return codec

@@ -96,11 +96,14 @@ def _write_pairs(job: SearchJob, unit: str, a, b, sim, **extra) -> dict:
 # ---- method: cells ---------------------------------------------------------------------------
 
 def _codec(job: SearchJob):
-    """(projection, what assigns rows to cells): exhaustive, or two levels (coarse.npy; the
+    """(projection, what assigns rows to cells): nested (search.assign's default: the index
+    stage trained two levels for it, coarse.npy), exhaustive, or two levels (coarse.npy; the
     nprobe the index stage measured, in codec.json). Where the index stage chose the exhaustive
     assignment (two levels would not prune), it is exhaustive, whatever files the folder holds."""
     meta = index_mod.check(job.index_dir, job.index_fp)
     load = lambda name: load_npy(job.index_dir / name)   # noqa: E731
+    if str(meta.get("assign", "")).startswith("nested"):
+        return load("projection.npy"), celljoin.Nested(load("centroids.npy"), load("coarse.npy"), job.cfg.coarse_delta)
     two = (job.index_dir / "coarse.npy").exists() and "assign_nprobe" in meta
     coarse = load("coarse.npy") if two else None
     cells, _ = celljoin.cell_index(load("centroids.npy"), coarse)
@@ -268,7 +271,7 @@ def _peak_rss_mb() -> float:
 def run_cells(job: SearchJob, ex) -> dict:
     t0 = time.time()
     todo = [(job, i) for i in sorted(job.shards) if not job.done(f"assign-{job.shards[i]}")]
-    ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
+    assigned = ex.map(assign_shard, todo, desc="search: assign", num_cpus=1)
     t_assign = time.time() - t0
     total = n_cells(job.index_dir)
     step = job.cfg.cells_per_task
@@ -282,6 +285,7 @@ def run_cells(job: SearchJob, ex) -> dict:
     results = ex.map(join_block, blocks, desc="search: join", num_cpus=1)
     shutil.rmtree(job.out_dir / "zr", ignore_errors=True)   # every block joined: the projections are spent
     return {"shards": len(todo), "blocks": len(blocks), "assign_s": round(t_assign, 3),
+            "assignments": sum(r["assignments"] for r in assigned),      # (row, cell) memberships written
             "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
             "dense_cells": sum(r["dense_cells"] for r in results),
             "dense_products": sum(r["dense_products"] for r in results),
