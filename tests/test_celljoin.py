@@ -274,7 +274,8 @@ def test_two_level_search_equals_brute_force(corpus, tmp_path, monkeypatch):
                                "synthetic", proj_dim=64, cell_rows=6, nested=False)     # search.assign = flat
     assert codec["cells"] > celljoin.FLAT_CELLS and codec["cells_train_rows"] >= codec["cells"]
     job = SearchJob(root / "embed", shards, tmp_path / "index", tmp_path / "s",
-                    SearchConfig(threshold=0.95, cells_per_task=64, pairs="all"), "fp-index", "fp-search")
+                    SearchConfig(threshold=0.95, cells_per_task=64, pairs="all", assign="flat", border=0.01,
+                                 max_cells=3), "fp-index", "fp-search")      # the flat assignment's values
     find_pairs(job, LocalExecutor())
     found = _pairs(job.out_dir)
     assert found <= truth and len(found) / len(truth) >= 0.99
