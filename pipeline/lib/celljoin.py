@@ -14,7 +14,7 @@ Search, in two resumable steps that run as Ray tasks:
                               those to the best fine cell and every fine cell within `border` of it
                               (at most `max_cells` in all): about 3 sqrt(cells) products a row, so
                               its cost grows as the square root of the rows, and near copies, which
-                              probe the same coarse cells, share a fine cell as often as under
+                              probe the same coarse cells, share a fine cell nearly as often as under
                               search.assign = flat: the best of every cell and those within
                               `border` of it (cells products a row: at 10 M rows, 10,000 cells, the
                               search's largest cost)
@@ -214,7 +214,7 @@ class Nested:
     cells within `border` of it (that coarse cell's own best, not the row's best overall); the best
     `max_cells` of all those, best first. A row costs (coarse cells + fine cells of the probed
     ones) products, about 3 sqrt(cells) instead of cells. Two near copies probe nearly the same
-    coarse cells and pick the same fine cell in each, so they share a cell as often as under the
+    coarse cells and pick the same fine cell in each, so they share a cell nearly as often as under the
     exhaustive rule, at more cells a row (bench/results/assign.md)."""
 
     def __init__(self, fine: np.ndarray, coarse: np.ndarray, delta: float):
