@@ -145,7 +145,7 @@ FLAT_CELLS = 8192
 
 
 def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 5,
-                two_levels: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                two_levels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Spherical k-means centroids (the cells), and for two levels the coarse centroids (else
     None). The cells move only the join's cost, never its result. At 1 M rows (bench-search
     corpus) 100 points a cell and 10 iterations gave the join 0.2 % more candidates than 256 points
@@ -155,9 +155,9 @@ def train_cells(z: np.ndarray, nlist: int, seed: int, niter: int = 5,
     split into fine cells in proportion to its share, so training costs sample x (sqrt(nlist) +
     fine cells per coarse cell) products instead of sample x nlist. The fine centroids come out
     grouped by coarse cell, in coarse order (TwoLevel assigns through that grouping).
-    `two_levels`: True for two levels at any nlist (the nested assignment), None: beyond FLAT_CELLS."""
+    `two_levels`: two levels at any nlist (the nested assignment needs them)."""
     zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    if not two_levels and (two_levels is False or nlist <= FLAT_CELLS):
+    if not two_levels and nlist <= FLAT_CELLS:
         return _kmeans(zn, nlist, seed, niter), None
     coarse = _kmeans(zn, int(round(np.sqrt(nlist))), seed, niter)
     owner = np.argmax(zn @ coarse.T, axis=1)
@@ -295,19 +295,17 @@ def assign(z: np.ndarray, cells, border: float, max_cells: int) -> np.ndarray:
     """(n, max_cells) cells of each vector, best first, -1 padded: the best cell, plus the cells
     scoring within `border` of it. `cells`: the centroids (exhaustive), or their cell_index. The
     cells may live in fewer dims than z (search.cell_dim): z's first dims, as they were trained."""
-    if isinstance(cells, Nested):
-        z = z[:, :cells.d]
-        zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-        return cells.assign(np.ascontiguousarray(zn, dtype=np.float32), border, max_cells)
     if isinstance(cells, np.ndarray):              # centroids: exhaustive assignment
         import faiss
         flat = faiss.IndexFlatIP(cells.shape[1])
         flat.add(np.ascontiguousarray(cells, dtype=np.float32))
         cells = flat
     z = z[:, :cells.d]
-    zn = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    zn = np.ascontiguousarray(z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    if isinstance(cells, Nested):                  # search.assign = nested: its own rule, border per coarse cell
+        return cells.assign(zn, border, max_cells)
     k = min(max_cells, cells.ntotal)
-    score, cell = cells.search(np.ascontiguousarray(zn, dtype=np.float32), k)
+    score, cell = cells.search(zn, k)
     cell = np.where((score >= score[:, :1] - border) & (cell >= 0), cell, -1)
     out = np.full((len(z), max_cells), -1, np.int64)
     out[:, :k] = cell

@@ -107,7 +107,7 @@ def train_all(store: VectorStore, counts: dict[int, int], c, out, fp: str, model
     head = proj[:cell_dim or None]    # the cells live in the projection's first cell_dim dims
     zt = celljoin.project(xt, head)[0] if want <= len(xt) else sample(store, counts, want, c.seed + 2, head)
     n_cells = min(n_cells, len(zt))
-    centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed, two_levels=True if nested else None)
+    centroids, coarse = celljoin.train_cells(zt, n_cells, c.seed, two_levels=nested)
     if nested:            # search.assign = nested: always two levels, assigned as celljoin.Nested
         info = {"assign": f"nested {len(coarse)} x {len(centroids) / len(coarse):.0f}"}
     else:
