@@ -2,12 +2,14 @@
 box, same run, rounds alternating so drift on the box hits both sides alike.
 
     python -m bench.ab --rev d0d35be --stages ingest,search,register --rounds 2 [--rows 1000000]
+    python -m bench.ab --rev 3e6752c --stages search --corpus /tmp/corpora/giant-corpus   # a corpus kept by bench.scale
 
 The corpus (bench.corpora.write_clip_like, released-style embeddings, 125 k rows a shard) goes
 through every stage once with this checkout; then, per round and stage, the stage's done markers
 are removed and the stage runs again in a process of its own, first by REV's code (git archive,
 imported through a shim so the editable install of this checkout does not answer for it), then by
-ours. `ingest` runs into a fresh folder each time (rerunning it would invalidate the later stages
+ours. `--corpus DIR`: an existing corpus in the same layout (kept), e.g. one
+bench.scale --corpora wrote with a giant group. `ingest` runs into a fresh folder each time (rerunning it would invalidate the later stages
 of the shared run). Wall seconds include the process start (imports), as a user's `dedup2b STAGE`
 does. Writes bench/results/ab.json and ab.md (`--out NAME`: NAME.json and NAME.md).
 """
@@ -22,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from bench.stages import REPO, RESULTS, STAGES, checkout, fresh_corpus, run_stage
 
 
@@ -31,11 +35,18 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="ingest,search,register")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--corpus", default=None, help="an existing corpus folder (released-style layout) instead of "
+                    "generating one of --rows rows")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-ab")
     ap.add_argument("--out", default="ab", help="results file name under bench/results (no suffix)")
     args = ap.parse_args(argv)
     work = Path(args.work)
-    corpus, run_dir = fresh_corpus(work, args.rows)
+    if args.corpus:
+        shutil.rmtree(work, ignore_errors=True)
+        corpus, run_dir = Path(args.corpus), work / "run"
+        args.rows = sum(pq.ParquetFile(f).metadata.num_rows for f in sorted((corpus / "metadata").glob("*.parquet")))
+    else:
+        corpus, run_dir = fresh_corpus(work, args.rows)
     base = checkout(args.rev, Path(tempfile.mkdtemp()) / "code")
     wanted = [s for s in STAGES if s in args.stages.split(",")]
     times: dict[str, dict[str, list]] = {s: {"rev": [], "ours": []} for s in wanted}

@@ -71,6 +71,39 @@ def test_dense_join_is_a_spanning_forest_of_the_exact_graph(seed):
     assert (np.bincount(ref)[ref] >= 3000).sum() >= 3000              # the giant group is one component
 
 
+def bridged_groups(seed: int, d: int = 64) -> np.ndarray:
+    """A cell of medium groups (80 to 600 near copies of one original each: components the
+    leader rounds leave for the second step), pairs of them bridged by a chain whose steps pass
+    the threshold, and look-alikes just below it."""
+    rng = np.random.default_rng(seed)
+    origins = _unit(rng.standard_normal((12, d)))
+    parts = [_unit(o + rng.uniform(0.02, 0.3, (n, 1)) * _unit(rng.standard_normal((n, d))))
+             for o, n in zip(origins, rng.integers(80, 600, len(origins)))]
+    step = np.arccos(T) * 0.9
+    for a, b in rng.choice(len(origins), (4, 2), replace=False):
+        v, w = origins[a], _unit(origins[b] - (origins[a] @ origins[b]) * origins[a])
+        end = np.arccos(np.clip(origins[a] @ origins[b], -1, 1))
+        parts.append(np.stack([np.cos(t) * v + np.sin(t) * w for t in np.arange(step, end, step)]))
+    parts.append(_unit(origins[rng.integers(0, 12, 300)] + 0.36 * _unit(rng.standard_normal((300, d)))))
+    x = np.vstack(parts).astype(np.float32)
+    return x[rng.permutation(len(x))]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_join_joins_medium_components_exactly(seed):
+    """Components of round_size rows or more are bounded only against the rows after them (not
+    against themselves): still exactly the components of the threshold graph."""
+    x = bridged_groups(seed)
+    z, rn = celljoin.project(x, celljoin.train_projection(x, 16))
+    zr = np.hstack([z, rn[:, None]]).astype(np.float32)
+    i, j, sim, work = celljoin.join_cell_dense(x, zr, T, round_size=16, min_ball=4, budget=1 << 16, seed=seed)
+    ref = brute_labels(x)
+    got = UnionFind(len(x)).union_stream([(i, j)]).labels()
+    assert np.array_equal(got, ref)
+    assert len(i) == len(x) - len(np.unique(ref))
+    assert work < len(x) ** 2 / 2                        # not every pair bounded
+
+
 def test_join_members_dense_and_pairwise_agree():
     """A whole corpus through the cells: dense cells (forest) and every pair give the same components."""
     rng = np.random.default_rng(5)

@@ -451,8 +451,10 @@ def join_cell_dense(x: np.ndarray, zr: np.ndarray, threshold: float, round_size:
        union-find, keeping those that join two components (so every edge at a candidate is
        accounted for). Rounds stop when a round's new ball members average below `min_ball`.
     2. The pairs not yet accounted for (neither row a candidate) matter only between different
-       components: rows sorted by component, a component (or a run of small ones) is bounded
-       with the projected bound against the rows after it, in chunks of `budget` products, and
+       components: rows sorted by component, a component of `round_size` rows or more is bounded
+       with the projected bound against the rows after it (never against itself: its own pairs
+       cannot join anything), a run of smaller ones against itself and the rows after it, in
+       chunks of `budget` products, and
        the survivors in different components are re-scored exactly; joining edges are kept.
     Exact: an edge (a, b) either has a candidate end (seen in 1) or is bounded in 2 unless a and
     b were already connected."""
@@ -504,12 +506,12 @@ def join_cell_dense(x: np.ndarray, zr: np.ndarray, threshold: float, round_size:
     ci = 0
     while ci < len(starts):
         p = starts[ci]
-        if ends[ci] - p >= seg:                 # a big component: against the rows after it
+        if ends[ci] - p >= round_size:          # a big component: against the rows after it
             q, c0 = ends[ci], ends[ci]
             ci += 1
         else:                                   # a run of small components: against itself and after
             cj = ci
-            while cj + 1 < len(starts) and ends[cj + 1] - p <= seg:
+            while cj + 1 < len(starts) and ends[cj + 1] - starts[cj + 1] < round_size and ends[cj + 1] - p <= seg:
                 cj += 1
             q, c0 = ends[cj], p
             ci = cj + 1
