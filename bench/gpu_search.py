@@ -18,9 +18,13 @@ Phases, each timed on its own (the device is synchronised at phase ends):
   generate    one pass producing every row: what reading the stored vectors once costs here
   train       the pipeline's projection (celljoin.train_projection, r = 128) and spherical
               k-means cells (about sqrt(rows), 64 sample rows a cell) in its first 64 dims
-              (search.cell_dim) on a seeded sample, in torch
+              (search.cell_dim) on a seeded sample, in torch; in two levels as the index stage
+              trains them (celljoin.train_cells: sqrt(cells) coarse cells, fine cells inside each)
   assign      every row regenerated and projected: z and |residual| kept as fp16 on the device,
-              the best cell plus the cells within `border` of it (at most `max_cells`)
+              its cells by the search's rule (search.assign, its defaults: nested, the coarse
+              cells within `coarse_delta` of the best and in each the fine cells within `border`
+              of that one's best, at most `max_cells`; celljoin.Nested, tested equal); --assign
+              flat: the best cell plus the cells within `border` of it
   join        per cell: the bound z_a.z_b + |r_a||r_b| >= threshold - slack as one fp16 product,
               the candidates' vectors regenerated and re-scored exactly in fp32, each pair kept by
               the smallest cell both rows share. Pairs stay on the device: they are counted, and
@@ -49,10 +53,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dedup2b.core.config import SearchConfig
 from dedup2b.lib.celljoin import train_projection
 from bench.corpora import group_owners
 
 RESULTS = Path(__file__).parent / "results"
+SEARCH = SearchConfig()            # the search's defaults: the assignment's rule and its settings
 _MASK64 = (1 << 64) - 1
 
 
@@ -240,25 +246,67 @@ def spherical_kmeans(x: torch.Tensor, k: int, niter: int, seed: int, chunk: int 
     return cent
 
 
+def two_level_kmeans(z: torch.Tensor, k: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """celljoin.train_cells(two_levels=True) in torch: sqrt(k) coarse centroids, then each coarse
+    cell's rows split into fine cells in proportion to its share. Returns (fine centroids, each
+    one's coarse cell, the coarse centroids that own a fine one), the owner being the fine
+    centroid's best coarse centroid, as celljoin.Nested takes it."""
+    coarse = spherical_kmeans(z, max(1, int(round(math.sqrt(k)))), niter, seed)
+    owner = (z @ coarse.T).argmax(dim=1)
+    counts = torch.bincount(owner, minlength=len(coarse))
+    fine = []
+    for c in torch.nonzero(counts, as_tuple=True)[0].tolist():
+        pts = z[owner == c]
+        share = max(1, round(k * int(counts[c]) / len(z)))
+        fine.append(spherical_kmeans(pts, min(share, len(pts)), niter, seed + c))
+    fine = torch.cat(fine)
+    owner = (fine @ coarse.T).argmax(dim=1)
+    kept, owner = torch.unique(owner, return_inverse=True)
+    return fine, owner, coarse[kept]
+
+
 def train(corpus: Corpus, n_cells: int, rank: int, seed: int, chunk: int, niter: int = 10,
-          projection_rows: int = 200_000, cell_dim: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(projection r x d, centroids) from a seeded sample of 64 rows a cell, at least 20,000 (the
-    index stage's rule, without its train_size cap); the projection from `projection_rows` of it;
-    the cells in the projection's first `cell_dim` dims (search.cell_dim; 0: all)."""
+          projection_rows: int = 200_000, cell_dim: int = 64, nested: bool = True):
+    """(projection r x d, centroids, (fine cells' coarse cell, coarse centroids) or None) from a
+    seeded sample of 64 rows a cell, at least 20,000 (the index stage's rule, without its
+    train_size cap); the projection from `projection_rows` of it; the cells in the projection's
+    first `cell_dim` dims (search.cell_dim; 0: all), in two levels where `nested`."""
     size = min(corpus.n, max(20_000, 64 * n_cells))
     ids = torch.from_numpy(np.random.default_rng(seed + 1).choice(corpus.n, size, replace=False)).to(corpus.device)
     x = torch.cat([corpus.vectors(ids[lo:lo + chunk]).float() for lo in range(0, size, chunk)])
     proj = torch.from_numpy(train_projection(x[:projection_rows].cpu().numpy(), rank)).to(corpus.device)
     z = _unit((x @ proj.T)[:, :cell_dim or None])
     del x
-    return proj, spherical_kmeans(z, min(n_cells, size), niter, seed)
+    if not nested:
+        return proj, spherical_kmeans(z, min(n_cells, size), niter, seed), None
+    fine, owner, coarse = two_level_kmeans(z, min(n_cells, size), niter, seed)
+    return proj, fine, (owner, coarse)
+
+
+def nested_cells(zn: torch.Tensor, cent: torch.Tensor, levels: tuple, delta: float, border: float,
+                 k: int) -> torch.Tensor:
+    """celljoin.Nested.assign's rule for unit rows zn: the coarse cells within `delta` of the row's
+    best coarse score, in each the fine cells within `border` of that coarse cell's best, the
+    best k of those (-1 padded). Computed from every fine cell's score, masked (on a GPU one
+    product over all cells is cheaper than gathering per coarse cell); the cells chosen are the
+    same."""
+    owner, coarse = levels
+    cs = zn @ coarse.T
+    near = cs >= cs.amax(dim=1, keepdim=True) - delta                       # (b, coarse)
+    s = zn @ cent.T                                                           # (b, fine)
+    best = torch.full_like(cs, -torch.inf).scatter_reduce(1, owner.expand_as(s), s, "amax")
+    ok = near[:, owner] & (s >= best[:, owner] - border)
+    score, cell = torch.where(ok, s, -torch.inf).topk(k, dim=1)
+    return torch.where(torch.isfinite(score), cell, -1)
 
 
 def assign_all(corpus: Corpus, proj: torch.Tensor, cent: torch.Tensor, border: float, max_cells: int,
-               clock: Clock, chunk: int, max_block: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
+               clock: Clock, chunk: int, max_block: int = 1 << 28, levels: tuple | None = None,
+               delta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """zr: (n, width) fp16 rows [z, |residual|, 0 padding] (width a multiple of 8 for the tensor
-    cores); cells: (n, max_cells) int32, best first, -1 padded (celljoin.assign's rule). Cell
-    scores in blocks of at most `max_block` entries."""
+    cores); cells: (n, max_cells) int32, best first, -1 padded (celljoin.assign's rule: nested
+    where `levels` (train's) are given, else the best cell and those within `border` of it).
+    Cell scores in blocks of at most `max_block` entries."""
     n, r = corpus.n, proj.shape[0]
     width = -(-(r + 1) // 8) * 8
     zr = torch.zeros((n, width), dtype=torch.float16, device=corpus.device)
@@ -274,6 +322,10 @@ def assign_all(corpus: Corpus, proj: torch.Tensor, cent: torch.Tensor, border: f
         zr[lo:hi, r] = (x - z @ proj).norm(dim=1).half()     # the residual itself: no cancellation
         zn = _unit(z[:, :cent.shape[1]])            # the cells' own dims (search.cell_dim)
         for s in range(0, hi - lo, step):
+            if levels is not None:
+                got = nested_cells(zn[s:s + step], cent, levels, delta, border, k)
+                cells[lo + s:lo + s + len(got), :k] = got.int()
+                continue
             score, best = (zn[s:s + step] @ cent.T).topk(k, dim=1)
             cells[lo + s:lo + s + len(score), :k] = torch.where(score >= score[:, :1] - border, best, -1).int()
     return zr, cells
@@ -451,9 +503,11 @@ def run(args) -> dict:
     with clock.phase("generate"):
         generate_all(corpus, clock, chunk)
     with clock.phase("train"):
-        proj, cent = train(corpus, n_cells, args.rank, args.seed, chunk, cell_dim=args.cell_dim)
+        proj, cent, levels = train(corpus, n_cells, args.rank, args.seed, chunk, cell_dim=args.cell_dim,
+                                   nested=args.assign == "nested")
     with clock.phase("assign"):
-        zr, cells = assign_all(corpus, proj, cent, args.border, args.max_cells, clock, chunk)
+        zr, cells = assign_all(corpus, proj, cent, args.border, args.max_cells, clock, chunk, levels=levels,
+                               delta=args.coarse_delta)
     rng = np.random.default_rng(args.seed + 2)
     queries = torch.from_numpy(np.sort(rng.choice(args.rows, min(args.queries, args.rows), replace=False))).to(device)
     is_query = torch.zeros(args.rows, dtype=torch.bool, device=device)
@@ -472,6 +526,7 @@ def run(args) -> dict:
     return {
         "rows": args.rows, "dim": args.dim, "device": device_name(device), "cells": len(cent),
         "rank": args.rank, "cell_dim": int(cent.shape[1]), "threshold": args.threshold, "border": args.border, "max_cells": args.max_cells,
+        "assign": args.assign, "coarse_delta": args.coarse_delta,
         "slack": args.slack, "max_group": args.max_group, "dup_frac": args.dup_frac, "seed": args.seed,
         "regeneration_max_difference": regen_diff, "tables_s": round(tables_s, 2),
         "generate_s": round(clock.phases["generate"], 2), "train_s": round(clock.phases["train"], 2),
@@ -528,8 +583,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", type=int, default=0, help="0: about sqrt(rows), as the index stage")
     ap.add_argument("--rank", type=int, default=128, help="projection rank (search.proj_dim)")
     ap.add_argument("--cell-dim", type=int, default=64, help="dims the cells live in (search.cell_dim; 0: all)")
-    ap.add_argument("--border", type=float, default=0.01, help="search.border's default")
-    ap.add_argument("--max-cells", type=int, default=3)
+    ap.add_argument("--assign", choices=("nested", "flat"), default=SEARCH.assign, help="search.assign")
+    ap.add_argument("--coarse-delta", type=float, default=SEARCH.coarse_delta, help="search.coarse_delta")
+    ap.add_argument("--border", type=float, default=SEARCH.border, help="search.border")
+    ap.add_argument("--max-cells", type=int, default=SEARCH.max_cells, help="search.max_cells")
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--slack", type=float, default=0.004, help="bound slack for its fp16 rounding")
     ap.add_argument("--queries", type=int, default=1000)

@@ -136,6 +136,23 @@ def test_nested_assignment_keeps_copies_together_at_a_fraction_of_the_products()
     assert (probed @ sizes).mean() < 0.5 * len(fine)
 
 
+def test_gpu_benchmark_assigns_by_the_search_rule():
+    """bench/gpu_search.py's torch assignment (the GPU search benchmark's code path) gives the
+    cells celljoin.Nested gives, from cells it trained in two levels as the index stage does."""
+    torch = pytest.importorskip("torch")
+    from bench.gpu_search import SEARCH, _unit, nested_cells, two_level_kmeans
+    g = torch.Generator().manual_seed(0)
+    z = _unit(torch.randn(20_000, 16, generator=g) + 2 * _unit(torch.randn(1, 16, generator=g)))
+    fine, owner, coarse = two_level_kmeans(z, 400, 5, 0)
+    assert abs(len(fine) - 400) <= 20 and len(coarse) <= 20
+    q = _unit(z[:4000] + 0.05 * torch.randn(4000, 16, generator=g))
+    got = nested_cells(q, fine, (owner, coarse), SEARCH.coarse_delta, SEARCH.border, SEARCH.max_cells).numpy()
+    ref = celljoin.Nested(fine.numpy(), coarse.numpy(), SEARCH.coarse_delta).assign(q.numpy(), SEARCH.border,
+                                                                                     SEARCH.max_cells)
+    assert (ref >= 0).sum(axis=1).mean() > 1.1                 # rows in several cells: the rule is exercised
+    assert np.mean(np.all(got == ref, axis=1)) >= 0.999      # (a tie in fp32 scores may order two cells apart)
+
+
 def test_cells_live_in_the_projections_first_dims(corpus, tmp_path):
     """search.cell_dim: cells are trained and rows assigned in the projection's first dims (the
     assignment's rows x cells product at a fraction of the cost); the join still bounds in all of
