@@ -147,6 +147,8 @@ class VectorStore:
         # dtype a cache-sized chunk at a time, straight into `out` (a whole-array fp16 gather + astype
         # makes two more copies; up to 2x slower in a micro-benchmark here, on par when the pages are warm)
         order = None if len(pos) < 2 or np.all(pos[1:] >= pos[:-1]) else np.argsort(pos, kind="stable")
+        if len(pos) * SPARSE < len(sv):
+            prefetch(sv, pos if order is None else pos[order])
         for s in range(0, len(pos), GATHER_CHUNK):
             if order is None:
                 out[s:s + GATHER_CHUNK] = np.take(sv, pos[s:s + GATHER_CHUNK], axis=0)
@@ -154,6 +156,33 @@ class VectorStore:
                 sel = order[s:s + GATHER_CHUNK]
                 out[sel] = np.take(sv, pos[sel], axis=0)
         self.release(index)
+
+
+SPARSE = 16      # a read of fewer than 1/SPARSE of a file's rows asks for their pages ahead (prefetch)
+
+
+def prefetch(sv: np.ndarray, pos: np.ndarray) -> None:
+    """Ask the kernel for the pages of rows `pos` (ascending) of the memory-mapped file `sv`
+    before they are read (posix_fadvise WILLNEED, a call per run of nearby rows): every read goes
+    out at once, where a page the mapping faults in is one synchronous read after another. Rows
+    scattered over a 10 M-row corpus's files (the search join's candidates, 0.6 % of a file):
+    7,000 rows/s faulted in cold, 103,000 asked for first (this box). Not a memmap of a file: no-op."""
+    name, offset = getattr(sv, "filename", None), getattr(sv, "offset", None)
+    if name is None or offset is None or not hasattr(os, "posix_fadvise") or not len(pos):
+        return
+    row = sv.itemsize * int(np.prod(sv.shape[1:]))
+    gap = max(1, 65536 // row)                      # rows this close share a call
+    cut = np.flatnonzero(np.diff(pos) > gap) + 1
+    first, last = pos[np.r_[0, cut]], pos[np.r_[cut - 1, len(pos) - 1]]
+    try:
+        fd = os.open(name, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for a, b in zip(first.tolist(), last.tolist()):
+            os.posix_fadvise(fd, offset + a * row, (b - a + 1) * row, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def normalise(x: np.ndarray, rows: np.ndarray | None = None) -> None:
