@@ -165,8 +165,9 @@ def prefetch(sv: np.ndarray, pos: np.ndarray) -> None:
     """Ask the kernel for the pages of rows `pos` (ascending) of the memory-mapped file `sv`
     before they are read (posix_fadvise WILLNEED, a call per run of nearby rows): every read goes
     out at once, where a page the mapping faults in is one synchronous read after another. Rows
-    scattered over a 10 M-row corpus's files (the search join's candidates, 0.6 % of a file):
-    7,000 rows/s faulted in cold, 103,000 asked for first (this box). Not a memmap of a file: no-op."""
+    scattered over a 10 M-row corpus's files (the search join's candidates, 0.5 % of a file),
+    cold: 5,000 rows/s faulted in, 82,000 asked for first (bench/results/cold_reads.md); warm
+    reads pay about 20 % more. Not a memmap of a file: no-op."""
     name, offset = getattr(sv, "filename", None), getattr(sv, "offset", None)
     if name is None or offset is None or not hasattr(os, "posix_fadvise") or not len(pos):
         return
