@@ -46,7 +46,7 @@ bench-stages: $(STAMP)  ## every stage's wall time + peak RSS on 1 M embeddings;
 bench-ab: $(STAMP)  ## STAGES (ingest,search,register) of this checkout vs BASELINE=rev on one 1 M run folder, alternating rounds (~12 min)
 	$(PY) -m bench.ab --rev $(or $(BASELINE),HEAD) $(if $(STAGES),--stages $(STAGES))
 
-bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies (~5 min), then SCALE_SIZES plain (10 M: ~20 min)
+bench-scale: $(STAMP)  ## 1 M rows with and without one group of 100,000 copies, index, search and group twice each (~8 min), then SCALE_SIZES plain (10 M: ~20 min)
 	$(PY) -m bench.scale --rows 1000000 --giant 100000 $(if $(SCALE_SIZES),--sizes $(SCALE_SIZES)) $(if $(SCALE_CORPORA),--corpora $(SCALE_CORPORA))
 
 bench-ivf: $(STAMP)  ## IVF-PQ build (a task per shard, on-disk lists) at IVF_SIZES (1 M, 10 M) vs the serial add; an HNSW quantizer measured (~25 min)
