@@ -4,6 +4,7 @@ rows stored."""
 import os
 
 import numpy as np
+import pytest
 
 from dedup2b.core import vectors
 
@@ -30,14 +31,22 @@ def test_prefetch_asks_for_every_scattered_row_in_few_calls(tmp_path, monkeypatc
     assert len(calls) == len(set(calls))
 
 
-def test_gather_of_scattered_rows_reads_the_stored_rows(tmp_path):
+@pytest.mark.parametrize("consecutive", [True, False])
+def test_gather_of_scattered_rows_reads_the_stored_rows(tmp_path, consecutive):
+    """Rows found by arithmetic (a shard whose gids are one run: (first, count)) or by search in
+    its gid column, gathered from the memory-mapped file; a gid the shard lacks is refused."""
     x = np.random.default_rng(2).standard_normal((5_000, 32)).astype(np.float16)
     np.save(tmp_path / "v.npy", x)
     m = np.load(tmp_path / "v.npy", mmap_mode="r")
     pos = np.random.default_rng(3).choice(len(x), 200, replace=False)      # unsorted, sparse
+    first = 7 << 32
+    gids = (first, len(x)) if consecutive else first + 2 * np.arange(len(x), dtype=np.int64)
     store = vectors.VectorStore.__new__(vectors.VectorStore)
-    store.shard = lambda index: (np.arange(len(x), dtype=np.int64), m)
+    store.shards = {7: "00007"}
+    store._open = lambda index: (gids, m)
     store.release = lambda index: None
     out = np.empty((len(pos), 32), np.float32)
-    store._gather(0, pos.astype(np.int64), out)
+    store._gather(7, first + (1 if consecutive else 2) * pos.astype(np.int64), out)
     np.testing.assert_array_equal(out, x[pos].astype(np.float32))
+    with pytest.raises(KeyError, match="00007"):
+        store._gather(7, np.array([first + 2 * len(x)], np.int64), out[:1])

@@ -48,17 +48,18 @@ def _open_linked(link: Path) -> np.ndarray:
     return load_npy(src, mmap=True)
 
 
-def _shard_gids(path: Path) -> np.ndarray:
-    """A vector shard's gids (ascending, unique): from the footer's statistics where they are one
-    run of consecutive numbers (every row has a vector: the usual case), else from the column. A
-    search join opens every shard once per block: the footer is read, not 1 MB of column."""
+def _shard_gids(path: Path) -> np.ndarray | tuple[int, int]:
+    """A vector shard's gids (ascending, unique): (first, count) where they are one run of
+    consecutive numbers (every row has a vector: the usual case), known from the footer's
+    statistics, else the column. A search join opens every shard: the footer is read, not 1 MB
+    of column, and nothing per row is held."""
     with pq.ParquetFile(path) as f:
         md, col = f.metadata, f.schema_arrow.get_field_index("gid")
         stats = [md.row_group(g).column(col).statistics for g in range(md.num_row_groups)] if col >= 0 else [None]
         if md.num_rows and all(st is not None and st.has_min_max for st in stats):
             lo, hi = min(st.min for st in stats), max(st.max for st in stats)
             if hi - lo + 1 == md.num_rows:    # n unique ascending numbers in [lo, lo + n): all of them
-                return np.arange(lo, hi + 1, dtype=np.int64)
+                return int(lo), int(md.num_rows)
         return f.read(columns=["gid"])["gid"].to_numpy()
 
 
@@ -73,6 +74,11 @@ class VectorStore:
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(gids sorted ascending, vectors memmap: fp16, or the input's own dtype when linked)."""
+        gids, vecs = self._open(index)
+        return (np.arange(gids[0], gids[0] + gids[1], dtype=np.int64) if isinstance(gids, tuple) else gids), vecs
+
+    def _open(self, index: int) -> tuple[np.ndarray | tuple[int, int], np.ndarray]:
+        """(_shard_gids: (first, count) or the gids, vectors memmap), opened once."""
         if index not in self._cache:
             name = self.shards[index]
             gids = _shard_gids(meta_path(self.embed_dir, name))
@@ -82,15 +88,16 @@ class VectorStore:
                 self._linked.add(index)
             else:
                 vecs = load_npy(emb_path(self.embed_dir, name), mmap=True)
-            if len(gids) != len(vecs):
+            n = gids[1] if isinstance(gids, tuple) else len(gids)
+            if n != len(vecs):
                 raise ValueError(f"{emb_path(self.embed_dir, name)}: {len(vecs)} vectors but "
-                                 f"{len(gids)} metadata rows")
+                                 f"{n} metadata rows")
             self._cache[index] = (gids, vecs)
         return self._cache[index]
 
     @property
     def dim(self) -> int:
-        return int(self.shard(next(iter(self.shards)))[1].shape[1])
+        return int(self._open(next(iter(self.shards)))[1].shape[1])
 
     def source(self, index: int) -> tuple[Path, str]:
         """(embed folder, shard name) of shard `index`: what a task needs to open it alone."""
@@ -106,7 +113,7 @@ class VectorStore:
 
     def is_linked(self, index: int) -> bool:
         """Whether shard `index` is the input's own file, read in place (its rows normalised as read)."""
-        self.shard(index)
+        self._open(index)
         return index in self._linked
 
     def get(self, gids: np.ndarray) -> np.ndarray:
@@ -120,14 +127,19 @@ class VectorStore:
         join: celljoin.Vectors turns them into get()'s float32 rows, bit for bit)."""
         gids = np.asarray(gids, dtype=np.int64)
         shards = unique(gids >> 32)
-        fp16 = all(self.shard(int(i))[1].dtype == np.float16 for i in shards)
+        fp16 = all(self._open(int(i))[1].dtype == np.float16 for i in shards)
         linked = [int(i) for i in shards if int(i) in self._linked]
         out = _by_shard(gids, self.dim, self._gather, np.float16 if fp16 else np.float32)
         return out, (np.isin(gids >> 32, linked) if linked else None)
 
     def _positions(self, index: int, gids: np.ndarray) -> np.ndarray:
         """Row numbers of `gids` in shard `index` (KeyError if one has no vector)."""
-        sg = self.shard(index)[0]
+        sg = self._open(index)[0]
+        if isinstance(sg, tuple):         # consecutive gids: a row's position is arithmetic
+            pos = np.asarray(gids, np.int64) - sg[0]
+            if len(pos) and (pos.min() < 0 or pos.max() >= sg[1]):
+                raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
+            return pos
         pos = np.searchsorted(sg, gids)
         if np.any(pos >= len(sg)) or np.any(sg[np.minimum(pos, len(sg) - 1)] != gids):
             raise KeyError(f"shard {self.shards[index]}: some gids have no vector")
@@ -141,7 +153,7 @@ class VectorStore:
 
     def _gather(self, index: int, gids: np.ndarray, out: np.ndarray) -> None:
         """out[k] = the stored vector of gids[k], all in shard `index`, in out's dtype."""
-        sv = self.shard(index)[1]
+        sv = self._open(index)[1]
         pos = self._positions(index, gids)
         # rows are read in ascending order (sequential pages of the memmap) and converted to out's
         # dtype a cache-sized chunk at a time, straight into `out` (a whole-array fp16 gather + astype
