@@ -2,10 +2,9 @@
 process of its own joining every cell block on 2 threads as the local executor runs them:
 
   rev         a git revision's code (--rev)
-  unfiltered  this checkout, every bound candidate re-scored and the pairs of a smaller shared
-              cell dropped afterwards (celljoin.bound_cell without `keep`: the rule before)
-  ours        this checkout: a cell's candidates kept only where it is the pair's smallest shared
-              cell, before any row is read
+  ours        this checkout
+(bench/results/ab_join.md was made at 354059b, which also had a side `unfiltered`: a filter of
+the bound's candidates by their smallest shared cell before the reads, measured and not kept.)
 
     python -m bench.ab_join --corpus /tmp/corpora/plain10000000-corpus --rev 1bf5c4d --rounds 2
 
@@ -35,19 +34,15 @@ from pathlib import Path
 from dedup2b.core import config
 from dedup2b.core.executor import LocalExecutor
 from dedup2b.core.run import Run, read_manifest
-from dedup2b.lib import celljoin
 from dedup2b.stages import STAGES, search
 run_dir, mode = Path(sys.argv[1]), sys.argv[2]
-if mode == "unfiltered":
-    ours = celljoin.bound_cell
-    celljoin.bound_cell = lambda zr, t, chunk=2048, dense=0.002, keep=None: ours(zr, t, chunk, dense, None)
 run = Run(config.from_dict(read_manifest(run_dir)["config"]), {s.NAME: s.FIELDS for s in STAGES})
 job = search.search_job(run)
 total, step = search.n_cells(job.index_dir), job.cfg.cells_per_task
 blocks = [(job, lo, min(lo + step, total)) for lo in range(0, total, step)]
 t = time.time()
 out = LocalExecutor(2).map(search.join_block, blocks, num_cpus=1)
-keys = ("pairs", "candidates", "candidates_elsewhere", "rows_read")
+keys = ("pairs", "candidates", "rows_read")
 print(json.dumps({"seconds": round(time.time() - t, 1), **{k: sum(o.get(k, 0) for o in out) for k in keys}}))
 '''
 
@@ -79,14 +74,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", required=True, help="a released-style corpus folder")
     ap.add_argument("--rev", default="", help="a git revision whose join runs as the side `rev`")
-    ap.add_argument("--sides", default="", help="comma-separated, of rev, unfiltered, ours "
-                    "(default: rev,unfiltered,ours with --rev, else unfiltered,ours)")
+    ap.add_argument("--sides", default="", help="comma-separated, of rev, ours (default: rev,ours with --rev, "
+                    "else ours)")
     ap.add_argument("--work", default="/tmp/dedup2b-bench-ab-join")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="ab_join")
     args = ap.parse_args(argv)
-    sides = args.sides.split(",") if args.sides else (["rev"] if args.rev else []) + ["unfiltered", "ours"]
-    code = {"unfiltered": REPO, "ours": REPO}
+    sides = args.sides.split(",") if args.sides else (["rev"] if args.rev else []) + ["ours"]
+    code = {"ours": REPO}
     if "rev" in sides:
         code["rev"] = checkout(args.rev, Path(tempfile.mkdtemp()) / "code")
     run_dir = Path(args.work) / "run"
@@ -109,7 +104,7 @@ def main(argv=None) -> int:
     lines = [f"| measure | {' | '.join(sides)} |", "|---|" + "---|" * len(sides),
              "| join wall s (each round) | " + " | ".join(", ".join(map(str, runs[s])) for s in sides) + " |",
              f"| least, ratio to {sides[0]} | " + " | ".join(f"{min(runs[s])} ({min(runs[s]) / base:.2f})" for s in sides) + " |"]
-    for k in ("pairs", "candidates", "candidates_elsewhere", "rows_read"):
+    for k in ("pairs", "candidates", "rows_read"):
         lines.append(f"| {k} | " + " | ".join(f"{counts[s].get(k, 0):,}" for s in sides) + " |")
     md = "\n".join(lines)
     print(md)

@@ -330,30 +330,6 @@ def test_packed_projections_still_bound_every_pair():
     assert set(zip(a.tolist(), b.tolist())) == exhaustive_pairs(x, 0.9)
 
 
-def test_a_pair_is_read_and_rescored_only_by_its_smallest_shared_cell():
-    """A pair whose rows share several cells is re-scored by the smallest of them alone: a block
-    of the other cells reads none of its rows (rows sitting in two cells are read once, not in
-    every block that holds them), and the blocks together still find every pair once."""
-    x, _ = clip_like(3000, 128, seed=4, max_group=40)
-    x = x.astype(np.float16).astype(np.float32)
-    proj = celljoin.train_projection(x, 96)
-    rng = np.random.default_rng(2)
-    first = rng.integers(0, 4, len(x))
-    shared = rng.random(len(x)) < 0.5                         # half the rows also sit in cell 4 + first
-    cells = np.stack([first, np.where(shared, 4 + first, -1)], axis=1)
-    gids = np.arange(len(x), dtype=np.int64)
-    zr = celljoin.project_zr(x, proj)
-    whole = celljoin.join_members(gids, cells, x, proj, 0.93)
-    lazy, stats = _Counting(x), {}
-    later = celljoin.join_members(gids, cells, lazy, proj, 0.93, cells=(4, 8), zr=zr, stats=stats)
-    # every pair of cells 4-7 shares its row's cell 0-3 too: none is re-scored, nothing is read
-    assert len(later[0]) == 0 and later[3] == 0 and stats["candidates_elsewhere"] > 100
-    assert sum(len(r) for r in lazy.rows) == 0
-    early = celljoin.join_members(gids, cells, _Counting(x), proj, 0.93, cells=(0, 4), zr=zr)
-    assert len(whole[0]) > 200
-    np.testing.assert_array_equal(np.sort(early[0] * len(x) + early[1]), np.sort(whole[0] * len(x) + whole[1]))
-
-
 def test_a_worker_opens_the_vector_store_once_until_its_files_change(corpus, tmp_path):
     """The join's blocks share one vector store per worker (shards opened once, not per block),
     and a store whose files were written again since is opened anew: no stale memory map."""

@@ -342,8 +342,7 @@ def _upper(k: int) -> np.ndarray:
     return _UPPER[k]
 
 
-def bound_cell(zr: np.ndarray, threshold: float, chunk: int = 2048, dense: float = 0.002,
-               keep=None) -> tuple[list, int]:
+def bound_cell(zr: np.ndarray, threshold: float, chunk: int = 2048, dense: float = 0.002) -> tuple[list, int]:
     """The candidate pairs of one cell by the projected bound alone (no stored vector read), as
     records to re-score with rescore_cell, and how many candidates there are. `zr` is [z, |r|] of
     the cell's rows: one product gives the bound z_i.z_j + |r_i||r_j|. A record is (rows, cols,
@@ -351,11 +350,7 @@ def bound_cell(zr: np.ndarray, threshold: float, chunk: int = 2048, dense: float
     candidate pairs (i < j), and whether that chunk is re-scored as the exact product of its rows
     x columns (`block`: the candidates fill more than `dense` of it; on 2 cores a gathered pair
     costs ~4 us, a GEMM entry ~8 ns: break-even near 0.002) instead of pair by pair. Rows and
-    columns without a candidate are never read.
-    `keep` = (suspect, check): the cell-local rows that also sit in a smaller cell, and
-    check(i, j), the mask of such pairs this cell re-scores (join_members: those whose smallest
-    shared cell is this one); the others are not candidates here, and their rows are read only
-    where a kept pair needs them."""
+    columns without a candidate are never read."""
     out = []
     n_cand = 0
     n = len(zr)
@@ -367,12 +362,6 @@ def bound_cell(zr: np.ndarray, threshold: float, chunk: int = 2048, dense: float
         k = min(chunk, n - s)
         hit = zr[s:s + chunk] @ zr[s:].T >= threshold
         hit[:, :k] &= upper[:k, :k]                                      # keep i < j only
-        if keep is not None:                # only pairs of two rows in smaller cells can be elsewhere's
-            suspect, check = keep
-            ii, jj = np.nonzero(hit & suspect[s:s + k, None] & suspect[None, s:])
-            if len(ii):
-                other = ~check(ii + s, jj + s)
-                hit[ii[other], jj[other]] = False
         count = int(np.count_nonzero(hit))
         n_cand += count
         if not count:
@@ -415,12 +404,11 @@ def rescore_cell(records: list, x, threshold: float) -> tuple[np.ndarray, np.nda
 
 
 def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048,
-              dense: float = 0.002, idx: np.ndarray | None = None, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+              dense: float = 0.002, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pairs (i < j, local indices) of one cell with exact cosine >= threshold, their cosines,
-    and how many candidates passed the bound: bound_cell (`keep` its mask of the pairs re-scored
-    here), then rescore_cell. The cell's vectors are x, or x[idx] with `idx` (only the rows with a
-    candidate are then read)."""
-    records, n_cand = bound_cell(zr, threshold, chunk, dense, keep)
+    and how many candidates passed the bound: bound_cell, then rescore_cell. The cell's vectors
+    are x, or x[idx] with `idx` (only the rows with a candidate are then read)."""
+    records, n_cand = bound_cell(zr, threshold, chunk, dense)
     need = needed_rows(records)
     local = _Local(need, x[need if idx is None else idx[need]])
     i, j, sim = rescore_cell(records, local, threshold)
@@ -600,10 +588,8 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x, proj: np.ndarray,
     """All verified pairs (gid_a < gid_b, cosine) among vectors `x` (one row per gid: float32, or
     Vectors, or anything whose `x[idx]` gives the float32 rows idx: rows read on demand) whose cell
     sets are `cellsets` (n, k), joining the cells in [lo, hi) (default: all), and how many
-    candidate pairs passed the bound and were re-scored. A pair sharing several cells is
-    re-scored and emitted only by the smallest one, so every pair appears exactly once across all
-    blocks, and a row is read only by the cells of the pairs it owns (`stats`, where given, gets
-    `candidates_elsewhere`: the bound's candidates left to a smaller shared cell). `device` ("cpu", "cuda")
+    candidate pairs passed the bound. A pair sharing several cells is emitted only by the
+    smallest one, so every pair appears exactly once across all blocks. `device` ("cpu", "cuda")
     runs the products with torch there; None uses numpy.
     `zr`: the rows' [z, |r|] (project_zr) where the caller has them (the search's assign step
     writes them); then x is read only for the rows of candidate pairs (about a third of a
@@ -646,18 +632,6 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x, proj: np.ndarray,
             ga, gb = np.minimum(ga, gb), np.maximum(ga, gb)
         a.append(ga); b.append(gb); s.append(sim)
 
-    def owned(cell: int, m: np.ndarray):
-        """The mask of a cell's candidate pairs (cell-local i, j) whose smallest shared cell is
-        this one: the others are re-scored there (in this block or another), so their rows are
-        not read here for them."""
-        def check(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            mine = first_shared_cell(cellsets[m[i]], cellsets[m[j]]) == cell
-            if stats is not None:
-                stats["candidates_elsewhere"] = stats.get("candidates_elsewhere", 0) + len(i) - int(mine.sum())
-            return mine
-        sets = cellsets[m]
-        return ((sets >= 0) & (sets < cell)).any(axis=1), check
-
     def rescore_pending() -> None:
         rows = np.unique(np.concatenate([m[needed_rows(rec)] for _, m, rec in pending]))
         block = _Local(rows, x[rows])              # one read of every row a held candidate needs
@@ -684,11 +658,11 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x, proj: np.ndarray,
                 stats["dense_products"] = stats.get("dense_products", 0) + work
             emit(int(cell_of[c0]), m[i], m[j], sim)
         elif xm is not None and device is None:     # read for the exact look: joined with those rows
-            i, j, sim, n = join_cell(xm, zr[m], threshold, keep=owned(int(cell_of[c0]), m))
+            i, j, sim, n = join_cell(xm, zr[m], threshold)
             n_cand += n
             emit(int(cell_of[c0]), m[i], m[j], sim)
         elif device is None:
-            rec, n = bound_cell(zr[m], threshold, keep=owned(int(cell_of[c0]), m))
+            rec, n = bound_cell(zr[m], threshold)
             n_cand += n
             if rec:
                 pending.append((int(cell_of[c0]), m, rec))

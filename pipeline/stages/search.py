@@ -268,7 +268,7 @@ def join_block(args: tuple) -> dict:
         x = celljoin.Vectors(*store.get_raw(gids))
     else:
         x = np.zeros((0, 1), np.float32)
-    dense = {"dense_cells": 0, "dense_products": 0, "candidates_elsewhere": 0}
+    dense = {"dense_cells": 0, "dense_products": 0}
     a, b, sim, cand = celljoin.join_members(gids, sets, x, proj, job.floor, cells=(lo, hi),
                                             device=_device(job.cfg.device), dense_min=job.dense_min,
                                             edge_threshold=job.cfg.threshold, stats=dense, zr=zr)
@@ -319,7 +319,6 @@ def run_cells(job: SearchJob, ex) -> dict:
             "join_s": round(time.time() - t0 - t_assign, 3), "candidates": sum(r["candidates"] for r in results),
             "dense_cells": sum(r["dense_cells"] for r in results),
             "dense_products": sum(r["dense_products"] for r in results),
-            "candidates_elsewhere": sum(r.get("candidates_elsewhere", 0) for r in results),
             "pairs": sum(r["pairs"] for r in results), "verified": sum(r["verified"] for r in results),
             "rows_read": sum(r["rows_read"] for r in results),
             "worker_peak_rss_mb": max([r["peak_rss_mb"] for r in results], default=0.0)}
