@@ -332,7 +332,8 @@ def test_packed_projections_still_bound_every_pair():
 
 def test_a_worker_opens_the_vector_store_once_until_its_files_change(corpus, tmp_path):
     """The join's blocks share one vector store per worker (shards opened once, not per block),
-    and a store whose files were written again since is opened anew: no stale memory map."""
+    and a store whose files were written again since is opened anew, even within the clock's
+    grain: no stale memory map."""
     import os
     import shutil
     from dedup2b.core.io import write_npy
@@ -348,8 +349,9 @@ def test_a_worker_opens_the_vector_store_once_until_its_files_change(corpus, tmp
     path = tmp_path / "embed" / "img_emb" / f"img_emb_{shards[0]}.npy"
     x = np.load(path)
     x[5] = -x[5]
+    mtime = os.stat(path).st_mtime_ns
     write_npy(path, x)                                         # written anew (temp name + replace)
-    os.utime(path.parent, ns=(0, os.stat(path.parent).st_mtime_ns + 1))   # whatever the clock's grain
+    os.utime(path, ns=(mtime, mtime))                          # the same mtime: the inode still tells
     again = search._store(job)
     assert again is not store
     np.testing.assert_allclose(again.get(np.array([gid])), -first, atol=1e-3)
