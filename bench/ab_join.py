@@ -6,11 +6,11 @@ process of its own joining every cell block on 2 threads as the local executor r
 (bench/results/ab_join.md was made at 354059b, which also had a side `unfiltered`: a filter of
 the bound's candidates by their smallest shared cell before the reads, measured and not kept.)
 
-    python -m bench.ab_join --corpus /tmp/corpora/plain10000000-corpus --rev 1bf5c4d --rounds 2
+    python -m bench.ab_join --corpus /tmp/corpora/plain10000000-corpus --rev 5642beb --rounds 2
 
 The corpus (a released-style folder, e.g. one bench.scale --corpora kept) goes through ingest,
-embed and index once into --work, the search's assign step runs once (this checkout); every
-side must write the same pairs. Writes bench/results/NAME.json and NAME.md (--out NAME, default
+embed and index once into --work, the search's assign step runs once (this checkout); the
+sides' pair counts are compared (a difference is printed). Writes bench/results/NAME.json and NAME.md (--out NAME, default
 ab_join).
 """
 from __future__ import annotations
