@@ -28,7 +28,7 @@ from ..core.config import SearchConfig
 from ..core.io import Marker, load_npy, npy_writer, parquet_writer, write_parquet
 from ..core.memory import need
 from ..core.run import Run
-from ..core.vectors import Rows, VectorStore, normalise
+from ..core.vectors import Rows, VectorStore
 from ..lib import celljoin
 from ..lib import codec as index_mod
 from ..lib import registry
@@ -163,10 +163,11 @@ def assign_shard(args: tuple) -> dict:
     sets, zrs = [np.zeros((0, k), np.int64)], [np.zeros((0, proj.shape[0] + 1), np.float16)]
     linked = store.is_linked(index)
     for s in range(0, len(gids), 65536):     # the cells live in the projection's first cells.d dims
-        x = np.asarray(vecs[s:s + 65536], dtype=np.float32)
-        if linked:
-            normalise(x)
-        zr = celljoin.project_zr(x, proj)
+        # converted to float32 8,192 rows at a time (Vectors.project_zr), never the chunk's 200 MB:
+        # a process's fresh memory is zeroed page by page on first touch (search's CPU was half
+        # clear_page before, bench/results/memory_touch.md)
+        raw = vecs[s:s + 65536]
+        zr = celljoin.Vectors(raw, np.ones(len(raw), bool) if linked else None).project_zr(proj)
         sets.append(celljoin.assign(zr[:, :-1], cells, job.cfg.border, k))
         zrs.append(celljoin.pack_zr(zr))
     store.release(index)
