@@ -57,14 +57,16 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
-    """One stage in its own process (the code under `code`): wall seconds, peak RSS in MB (file
-    pages of memory-mapped vectors included, as /usr/bin/time counts them) and peak anonymous RSS
-    (polled every 0.1 s: the memory the stage itself holds)."""
+def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = (), env: dict | None = None) -> dict:
+    """One stage in its own process (the code under `code`; `env`: variables added to its
+    environment): wall seconds, peak RSS in MB (file pages of memory-mapped vectors included, as
+    /usr/bin/time counts them), peak anonymous RSS (polled every 0.1 s: the memory the stage
+    itself holds), and its user and kernel CPU seconds and minor page faults."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", cli_module(code), stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
            "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim(code)), str(code)]), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim(code)), str(code)]), "OMP_WAIT_POLICY": "PASSIVE",
+           **(env or {})}
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=out, stderr=err, text=True)
@@ -78,7 +80,11 @@ def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple 
     if proc.returncode:
         raise RuntimeError(f"{stage} ({code}) failed:\n{stdout[-2000:]}\n{stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
-    return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1), "peak_anon_mb": round(anon / 1024, 1)}
+    cpu = {key: float(re.search(rf"{label} \(seconds\): ([\d.]+)", stderr).group(1))
+           for key, label in (("user_s", "User time"), ("sys_s", "System time"))}
+    faults = int(re.search(r"Minor \(reclaiming a frame\) page faults: (\d+)", stderr).group(1))
+    return {"seconds": round(secs, 1), "peak_rss_mb": round(rss_kb / 1024, 1), "peak_anon_mb": round(anon / 1024, 1),
+            **cpu, "minor_faults": faults}
 
 
 def shim(code: Path) -> Path:
