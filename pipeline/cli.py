@@ -315,6 +315,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .core.memory import relaunch
-    relaunch()
     sys.exit(main())

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from . import memory, procs
+from . import procs
 from .config import RayConfig
 
 
@@ -122,17 +122,15 @@ class RayExecutor:
         if ray.is_initialized():
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # workers keep the memory they free (memory.KEEP_FREED: a task runs on a worker's main
-        # thread, whose heap is the one they set); the GCS and raylet start with glibc's defaults
         env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "NO_ALBUMENTATIONS_UPDATE": "1",
-                            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **memory.KEEP_FREED}}
+                            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
         if self.cfg.address:
             ray.init(address=self.cfg.address, log_to_driver=False, runtime_env=env)
         else:
             # address="local": always a fresh embedded instance, never a cluster started on this machine;
             # its processes end with this one, however it ends (procs.guard)
             self._guard = procs.start_guard()
-            with _loopback_only(), _env_without({**memory.KEEP_FREED, **memory.ONE_ARENA}):
+            with _loopback_only():
                 ray.init(address="local", num_cpus=self.cfg.num_cpus or os.cpu_count(), include_dashboard=False,
                          runtime_env=env,
                          object_store_memory=self.cfg.object_store_mb * 1024 * 1024,
@@ -253,16 +251,6 @@ def _loopback_only():
             os.environ.pop(key, None)
         else:
             os.environ[key] = before_env
-
-
-@contextmanager
-def _env_without(keys):
-    """These environment variables unset for the processes started meanwhile, then put back."""
-    before = {k: os.environ.pop(k) for k in list(keys) if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(before)
 
 
 def _unit_name(item: Any) -> str:
