@@ -219,11 +219,18 @@ class Rows:
         return len(self.gids)
 
     def __getitem__(self, idx) -> np.ndarray:
+        return self.store.get(self._take(idx))
+
+    def raw(self, idx) -> tuple[np.ndarray, np.ndarray | None]:
+        """store.get_raw of gids[idx]: the rows as stored (fp16), half the memory of rows[idx]."""
+        return self.store.get_raw(self._take(idx))
+
+    def _take(self, idx) -> np.ndarray:
         g = self.gids[idx]
         if self.before is not None:
             self.before(len(g))
         self.read += len(g)
-        return self.store.get(g)
+        return g
 
 
 class StoreUnion:

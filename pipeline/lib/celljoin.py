@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.vectors import normalise
+from ..core.vectors import Rows, normalise
 
 
 def train_projection(sample: np.ndarray, r: int) -> np.ndarray:
@@ -416,10 +416,11 @@ def join_cell(x: np.ndarray, zr: np.ndarray, threshold: float, chunk: int = 2048
 
 
 class _Local:
-    """Rows `need` (sorted) of a cell or block as one float32 array, indexed by their own numbers."""
+    """Rows `need` (sorted) of a cell or block as one float32 array (or Vectors: float32 rows as
+    they are indexed), indexed by their own numbers."""
 
-    def __init__(self, need: np.ndarray, x: np.ndarray):
-        self.x = np.asarray(x, dtype=np.float32)
+    def __init__(self, need: np.ndarray, x):
+        self.x = x if isinstance(x, Vectors) else np.asarray(x, dtype=np.float32)
         self.pos = np.zeros(int(need[-1]) + 1 if len(need) else 0, np.int64)
         self.pos[need] = np.arange(len(need))
 
@@ -634,7 +635,9 @@ def join_members(gids: np.ndarray, cellsets: np.ndarray, x, proj: np.ndarray,
 
     def rescore_pending() -> None:
         rows = np.unique(np.concatenate([m[needed_rows(rec)] for _, m, rec in pending]))
-        block = _Local(rows, x[rows])              # one read of every row a held candidate needs
+        # one read of every row a held candidate needs, held as stored (fp16: half the memory a
+        # block touches; a cell's rows are converted as it is re-scored, bit for bit get's rows)
+        block = _Local(rows, Vectors(*x.raw(rows)) if isinstance(x, Rows) else x[rows])
         for cell, m, rec in pending:
             i, j, sim = rescore_cell(rec, _Mapped(block, m), threshold)
             emit(cell, m[i], m[j], sim)

@@ -234,11 +234,12 @@ def _read_block(folder: Path, lo: int, hi: int, columns: list[str]) -> tuple[pa.
     return pa.concat_tables(parts), spans
 
 
-def _read_zr(job: SearchJob, spans: list) -> np.ndarray | None:
-    """The bound rows of a block (spans from _read_block; celljoin.unpack_zr of the stored
-    [z, |r|]), one sequential slice per shard; None where a shard's zr file is gone (the block
-    then projects its members' vectors)."""
-    out = []
+def _read_zr(job: SearchJob, spans: list, pick: np.ndarray) -> np.ndarray | None:
+    """The bound rows `pick` of a block's assignments (spans from _read_block; celljoin.unpack_zr
+    of the stored [z, |r|]), read in one sequential slice per shard and unpacked once a row, after
+    the pick (a row with several cells in the block is stored once per cell); None where a shard's
+    zr file is gone (the block then projects its members' vectors)."""
+    parts = []
     for path, lo, hi in spans:
         zp = zr_path(job.out_dir, path.stem)
         if not zp.exists():
@@ -246,9 +247,8 @@ def _read_zr(job: SearchJob, spans: list) -> np.ndarray | None:
         m = load_npy(zp, mmap=True)
         if hi > len(m):
             return None
-        out.append(celljoin.unpack_zr(m[lo:hi]))
-        del m
-    return np.concatenate(out) if out else None
+        parts.append(m[lo:hi])
+    return celljoin.unpack_zr(np.concatenate(parts)[pick]) if parts else None
 
 
 JOIN_BUFFER = 256 << 20   # a cell's products and candidate pairs, chunk by chunk (celljoin.join_cell)
@@ -267,9 +267,8 @@ def join_block(args: tuple) -> dict:
     what = f"search: join of cells {lo}-{hi} ({len(gids):,} rows)"
     if len(gids):       # the block's projections (or, where they are gone, its vectors: below)
         need(what, len(gids) * (4 * (proj.shape[0] + 2) + 64) + JOIN_BUFFER)
-    zr = _read_zr(job, spans) if len(gids) else None
+    zr = _read_zr(job, spans, first) if len(gids) else None
     if zr is not None:              # the members' projections as assigned; vectors read for candidates only
-        zr = zr[first]
         x = Rows(store, gids, before=lambda n: need(what, n * 4 * store.dim + JOIN_BUFFER))
     elif len(gids):   # the block's vectors as stored, their projection, and the products of a cell's rows
         need(what, len(gids) * (2 * store.dim + 4 * (proj.shape[0] + 1) + 64) + JOIN_BUFFER)
