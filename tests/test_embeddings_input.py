@@ -204,6 +204,7 @@ def test_raw_gather_gives_the_float32_rows_bit_for_bit(tmp_path):
     """The search join reads a block's vectors as stored (fp16) and converts only the rows it
     multiplies (celljoin.Vectors): the same float32 rows as VectorStore.get, whether the store
     holds its own normalised copy or reads the input's file in place, normalising as it reads."""
+    from dedup2b.core.vectors import Rows
     from dedup2b.driver import open_existing
     from dedup2b.lib import celljoin
     x, _ = clip_like(5000, 64, seed=5, max_group=30)
@@ -224,6 +225,9 @@ def test_raw_gather_gives_the_float32_rows_bit_for_bit(tmp_path):
         v = celljoin.Vectors(raw, norm)
         rows = rng.permutation(len(pick))[:700]
         assert np.array_equal(v[rows], want[rows]) and np.array_equal(v[100:900], want[100:900])
+        lazy = Rows(store, pick)                               # the join's candidate rows, read as stored
+        held = celljoin.Vectors(*lazy.raw(rows))
+        assert np.array_equal(held[np.arange(len(rows))], want[rows]) and lazy.read == len(rows)
         # (the projection in chunks: equal up to the BLAS kernel a chunk size picks)
         assert np.allclose(v.project_zr(proj, chunk=512), celljoin.project_zr(want, proj), rtol=0, atol=1e-6)
         if not copy:                                           # the read normalised the input's rows
