@@ -57,16 +57,15 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = (), env: dict | None = None) -> dict:
-    """One stage in its own process (the code under `code`; `env`: variables added to its
-    environment): wall seconds, peak RSS in MB (file pages of memory-mapped vectors included, as
-    /usr/bin/time counts them), peak anonymous RSS (polled every 0.1 s: the memory the stage
-    itself holds), and its user and kernel CPU seconds and minor page faults."""
+def run_stage(stage: str, corpus: Path, run_dir: Path, code: Path, extra: tuple = ()) -> dict:
+    """One stage in its own process (the code under `code`): wall seconds, peak RSS in MB (file
+    pages of memory-mapped vectors included, as /usr/bin/time counts them), peak anonymous RSS
+    (polled every 0.1 s: the memory the stage itself holds), and its user and kernel CPU seconds
+    and minor page faults."""
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", cli_module(code), stage, "--input", str(corpus),
            "--input-format", "embeddings", "--run-dir", str(run_dir), "--index-dir", str(run_dir / "index"),
            "--threshold", "0.95", "--executor", "local", "--set", "embed.batch_size=32", *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim(code)), str(code)]), "OMP_WAIT_POLICY": "PASSIVE",
-           **(env or {})}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim(code)), str(code)]), "OMP_WAIT_POLICY": "PASSIVE"}
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=out, stderr=err, text=True)

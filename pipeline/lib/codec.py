@@ -67,15 +67,14 @@ def sample(store: VectorStore, counts: dict[int, int], size: int, seed: int,
     total = sum(counts.values())
     frac = min(1.0, size / max(total, 1))
     rng = np.random.default_rng(seed)
+    shards = [(index, store.shard(index)[1]) for index in sorted(counts)]
     picks = []
-    for index in sorted(counts):
-        n = len(store.shard(index)[1])
-        keep = rng.random(-(-n // SAMPLE_RUN)) < frac
-        picks.append(np.nonzero(np.repeat(keep, SAMPLE_RUN)[:n])[0] if frac < 1 else np.arange(n))
+    for _, vecs in shards:
+        keep = rng.random(-(-len(vecs) // SAMPLE_RUN)) < frac
+        picks.append(np.nonzero(np.repeat(keep, SAMPLE_RUN)[:len(vecs)])[0] if frac < 1 else np.arange(len(vecs)))
     out = np.empty((sum(len(p) for p in picks), store.dim if proj is None else len(proj)), np.float32)
     at = 0
-    for index, pick in zip(sorted(counts), picks):
-        vecs = store.shard(index)[1]
+    for (index, vecs), pick in zip(shards, picks):
         for s in range(0, len(pick), 8192):
             part = vecs[pick[s:s + 8192]]
             out[at:at + len(part)] = part if proj is None else np.asarray(part, np.float32) @ proj.T
